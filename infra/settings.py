@@ -1,0 +1,73 @@
+"""Process settings: read from the environment once, at the entry point, then frozen.
+
+Every process (worker, engine, CLI command) builds one `Settings` in its `main` and passes it
+down; library code never reads `os.environ`, so tests can run many isolated pipelines (own topic
+prefix, consumer group and Redis key prefix) inside one interpreter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Connection and pipeline settings, `LORASTREAM_*` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="LORASTREAM_", frozen=True, extra="ignore")
+
+    # Where the real services are. The same code runs against an existing cluster.
+    bootstrap_servers: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+
+    # Names: every topic, consumer group and Redis key carries a prefix, so tenants and tests
+    # never collide.
+    topic_prefix: str = "lorastream."
+    app_id: str = "lorastream"
+    redis_prefix: str = "lorastream:"
+    partitions: int = 4
+
+    # Local state.
+    data_dir: Path = REPO_ROOT / ".data"
+    artifact_dir: Path | None = None
+    base_model: Path | None = None
+
+    # Faust / consumer behaviour. Faust's 60 s default session timeout makes groups slow to
+    # (re)join; lower it for local and test runs.
+    session_timeout_s: float = 10.0
+    heartbeat_interval_s: float = 1.0
+    web_port: int = 0
+
+    # GRPO and pipeline knobs.
+    group_size: int = Field(default=6, ge=2)
+    max_new_tokens: int = Field(default=8, ge=1)
+    temperature: float = Field(default=1.0, gt=0.0)
+    learning_rate: float = Field(default=2e-2, gt=0.0)
+    lora_rank: int = Field(default=4, ge=1)
+    lora_alpha: float = 8.0
+    kl_beta: float = Field(default=0.0, ge=0.0)
+    clip_eps: float = Field(default=0.2, gt=0.0)
+    export_every: int = Field(default=4, ge=1)
+    promote_margin: float = 0.0
+    seed: int = 0
+
+    @property
+    def artifacts(self) -> Path:
+        """Content-addressed artifact store (adapter revisions, trainer checkpoints)."""
+        return self.artifact_dir or (self.data_dir / "artifacts")
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a logical pipeline topic."""
+        return f"{self.topic_prefix}{name}"
+
+    def key(self, *parts: str | int) -> str:
+        """Full Redis key for a logical key path."""
+        return self.redis_prefix + ":".join(str(p) for p in parts)

@@ -1,0 +1,64 @@
+"""JSON on the wire, through orjson, registered as the Faust codec `orjson`.
+
+Agents consume raw bytes and decode here, so a malformed value becomes a `PoisonEventError`
+the agent can dead-letter, instead of an exception inside Faust's deserializer that would
+stop the stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from faust.serializers import codecs
+from pydantic import BaseModel, ValidationError
+
+from workers.errors import PoisonEventError
+
+M = TypeVar("M", bound=BaseModel)
+
+MAX_EVENT_BYTES = 4 * 1024 * 1024
+
+
+class OrjsonCodec(codecs.Codec):
+    """Faust codec: Python objects <-> JSON bytes with orjson (never pickle)."""
+
+    def _dumps(self, obj: Any) -> bytes:
+        return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def _loads(self, s: bytes) -> Any:
+        return orjson.loads(s)
+
+
+codecs.register("orjson", OrjsonCodec())
+CODEC = codecs.get_codec("orjson")
+
+
+def encode_event(event: BaseModel) -> bytes:
+    """Encode an event as JSON bytes."""
+    return CODEC.dumps(event.model_dump(mode="json"))
+
+
+def decode_event(model: type[M], raw: bytes | str | None) -> M:
+    """Decode and validate an event; any defect raises `PoisonEventError` with the reason."""
+    if raw is None:
+        raise PoisonEventError("empty value (tombstone or null)")
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", errors="surrogateescape")
+    if len(raw) > MAX_EVENT_BYTES:
+        raise PoisonEventError(f"event of {len(raw)} bytes exceeds {MAX_EVENT_BYTES}")
+    try:
+        data = CODEC.loads(raw)
+    except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PoisonEventError(f"malformed JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PoisonEventError(f"expected a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise PoisonEventError(f"schema violation: {_summarise(exc)}") from exc
+
+
+def _summarise(exc: ValidationError) -> str:
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()]
+    return "; ".join(parts[:5])

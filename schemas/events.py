@@ -1,0 +1,197 @@
+"""The pipeline's events, v1.
+
+Every event carries `event_id`, `schema_version`, `policy_id` and `ts`. Events of later stages
+nest the event that caused them, so a consumer of any stage can trace a result back to the
+interaction log that produced it without a lookup.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+SCHEMA_VERSION = 1
+MAX_PROMPT_CHARS = 8192
+
+PolicyId = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"),
+]
+"""Policy ids become Redis keys, serve names and artifact paths: no path characters."""
+
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Event(BaseModel):
+    """Fields shared by every event."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
+    event_id: str = Field(default_factory=new_event_id, min_length=1, max_length=128)
+    schema_version: int = SCHEMA_VERSION
+    policy_id: PolicyId
+    ts: float = Field(default_factory=time.time)
+
+
+class InteractionLogged(Event):
+    """One logged interaction, pushed by a producer.
+
+    `task` names the reward function (`reference`, `length`, `feedback`); `split="eval"`
+    adds the prompt to the policy's held-out set instead of training on it.
+    """
+
+    kind: Literal["interaction_logged"] = "interaction_logged"
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    task: str = Field(default="reference", min_length=1, max_length=64)
+    reference: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    response: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    feedback: float | None = Field(default=None, ge=-1.0, le=1.0)
+    task_params: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    split: Literal["train", "eval"] = "train"
+    user_id: str | None = Field(default=None, max_length=128)
+
+
+class Completion(BaseModel):
+    """One sampled completion with the sampler's per-token log-probs (the GRPO `old` term)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finished: bool = True
+
+
+class RolloutGenerated(Event):
+    """A group of G completions for one interaction, sampled from `revision` (0 = base)."""
+
+    kind: Literal["rollout_generated"] = "rollout_generated"
+    interaction: InteractionLogged
+    revision: int = Field(ge=0)
+    prompt_ids: list[int]
+    completions: list[Completion] = Field(min_length=1)
+    temperature: float = Field(gt=0.0)
+
+
+class RolloutRewarded(Event):
+    """A rollout group with one finite reward per completion."""
+
+    kind: Literal["rollout_rewarded"] = "rollout_rewarded"
+    rollout: RolloutGenerated
+    rewards: list[float] = Field(min_length=1)
+    reward_fn: str
+    reward_version: int = 1
+
+
+class PolicyUpdated(Event):
+    """One GRPO step applied to a policy's adapter."""
+
+    kind: Literal["policy_updated"] = "policy_updated"
+    step: int = Field(ge=1)
+    loss: float
+    mean_reward: float
+    kl: float = 0.0
+    grad_norm: float = 0.0
+    tokens: int = Field(ge=0)
+    rollout_ids: list[str] = Field(default_factory=list)
+    checkpoint: str | None = None
+    """Set on steps that should become a revision: where the trainer staged the adapter."""
+
+
+class AdapterExported(Event):
+    """An adapter-only revision written to the artifact store (PEFT format)."""
+
+    kind: Literal["adapter_exported"] = "adapter_exported"
+    revision: int = Field(ge=1)
+    step: int = Field(ge=1)
+    parent_revision: int = Field(ge=0)
+    sha256: Sha256
+    path: str
+    size_bytes: int = Field(ge=0)
+    rank: int = Field(ge=1)
+    alpha: float
+    base_model: str
+
+
+class AdapterEvaluated(Event):
+    """A revision's held-out score next to the score of what serves now."""
+
+    kind: Literal["adapter_evaluated"] = "adapter_evaluated"
+    revision: int = Field(ge=1)
+    sha256: Sha256
+    path: str
+    score: float
+    baseline_revision: int = Field(ge=0)
+    baseline_score: float
+    prompts: int = Field(ge=0)
+    passed: bool
+
+
+class PolicyPromoted(Event):
+    """A revision became the policy's serving revision."""
+
+    kind: Literal["policy_promoted"] = "policy_promoted"
+    revision: int = Field(ge=1)
+    previous_revision: int = Field(ge=0)
+    score: float
+    sha256: Sha256
+    path: str
+    serve_name: str
+
+
+class PolicyRolledBack(Event):
+    """Serving moved back to an earlier revision (0 = the base model)."""
+
+    kind: Literal["policy_rolled_back"] = "policy_rolled_back"
+    from_revision: int = Field(ge=0)
+    to_revision: int = Field(ge=0)
+    reason: str
+
+
+class DeadLetter(BaseModel):
+    """An event a stage could not process: why, where, and the original bytes.
+
+    Not an `Event`: its policy may be unknown or invalid, which may be why it is here.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    kind: Literal["dead_letter"] = "dead_letter"
+    event_id: str = Field(default_factory=new_event_id)
+    schema_version: int = SCHEMA_VERSION
+    policy_id: str | None = None
+    ts: float = Field(default_factory=time.time)
+    stage: str
+    error_type: str
+    error: str
+    retryable: bool = False
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    original_b64: str
+    """The original value, base64-encoded: it may not be valid UTF-8 or JSON."""
+
+
+EVENT_TYPES: dict[str, type[BaseModel]] = {
+    "interaction_logged": InteractionLogged,
+    "rollout_generated": RolloutGenerated,
+    "rollout_rewarded": RolloutRewarded,
+    "policy_updated": PolicyUpdated,
+    "adapter_exported": AdapterExported,
+    "adapter_evaluated": AdapterEvaluated,
+    "policy_promoted": PolicyPromoted,
+    "policy_rolled_back": PolicyRolledBack,
+    "dead_letter": DeadLetter,
+}
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema of every event, for producers in other languages."""
+    return {name: model.model_json_schema() for name, model in EVENT_TYPES.items()}
