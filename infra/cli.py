@@ -1,0 +1,139 @@
+"""`lorastream infra up|status|down` and `lorastream lag`: local services and consumer lag.
+
+`infra up` is what the README, `infra/dev.sh` and CI run before anything else; it is idempotent
+(a second run only checks and says "running"), so scripts can call it unconditionally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from infra import admin, services
+from infra.services import ServiceError, ServiceStatus
+from infra.settings import Settings
+
+
+def register(sub: Any) -> None:
+    """Add the `infra` and `lag` subcommands to the top-level subparsers."""
+    infra = sub.add_parser("infra", help="start/inspect/stop the local Kafka broker and Redis")
+    verbs = infra.add_subparsers(dest="infra_command", required=True)
+    up = verbs.add_parser("up", help="ensure Redis and Kafka answer; create the pipeline topics")
+    up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait per service")
+    up.set_defaults(handler=cmd_up)
+    status = verbs.add_parser("status", help="what runs where")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=cmd_status)
+    down = verbs.add_parser("down", help="stop the services `infra up` started (not external ones)")
+    down.set_defaults(handler=cmd_down)
+
+    lag = sub.add_parser("lag", help="consumer-group lag per partition")
+    lag.add_argument("--group", help="only this consumer group")
+    lag.add_argument("--json", action="store_true", help="machine-readable output")
+    lag.add_argument(
+        "--all-topics", action="store_true", help="include topics without the topic prefix"
+    )
+    lag.set_defaults(handler=cmd_lag)
+
+
+def _quiet(args: argparse.Namespace) -> None:
+    """kafka-python logs every connection at INFO; keep command output readable unless -v."""
+    if not getattr(args, "verbose", False):
+        logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+def _describe(st: ServiceStatus) -> str:
+    where = f"pid {st.pid}" if st.pid else "not started by lorastream"
+    note = {"running": " (already running)", "external": " (external; left alone)"}
+    line = f"{st.name:<6} {st.state:<9} {st.address}  [{where}]{note.get(st.state, '')}"
+    return line + (f"\n       log: {st.log}" if st.log and st.state == "started" else "")
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    """Ensure Redis and Kafka answer, then create the pipeline topics (idempotent)."""
+    _quiet(args)
+    t0 = time.monotonic()
+    try:
+        for ensure in (services.ensure_redis, services.ensure_kafka):
+            print(_describe(ensure(settings, timeout=args.timeout)), flush=True)
+        created = admin.create_topics(settings)
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    total = len(admin.list_topics(settings, settings.topic_prefix))
+    print(
+        f"topics {len(created)} created, {total} with prefix {settings.topic_prefix!r} "
+        f"({settings.partitions} partitions by default)"
+    )
+    print(f"infra up in {time.monotonic() - t0:.1f} s (data: {settings.data_dir})")
+    return 0
+
+
+def _status_rows(settings: Settings) -> dict[str, Any]:
+    kafka, redis = services.kafka_status(settings), services.redis_status(settings)
+    topics: int | None = None
+    if kafka.answering:
+        try:
+            topics = len(admin.list_topics(settings, settings.topic_prefix))
+        except Exception:  # status must report, not crash, on a half-up broker
+            topics = None
+    return {"kafka": kafka.as_dict(), "redis": redis.as_dict(), "topics": topics,
+            "topic_prefix": settings.topic_prefix, "data_dir": str(settings.data_dir)}
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    """Print what runs where; exit 0 only when both services answer."""
+    _quiet(args)
+    rows = _status_rows(settings)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'service':<8}{'state':<10}{'answering':<11}{'pid':<9}address")
+        for name in ("redis", "kafka"):
+            r = rows[name]
+            print(f"{name:<8}{r['state']:<10}{'yes' if r['answering'] else 'no':<11}"
+                  f"{r['pid'] or '-'!s:<9}{r['address']}")
+        topics = rows["topics"] if rows["topics"] is not None else "?"
+        print(f"topics with prefix {settings.topic_prefix!r}: {topics}")
+    return 0 if rows["kafka"]["answering"] and rows["redis"]["answering"] else 1
+
+
+def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
+    """Stop only what `infra up` started (pid files); external services keep running."""
+    _quiet(args)
+    for name, stop, status in (
+        ("kafka", services.stop_kafka, services.kafka_status),
+        ("redis", services.stop_redis, services.redis_status),
+    ):
+        if stop(settings):
+            print(f"{name:<6} stopped")
+        elif status(settings).answering:
+            print(f"{name:<6} external (not started by lorastream); left running")
+        else:
+            print(f"{name:<6} not running")
+    return 0
+
+
+def cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
+    """Print committed offset, log end and lag per group and partition."""
+    _quiet(args)
+    rows = admin.consumer_lag(settings, group=args.group, all_topics=args.all_topics)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return 0
+    if not rows:
+        print("no committed offsets" + (f" for group {args.group!r}" if args.group else ""))
+        return 0
+    gw = max(len("GROUP"), *(len(r.group) for r in rows))
+    tw = max(len("TOPIC"), *(len(r.topic) for r in rows))
+    print(f"{'GROUP':<{gw}}  {'TOPIC':<{tw}}  {'PART':>4}  {'COMMITTED':>10}  {'END':>10}  "
+          f"{'LAG':>8}")
+    for r in rows:
+        print(f"{r.group:<{gw}}  {r.topic:<{tw}}  {r.partition:>4}  {r.committed:>10}  "
+              f"{r.end_offset:>10}  {r.lag:>8}")
+    print(f"total lag: {sum(r.lag for r in rows)}")
+    return 0
