@@ -202,3 +202,14 @@ def consumer_lag(
         if tp in ends
     ]
     return sorted(rows, key=lambda r: (r.group, r.topic, r.partition))
+
+
+def delete_groups(settings: Settings, prefix: str) -> list[str]:
+    """Delete the (inactive) consumer groups whose id starts with `prefix`; returns those deleted.
+
+    Test fixtures use this so throwaway groups do not pile up in `lorastream lag`.
+    """
+    with admin_client(settings) as admin:
+        groups = [g for g in _group_ids(admin) if g.startswith(prefix)]
+        result = admin.delete_groups(groups) if groups else {}
+    return sorted(g for g, outcome in result.items() if outcome == "OK")

@@ -1,0 +1,96 @@
+"""Integration fixtures: real Kafka and Redis, one isolated pipeline namespace per test.
+
+Every test gets its own topic prefix, consumer-group prefix (app id) and Redis key prefix, so
+tests never see each other's data and can run against a shared broker; everything is removed
+afterwards (best effort: a failed cleanup must not fail the test).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from infra import admin, services
+from infra.settings import Settings
+
+INTEGRATION_DIR = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/integration is an integration test (`-m "not integration"`)."""
+    for item in items:
+        if INTEGRATION_DIR in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def infra_settings() -> Settings:
+    """Base settings (from LORASTREAM_* env) with Kafka and Redis answering.
+
+    Starts them like `lorastream infra up` when needed. If they cannot come up the tests fail in
+    CI (CI is set) and are skipped elsewhere, so a laptop without Java still runs unit tests.
+    """
+    base = Settings()
+    try:
+        services.ensure_redis(base)
+        services.ensure_kafka(base)
+    except services.ServiceError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"Kafka/Redis did not come up: {exc}")
+        pytest.skip(f"Kafka/Redis not available: {exc}")
+    return base
+
+
+@pytest.fixture
+def settings(infra_settings: Settings, tmp_path: Path) -> Iterator[Settings]:
+    """Settings for one test: unique topic/group/Redis prefixes, 2 partitions, topics created."""
+    tag = f"t{uuid.uuid4().hex[:12]}"
+    overrides = {
+        "topic_prefix": f"{tag}.",
+        "app_id": tag,
+        "redis_prefix": f"{tag}:",
+        "partitions": 2,
+        "data_dir": tmp_path / "data",
+        "artifact_dir": tmp_path / "artifacts",
+    }
+    s = Settings(**{**infra_settings.model_dump(), **overrides})
+    admin.create_topics(s)
+    yield s
+    _cleanup(s)
+
+
+def _cleanup(s: Settings) -> None:
+    """Delete the test's topics, consumer groups and Redis keys; never raises."""
+    steps = (
+        lambda: admin.delete_topics(s, admin.list_topics(s, s.topic_prefix)),
+        lambda: admin.delete_groups(s, s.app_id),
+        lambda: _delete_redis_keys(s),
+    )
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:  # best effort
+            print(f"cleanup of {s.topic_prefix!r} failed: {exc!r}")
+
+
+def _delete_redis_keys(s: Settings) -> None:
+    client = redis.Redis.from_url(s.redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{s.redis_prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def redis_client(settings: Settings) -> Iterator[redis.Redis]:
+    """A Redis client on `settings.redis_url` (bytes responses); keys use `settings.key(...)`."""
+    client = redis.Redis.from_url(settings.redis_url)
+    yield client
+    client.close()
