@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -317,9 +317,8 @@ def ensure_kafka(settings: Settings, timeout: float = 120.0, echo: Echo = _stder
     if host not in LOCAL_HOSTS:
         raise ServiceError(f"Kafka at {settings.bootstrap_servers} does not answer and is not "
                            "local, so it cannot be started here")
-    pid = start_kafka(settings, timeout, echo)
-    return ServiceStatus("kafka", settings.bootstrap_servers, True, pid, True, "started",
-                         str(paths.log))
+    start_kafka(settings, timeout, echo)
+    return replace(kafka_status(settings), state="started")
 
 
 def stop_kafka(settings: Settings, timeout: float = 60.0) -> bool:
@@ -420,9 +419,7 @@ def ensure_redis(settings: Settings, timeout: float = 30.0, echo: Echo = _stderr
         raise ServiceError(f"Redis at {settings.redis_url} does not answer and is not local, "
                            "so it cannot be started here")
     pid = start_redis(settings, timeout, echo)
-    return ServiceStatus("redis", settings.redis_url, True, pid, pid is not None,
-                         "started" if pid else "external",
-                         str(redis_dir(settings) / "redis.log") if pid else None)
+    return replace(redis_status(settings), state="started" if pid else "external")
 
 
 def stop_redis(settings: Settings, timeout: float = 30.0) -> bool:
