@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     clip_eps: float = Field(default=0.2, gt=0.0)
     export_every: int = Field(default=4, ge=1)
     promote_margin: float = 0.0
+    max_in_flight: int = Field(default=2, ge=1)
+    """Rollout groups a policy may have sampled but not yet trained on (bounds staleness)."""
     seed: int = 0
 
     @property
@@ -71,3 +73,15 @@ class Settings(BaseSettings):
     def key(self, *parts: str | int) -> str:
         """Full Redis key for a logical key path."""
         return self.redis_prefix + ":".join(str(p) for p in parts)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process build exactly these settings."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"LORASTREAM_{name.upper()}"] = str(value)
+    return env

@@ -132,6 +132,8 @@ class AdapterEvaluated(Event):
     baseline_score: float
     prompts: int = Field(ge=0)
     passed: bool
+    reason: str = ""
+    """Why it passed or not, for people reading the evaluations topic."""
 
 
 class PolicyPromoted(Event):

@@ -20,8 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     from infra import cli as infra_cli
+    from streams import commands
 
     infra_cli.register(sub)
+    commands.register(sub)
     return parser
 
 
@@ -32,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        for noisy in ("kafka", "aiokafka", "faust", "mode"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = Settings()
     handler: Handler = args.handler
     return handler(args, settings)

@@ -1,0 +1,86 @@
+"""The Faust application: one stream processor per pipeline stage, wired by Kafka topics.
+
+`create_app(settings, stages)` builds an app that runs the chosen stages, so one machine can run
+them all while a cluster splits them (training stages where the base model fits, cheap stages
+anywhere). Each distinct set of stages is its own consumer group; processes with the same set
+share its partitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import faust
+
+from infra.settings import Settings
+from streams.agents import STAGES, StageRunner
+from workers.context import StageContext
+
+
+def group_id(settings: Settings, stages: Sequence[str]) -> str:
+    """Consumer group (and Faust app id) for a process running `stages`."""
+    ordered = [s for s in STAGES if s in stages]
+    return f"{settings.app_id}.{'+'.join(ordered)}"
+
+
+def create_app(
+    settings: Settings,
+    stages: Sequence[str] = tuple(STAGES),
+    ctx: StageContext | None = None,
+) -> faust.App:
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
+    app = faust.App(
+        group_id(settings, stages),
+        broker=f"kafka://{settings.bootstrap_servers.replace(',', ';')}",
+        store="memory://",
+        key_serializer="raw",
+        value_serializer="raw",
+        autodiscover=False,
+        # Topics are created up front by `lorastream infra up`; Faust's leader topic is not
+        # needed (no tables, no leader-only timers), so it is never declared.
+        topic_disable_leader=True,
+        topic_partitions=settings.partitions,
+        web_enabled=False,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_commit_interval=1.0,
+        producer_acks=-1,
+    )
+    ctx = ctx or StageContext.create(settings)
+    # One thread for all model work in this process: torch already uses every core for one
+    # op, and the event loop must stay free to heartbeat and commit.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastream-ml")
+    dead_letters = _topic(app, settings, "dead-letters")
+    for name in stages:
+        spec = STAGES[name]
+        runner = StageRunner(
+            spec=spec,
+            ctx=ctx,
+            sink=_topic(app, settings, spec.sink),
+            dead_letters=dead_letters,
+            executor=executor,
+        )
+        app.agent(_topic(app, settings, spec.source), name=f"stage.{name}")(runner.run)
+    return app
+
+
+def _topic(app: faust.App, settings: Settings, name: str) -> faust.TopicT:
+    return app.topic(
+        settings.topic(name),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+    )
+
+
+def run_worker(settings: Settings, stages: Sequence[str], loglevel: str = "WARNING") -> None:
+    """Run the stages until SIGINT/SIGTERM; Faust commits offsets on the way out."""
+    app = create_app(settings, stages)
+    worker = faust.Worker(app, loglevel=loglevel, redirect_stdouts=False)
+    worker.execute_from_commandline()

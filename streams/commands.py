@@ -1,0 +1,104 @@
+"""Handlers of the pipeline subcommands (`worker`, `produce`, `watch`, `schemas`, `demo`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import orjson
+
+from infra.settings import Settings
+from schemas.events import json_schemas
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from streams.agents import STAGES
+
+    p = sub.add_parser("worker", help="run pipeline stages (a Faust worker)")
+    p.add_argument("--stages", default="all",
+                   help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
+    p.add_argument("--loglevel", default="WARNING")
+    p.set_defaults(handler=cmd_worker)
+
+    p = sub.add_parser("produce", help="push interaction logs (JSON lines) to the pipeline")
+    p.add_argument("file", nargs="?", default="-", help="JSONL file, or - for stdin")
+    p.set_defaults(handler=cmd_produce)
+
+    p = sub.add_parser("watch", help="stream a topic's events as JSON lines")
+    p.add_argument("topic", nargs="?", default="evaluations",
+                   help="evaluations (default), promotions, exports, dead-letters, ...")
+    p.add_argument("--from-beginning", action="store_true")
+    p.add_argument("--policy", help="only this policy's events")
+    p.add_argument("--max", type=int, help="stop after this many events")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds")
+    p.set_defaults(handler=cmd_watch)
+
+    p = sub.add_parser("schemas", help="write the JSON Schema of every event")
+    p.add_argument("--out", type=Path, default=Path("schemas/json"))
+    p.set_defaults(handler=cmd_schemas)
+
+    p = sub.add_parser("demo", help="the main job: train 3 policies end to end and report")
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p.add_argument("--steps", type=int, default=32, help="training interactions per policy")
+    p.add_argument("--keep", action="store_true", help="keep the demo's topics afterwards")
+    p.set_defaults(handler=cmd_demo)
+
+
+def parse_stages(value: str) -> list[str]:
+    from streams.agents import STAGES
+
+    return list(STAGES) if value == "all" else [s.strip() for s in value.split(",") if s.strip()]
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.app import run_worker
+
+    run_worker(settings, parse_stages(args.stages), loglevel=args.loglevel)
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.producer import InteractionProducer
+
+    stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+    with stream, InteractionProducer(settings) as producer:
+        report = producer.send_many(stream)
+    for number, reason in report.rejected:
+        print(f"line {number}: rejected: {reason}", file=sys.stderr)
+    print(f"sent {report.sent}, rejected {len(report.rejected)}", file=sys.stderr)
+    return 1 if report.rejected else 0
+
+
+def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.watch import tail
+
+    count = 0
+    try:
+        for event in tail(settings, args.topic, from_beginning=args.from_beginning,
+                          timeout_s=args.timeout):
+            if args.policy and event.get("policy_id") != args.policy:
+                continue
+            sys.stdout.write(orjson.dumps(event).decode() + "\n")
+            sys.stdout.flush()
+            count += 1
+            if args.max and count >= args.max:
+                break
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, schema in json_schemas().items():
+        path = args.out / f"{name}.v1.json"
+        path.write_bytes(orjson.dumps(schema, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+        print(path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(settings, steps=args.steps, as_json=args.json, keep=args.keep)

@@ -1,0 +1,96 @@
+"""What a stage needs besides its input event, built once per process.
+
+The heavy parts (base model in the engine, the trainer) are created on first use, so a process
+that runs only cheap stages (reward, promote) never loads a model.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from infra.settings import Settings
+from workers.state import PolicyState, RevisionPointer, serve_name
+
+if TYPE_CHECKING:
+    from workers.artifacts import ArtifactStore
+    from workers.engine import LocalEngine
+    from workers.grpo import PolicyTrainer
+    from workers.model import LoraSpec
+
+
+@dataclass
+class StageContext:
+    """Per-process dependencies of the stage functions."""
+
+    settings: Settings
+    state: PolicyState
+    _engine: LocalEngine | None = field(default=None, repr=False)
+    _trainer: PolicyTrainer | None = field(default=None, repr=False)
+    _store: ArtifactStore | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def create(cls, settings: Settings) -> StageContext:
+        return cls(settings=settings, state=PolicyState(settings))
+
+    @property
+    def base_path(self) -> Path:
+        if self.settings.base_model is None:
+            raise RuntimeError("no base model configured: set LORASTREAM_BASE_MODEL")
+        return self.settings.base_model
+
+    @property
+    def lora(self) -> LoraSpec:
+        from workers.model import LoraSpec
+
+        return LoraSpec(rank=self.settings.lora_rank, alpha=self.settings.lora_alpha)
+
+    @property
+    def store(self) -> ArtifactStore:
+        with self._lock:
+            if self._store is None:
+                from workers.artifacts import ArtifactStore
+
+                self._store = ArtifactStore(self.settings.artifacts)
+            return self._store
+
+    @property
+    def engine(self) -> LocalEngine:
+        with self._lock:
+            if self._engine is None:
+                from workers.engine import LocalEngine
+
+                self._engine = LocalEngine(self.base_path)
+            return self._engine
+
+    @property
+    def trainer(self) -> PolicyTrainer:
+        with self._lock:
+            if self._trainer is None:
+                from workers.grpo import PolicyTrainer
+
+                s = self.settings
+                self._trainer = PolicyTrainer(
+                    self.base_path,
+                    self.lora,
+                    lr=s.learning_rate,
+                    clip_eps=s.clip_eps,
+                    kl_beta=s.kl_beta,
+                    temperature=s.temperature,
+                    seed=s.seed,
+                )
+            return self._trainer
+
+    def adapter_for(self, policy_id: str, rev: RevisionPointer) -> str | None:
+        """Make sure the engine holds this revision; return its serve name (None = base)."""
+        if rev.is_base:
+            return None
+        name = serve_name(policy_id, rev.revision)
+        if name not in self.engine.loaded_adapters():
+            if rev.sha256 is None:
+                raise KeyError(f"revision {name} has no artifact")
+            self.engine.load_adapter(name, self.store.adapter_path(rev.sha256))
+        return name

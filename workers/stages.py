@@ -1,0 +1,247 @@
+"""The pipeline's stages as plain functions: one input event in, zero or more events out.
+
+Stream agents only decode, call these, and send. Each output's id is derived from its input, so
+re-processing a redelivered event reproduces the same ids and downstream stages drop it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from schemas.events import (
+    AdapterEvaluated,
+    AdapterExported,
+    Completion,
+    InteractionLogged,
+    PolicyPromoted,
+    PolicyUpdated,
+    RolloutGenerated,
+    RolloutRewarded,
+)
+from workers.context import StageContext
+from workers.errors import PoisonEventError
+from workers.ids import derive_id, derive_seed
+from workers.state import RevisionPointer, serve_name
+
+EVAL_SEED = 1234
+EVAL_SAMPLES = 4
+
+
+def rollout(ctx: StageContext, interaction: InteractionLogged) -> list[BaseModel]:
+    """Sample G completions from the policy's training head; held-out prompts are only stored."""
+    from workers.rewards import REWARD_FUNCTIONS
+
+    if interaction.task not in REWARD_FUNCTIONS:
+        known = ", ".join(sorted(REWARD_FUNCTIONS))
+        raise PoisonEventError(f"unknown reward function {interaction.task!r}; known: {known}")
+    if interaction.split == "eval":
+        ctx.state.add_heldout(interaction)
+        return []
+    s = ctx.settings
+    head = ctx.state.head(interaction.policy_id)
+    adapter = ctx.adapter_for(interaction.policy_id, head)
+    samples = ctx.engine.generate(
+        [interaction.prompt],
+        adapter,
+        n=s.group_size,
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        seed=derive_seed(interaction.event_id),
+    )[0]
+    completions = [
+        Completion(text=x.text, token_ids=x.token_ids, logprobs=x.logprobs, finished=x.finished)
+        for x in samples
+    ]
+    return [
+        RolloutGenerated(
+            event_id=derive_id("rollout", interaction.event_id),
+            policy_id=interaction.policy_id,
+            interaction=interaction,
+            revision=head.revision,
+            prompt_ids=ctx.engine.encode(interaction.prompt),
+            completions=completions,
+            temperature=s.temperature,
+        )
+    ]
+
+
+def reward(ctx: StageContext, event: RolloutGenerated) -> list[BaseModel]:
+    """Score every completion with the reward function the interaction's task names."""
+    from workers.rewards import score_completions
+
+    texts = [c.text for c in event.completions]
+    rewards, name, version = score_completions(event.interaction, texts)
+    return [
+        RolloutRewarded(
+            event_id=derive_id("reward", event.event_id),
+            policy_id=event.policy_id,
+            rollout=event,
+            rewards=rewards,
+            reward_fn=name,
+            reward_version=version,
+        )
+    ]
+
+
+def update(ctx: StageContext, event: RolloutRewarded) -> list[BaseModel]:
+    """One GRPO step on the policy's adapter; every `export_every` steps, stage a revision."""
+    from workers.grpo import TrainGroup
+
+    policy = event.policy_id
+    trainer = ctx.trainer
+    _restore_trainer(ctx, policy)
+    ro = event.rollout
+    group = TrainGroup(
+        prompt_ids=ro.prompt_ids,
+        completions=[c.token_ids for c in ro.completions],
+        old_logprobs=[c.logprobs for c in ro.completions],
+        rewards=event.rewards,
+    )
+    try:
+        result = trainer.step(policy, [group])
+    finally:
+        ctx.state.note_trained(policy)
+    checkpoint = None
+    if result.step % ctx.settings.export_every == 0:
+        staged = ctx.store.stage(policy, result.step, trainer.adapter_state(policy))
+        checkpoint = str(staged)
+        ckpt_dir = ctx.store.root / "checkpoints" / policy
+        trainer.save_checkpoint(policy, ckpt_dir)
+        ctx.state.set_checkpoint(policy, result.step)
+    return [
+        PolicyUpdated(
+            event_id=derive_id("update", event.event_id),
+            policy_id=policy,
+            step=result.step,
+            loss=result.loss,
+            mean_reward=result.mean_reward,
+            kl=result.kl,
+            grad_norm=result.grad_norm,
+            tokens=result.tokens,
+            rollout_ids=[ro.event_id],
+            checkpoint=checkpoint,
+        )
+    ]
+
+
+def _restore_trainer(ctx: StageContext, policy: str) -> None:
+    """After a restart, continue from the last checkpoint instead of a fresh adapter."""
+    if ctx.trainer.has_policy(policy):
+        return
+    if ctx.state.checkpoint_step(policy) is not None:
+        ctx.trainer.load_checkpoint(policy, ctx.store.root / "checkpoints" / policy)
+
+
+def export(ctx: StageContext, event: PolicyUpdated) -> list[BaseModel]:
+    """Write the staged adapter as a content-addressed PEFT revision and number it."""
+    from workers.artifacts import adapter_config
+
+    if event.checkpoint is None:
+        return []
+    staged = Path(event.checkpoint)
+    if not staged.resolve().is_relative_to(ctx.store.root.resolve()):
+        raise PoisonEventError(f"staged checkpoint {staged} is outside the artifact store")
+    tensors = ctx.store.load_tensors(staged)
+    base_name = str(ctx.base_path)
+    ref = ctx.store.put_adapter(tensors, adapter_config(ctx.lora, base_name))
+    revision = ctx.state.assign_revision(event.policy_id, event.step)
+    ctx.state.record_revision(
+        event.policy_id, RevisionPointer(revision, sha256=ref.sha256, path=str(ref.path))
+    )
+    return [
+        AdapterExported(
+            event_id=derive_id("export", event.policy_id, event.step),
+            policy_id=event.policy_id,
+            revision=revision,
+            step=event.step,
+            parent_revision=revision - 1,
+            sha256=ref.sha256,
+            path=str(ref.path),
+            size_bytes=ref.size_bytes,
+            rank=ctx.lora.rank,
+            alpha=ctx.lora.alpha,
+            base_model=base_name,
+        )
+    ]
+
+
+def _score(ctx: StageContext, policy: str, rev: RevisionPointer, fingerprint: str) -> float:
+    """Held-out score of a revision, cached per (revision, held-out set)."""
+    from workers.evaluate import evaluate_adapter
+
+    key = f"{rev.revision}:{fingerprint}"
+    cached = ctx.state.cached_score(policy, key)
+    if cached is not None:
+        return cached
+    score = evaluate_adapter(
+        ctx.engine,
+        ctx.adapter_for(policy, rev),
+        ctx.state.heldout(policy),
+        max_new_tokens=ctx.settings.max_new_tokens,
+        samples=EVAL_SAMPLES,
+        seed=EVAL_SEED,
+        temperature=ctx.settings.temperature,
+    )
+    ctx.state.cache_score(policy, key, score)
+    return score
+
+
+def evaluate(ctx: StageContext, event: AdapterExported) -> list[BaseModel]:
+    """Score the revision on held-out prompts next to the revision serving now."""
+    policy = event.policy_id
+    heldout = ctx.state.heldout(policy)
+    fingerprint = hashlib.sha256("".join(h.event_id for h in heldout).encode()).hexdigest()[:12]
+    serving = ctx.state.serving(policy)
+    candidate = RevisionPointer(event.revision, sha256=event.sha256, path=event.path)
+    if not heldout:
+        score = baseline = 0.0
+        passed, reason = False, "no held-out prompts for this policy (send split='eval')"
+    else:
+        score = _score(ctx, policy, candidate, fingerprint)
+        baseline = _score(ctx, policy, serving, fingerprint)
+        margin = ctx.settings.promote_margin
+        passed = score > baseline + margin and event.revision > serving.revision
+        verdict = "beats" if passed else "does not beat"
+        reason = f"{score:.4f} {verdict} serving r{serving.revision} {baseline:.4f} (+{margin})"
+    return [
+        AdapterEvaluated(
+            event_id=derive_id("evaluate", event.event_id),
+            policy_id=policy,
+            revision=event.revision,
+            sha256=event.sha256,
+            path=event.path,
+            score=score,
+            baseline_revision=serving.revision,
+            baseline_score=baseline,
+            prompts=len(heldout),
+            passed=passed,
+            reason=reason,
+        )
+    ]
+
+
+def promote(ctx: StageContext, event: AdapterEvaluated) -> list[BaseModel]:
+    """Move the serving alias and the hot set to a revision that passed its evaluation."""
+    if not event.passed:
+        return []
+    serving = ctx.state.serving(event.policy_id)
+    if event.revision <= serving.revision:
+        return []  # an older or the same revision: a redelivery, or overtaken by a newer one
+    if not ctx.store.verify(event.sha256):
+        raise PoisonEventError(f"artifact {event.sha256} failed its sha256 check")
+    ctx.state.set_serving(event.policy_id, event.revision)
+    return [
+        PolicyPromoted(
+            event_id=derive_id("promote", event.policy_id, event.revision),
+            policy_id=event.policy_id,
+            revision=event.revision,
+            previous_revision=serving.revision,
+            score=event.score,
+            sha256=event.sha256,
+            path=event.path,
+            serve_name=serve_name(event.policy_id, event.revision),
+        )
+    ]
