@@ -1,0 +1,103 @@
+"""Stage agents under Faust's test context: decode, call the stage, send; dead-letter the rest.
+
+Outputs go to in-memory Faust channels instead of Kafka topics; the agent itself, the stream,
+the dedup marks (real Redis) and the stage function are the production ones.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+import pytest
+
+from infra.settings import Settings
+from schemas import DeadLetter, InteractionLogged, RolloutGenerated, RolloutRewarded, decode_event
+from schemas.codec import encode_event
+from schemas.events import Completion
+from streams.agents import StageRunner
+from streams.app import create_app
+
+AgentUnderTest = tuple[Any, Any, Any]
+"""(agent, subscription to its sink, subscription to its dead letters)."""
+
+
+def _rollout(policy: str = "alice", task: str = "length") -> RolloutGenerated:
+    inter = InteractionLogged(policy_id=policy, prompt="hi?", task=task,
+                              task_params={"target_chars": 0})
+    return RolloutGenerated(
+        policy_id=policy, interaction=inter, revision=0, prompt_ids=[1, 2],
+        completions=[Completion(text=t, token_ids=[5] * len(t), logprobs=[-1.0] * len(t))
+                     for t in ("", "abc", "abcdefgh")],
+        temperature=1.0,
+    )
+
+
+async def _drain(subscriber: object, count: int) -> list[bytes]:
+    """The next `count` values sent to a channel (through a subscription made beforehand)."""
+    out = []
+    for _ in range(count):
+        event = await subscriber.get(timeout=10)  # type: ignore[attr-defined]
+        out.append(event.value)
+    return out
+
+
+@pytest.fixture
+def reward_agent(settings: Settings) -> AgentUnderTest:
+    app = create_app(settings, ["reward"])
+    app.finalize()
+    agent = app.agents["stage.reward"]
+    runner: StageRunner = agent.fun.__self__
+    runner.sink = app.channel()
+    runner.dead_letters = app.channel()
+    runner.executor = None
+    # Subscribe before anything is sent: a Faust channel delivers only to its subscribers.
+    return agent, runner.sink.__aiter__(), runner.dead_letters.__aiter__()
+
+
+async def test_good_event_is_scored_and_sent(reward_agent: AgentUnderTest) -> None:
+    agent, sink, _ = reward_agent
+    ro = _rollout()
+    async with agent.test_context() as ctx:
+        await ctx.put(encode_event(ro), key=b"alice")
+        (raw,) = await _drain(sink, 1)
+    out = decode_event(RolloutRewarded, raw)
+    assert out.rollout.event_id == ro.event_id
+    assert out.rewards[0] > out.rewards[1] > out.rewards[2]  # shorter is better for target 0
+    assert out.reward_fn == "length"
+
+
+async def test_bad_events_are_dead_lettered_and_the_stream_goes_on(
+    reward_agent: AgentUnderTest,
+) -> None:
+    agent, sink, dlq = reward_agent
+    unknown_task = _rollout(task="no-such-reward")
+    bad = [b"{not json", b'{"policy_id": "alice"}', encode_event(unknown_task)]
+    good = _rollout()
+    async with agent.test_context() as ctx:
+        for raw in bad:
+            await ctx.put(raw, key=b"alice")
+        await ctx.put(encode_event(good), key=b"alice")
+        letters = [decode_event(DeadLetter, x) for x in await _drain(dlq, 3)]
+        (raw,) = await _drain(sink, 1)
+    assert decode_event(RolloutRewarded, raw).rollout.event_id == good.event_id
+    assert [base64.b64decode(d.original_b64) for d in letters] == bad
+    assert all(d.stage == "reward" for d in letters)
+    assert "malformed JSON" in letters[0].error
+    assert "schema violation" in letters[1].error
+    assert "unknown reward function 'no-such-reward'" in letters[2].error
+    assert letters[2].policy_id == "alice"
+
+
+async def test_redelivered_event_is_processed_once(reward_agent: AgentUnderTest) -> None:
+    agent, sink, _ = reward_agent
+    ro = _rollout()
+    other = _rollout()
+    async with agent.test_context() as ctx:
+        await ctx.put(encode_event(ro), key=b"alice")
+        await ctx.put(encode_event(ro), key=b"alice")  # at-least-once: the same event again
+        await ctx.put(encode_event(other), key=b"alice")
+        outs = [orjson.loads(x) for x in await _drain(sink, 2)]
+    assert [o["rollout"]["event_id"] for o in outs] == [ro.event_id, other.event_id]
+    assert sink.empty()  # type: ignore[attr-defined]
