@@ -9,8 +9,10 @@ kafka-python, Java) and needs no metrics endpoint.
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import kafka.errors as Errors
@@ -147,7 +149,13 @@ def delete_topics(settings: Settings, names: Iterable[str]) -> None:
 
 @dataclass(frozen=True)
 class LagRow:
-    """One group's position on one partition: `lag = end_offset - committed`."""
+    """One group's position on one partition: `lag = end_offset - committed`.
+
+    `rate` and `drain_s` need two samples over time (see `LagTracker`); a single sample leaves
+    them `None`. `rate` is records the group committed per second; `drain_s` is how long the lag
+    takes to reach 0 at the current *net* rate (consumption minus what producers add meanwhile):
+    0 when caught up, `None` when unknown or when the lag is not shrinking.
+    """
 
     group: str
     topic: str
@@ -155,6 +163,8 @@ class LagRow:
     committed: int
     end_offset: int
     lag: int
+    rate: float | None = None
+    drain_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,6 +212,78 @@ def consumer_lag(
         if tp in ends
     ]
     return sorted(rows, key=lambda r: (r.group, r.topic, r.partition))
+
+
+LagKey = tuple[str, str, int]
+
+
+class LagTracker:
+    """Turns successive lag samples into consumption rates and times to drain.
+
+    Kafka only knows positions, not speeds, so a rate needs two samples. The tracker keeps the
+    samples of the last `window_s` seconds and measures against the oldest: Faust commits about
+    once a second, so a longer window smooths the steps that per-commit sampling would show.
+    """
+
+    def __init__(self, window_s: float = 30.0) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, dict[LagKey, LagRow]]] = deque()
+
+    def add(self, rows: Sequence[LagRow], now: float | None = None) -> list[LagRow]:
+        """Record a sample taken at `now` (monotonic seconds); return it with rates filled in."""
+        now = time.monotonic() if now is None else now
+        while len(self._samples) > 1 and now - self._samples[1][0] >= self.window_s:
+            self._samples.popleft()  # keep one sample at least `window_s` old, when there is one
+        base = self._samples[0] if self._samples else None
+        out = [_with_rate(r, base, now) for r in rows]
+        self._samples.append((now, {(r.group, r.topic, r.partition): r for r in rows}))
+        return out
+
+
+def _with_rate(row: LagRow, base: tuple[float, dict[LagKey, LagRow]] | None,
+               now: float) -> LagRow:
+    if base is None or now <= base[0]:
+        return row
+    prev = base[1].get((row.group, row.topic, row.partition))
+    if prev is None or row.committed < prev.committed:  # new partition, or offsets were reset
+        return row
+    dt = now - base[0]
+    rate = (row.committed - prev.committed) / dt
+    inflow = max(row.end_offset - prev.end_offset, 0) / dt
+    if row.lag == 0:
+        drain: float | None = 0.0
+    elif rate - inflow > 0:
+        drain = row.lag / (rate - inflow)
+    else:
+        drain = None  # not shrinking: it never drains at this pace
+    return replace(row, rate=round(rate, 3), drain_s=None if drain is None else round(drain, 1))
+
+
+def sample_lag(
+    settings: Settings,
+    group: str | None = None,
+    all_topics: bool = False,
+    interval_s: float = 1.0,
+) -> list[LagRow]:
+    """Lag with rates from two samples `interval_s` apart (one sample, no rates, when <= 0)."""
+    rows = consumer_lag(settings, group=group, all_topics=all_topics)
+    if interval_s <= 0:
+        return rows
+    tracker = LagTracker(window_s=interval_s * 2)
+    tracker.add(rows)
+    time.sleep(interval_s)  # a rate is a difference over time: there is nothing to poll for
+    return tracker.add(consumer_lag(settings, group=group, all_topics=all_topics))
+
+
+def lag_by_topic(rows: Iterable[LagRow]) -> dict[str, dict[str, float | int | None]]:
+    """Total lag and consumption rate per topic (over every group and partition)."""
+    out: dict[str, dict[str, float | int | None]] = {}
+    for r in rows:
+        t = out.setdefault(r.topic, {"lag": 0, "rate": None})
+        t["lag"] = int(t["lag"] or 0) + r.lag
+        if r.rate is not None:
+            t["rate"] = round(float(t["rate"] or 0.0) + r.rate, 3)
+    return out
 
 
 def delete_groups(settings: Settings, prefix: str) -> list[str]:

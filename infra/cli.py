@@ -37,6 +37,12 @@ def register(sub: Any) -> None:
     lag.add_argument(
         "--all-topics", action="store_true", help="include topics without the topic prefix"
     )
+    lag.add_argument("--watch", type=float, metavar="INTERVAL",
+                     help="refresh every INTERVAL seconds; rates over the last 30 s of samples")
+    lag.add_argument("--count", type=int, help="with --watch: stop after this many refreshes")
+    lag.add_argument("--sample", type=float, default=1.0, metavar="SECONDS",
+                     help="one-shot: measure rates over two samples this far apart "
+                          "(default 1; 0 = one sample, no rates)")
     lag.set_defaults(handler=cmd_lag)
 
 
@@ -119,21 +125,68 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
-    """Print committed offset, log end and lag per group and partition."""
+    """Print committed offset, log end, lag, consumption rate and time to drain per partition.
+
+    One-shot output is a JSON list (`--json`) or a table; `--watch` prints one table (or one JSON
+    line `{"ts", "rows"}`) per refresh, with rates from the samples it has taken so far.
+    """
     _quiet(args)
-    rows = admin.consumer_lag(settings, group=args.group, all_topics=args.all_topics)
+    watch = getattr(args, "watch", None)
+    if watch:
+        return _watch_lag(args, settings, watch)
+    rows = admin.sample_lag(settings, group=args.group, all_topics=args.all_topics,
+                            interval_s=getattr(args, "sample", 0.0))
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
-        return 0
+    else:
+        print(_lag_table(rows, args.group))
+    return 0
+
+
+def _watch_lag(args: argparse.Namespace, settings: Settings, interval: float) -> int:
+    """Refresh until interrupted (or `--count` refreshes); a tty gets a cleared screen."""
+    tracker = admin.LagTracker()
+    clear = sys.stdout.isatty() and not args.json
+    done = 0
+    try:
+        while args.count is None or done < args.count:
+            if done:
+                time.sleep(interval)  # the refresh period the operator asked for
+            rows = tracker.add(admin.consumer_lag(settings, group=args.group,
+                                                  all_topics=args.all_topics))
+            if args.json:
+                print(json.dumps({"ts": time.time(), "rows": [r.as_dict() for r in rows]}),
+                      flush=True)
+            else:
+                head = "\x1b[2J\x1b[H" if clear else ""
+                print(f"{head}{time.strftime('%H:%M:%S')}  every {interval:g} s\n"
+                      f"{_lag_table(rows, args.group)}\n", flush=True)
+            done += 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _lag_table(rows: list[admin.LagRow], group: str | None) -> str:
     if not rows:
-        print("no committed offsets" + (f" for group {args.group!r}" if args.group else ""))
-        return 0
+        return "no committed offsets" + (f" for group {group!r}" if group else "")
     gw = max(len("GROUP"), *(len(r.group) for r in rows))
     tw = max(len("TOPIC"), *(len(r.topic) for r in rows))
-    print(f"{'GROUP':<{gw}}  {'TOPIC':<{tw}}  {'PART':>4}  {'COMMITTED':>10}  {'END':>10}  "
-          f"{'LAG':>8}")
+    lines = [f"{'GROUP':<{gw}}  {'TOPIC':<{tw}}  {'PART':>4}  {'COMMITTED':>10}  {'END':>10}  "
+             f"{'LAG':>8}  {'RATE/s':>8}  {'DRAIN':>8}"]
     for r in rows:
-        print(f"{r.group:<{gw}}  {r.topic:<{tw}}  {r.partition:>4}  {r.committed:>10}  "
-              f"{r.end_offset:>10}  {r.lag:>8}")
-    print(f"total lag: {sum(r.lag for r in rows)}")
-    return 0
+        rate = "-" if r.rate is None else f"{r.rate:.1f}"
+        lines.append(f"{r.group:<{gw}}  {r.topic:<{tw}}  {r.partition:>4}  {r.committed:>10}  "
+                     f"{r.end_offset:>10}  {r.lag:>8}  {rate:>8}  {_drain(r):>8}")
+    lines.append(f"total lag: {sum(r.lag for r in rows)}")
+    return "\n".join(lines)
+
+
+def _drain(row: admin.LagRow) -> str:
+    """Time to drain for people: '-' unknown (one sample), 'never' when lag is not shrinking."""
+    if row.rate is None:
+        return "-"
+    if row.drain_s is None:
+        return "never"
+    secs = round(row.drain_s)
+    return f"{secs // 60}m{secs % 60:02d}s" if secs >= 60 else f"{secs}s"
