@@ -106,6 +106,7 @@ class StageRunner:
             fut = await self.sink.send(key=event.policy_id.encode(), value=encode_event(out),
                                        force=True)
             await fut
+            metrics.record_output(out)
         await self._call(self.ctx.state.mark_seen, name, event.event_id)
         metrics.EVENTS.labels(stage=name, outcome="ok").inc()
         metrics.LATENCY.labels(stage=name).observe(time.perf_counter() - started)

@@ -1,4 +1,5 @@
-"""Handlers of the pipeline subcommands (`worker`, `produce`, `watch`, `schemas`, `demo`)."""
+"""Handlers of the pipeline subcommands (`worker`, `produce`, `watch`, `schemas`, `demo`,
+`dashboard`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stages", default="all",
                    help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
     p.add_argument("--loglevel", default="WARNING")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus /metrics on this port (0 = off)")
+    p.add_argument("--lag-interval", type=float, default=15.0,
+                   help="seconds between consumer-lag samples for /metrics")
     p.set_defaults(handler=cmd_worker)
 
     p = sub.add_parser("produce", help="push interaction logs (JSON lines) to the pipeline")
@@ -44,6 +49,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", action="store_true", help="keep the demo's topics afterwards")
     p.set_defaults(handler=cmd_demo)
 
+    p = sub.add_parser("dashboard", help="web dashboard for operators (lag, training, serving)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8700)
+    p.add_argument("--refresh", type=float, default=2.0,
+                   help="seconds between lag samples (and page refreshes)")
+    p.set_defaults(handler=cmd_dashboard)
+
 
 def parse_stages(value: str) -> list[str]:
     from streams.agents import STAGES
@@ -52,9 +64,15 @@ def parse_stages(value: str) -> list[str]:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.app import run_worker
+    from streams.app import group_id, run_worker
 
-    run_worker(settings, parse_stages(args.stages), loglevel=args.loglevel)
+    stages = parse_stages(args.stages)
+    if getattr(args, "metrics_port", 0):
+        from streams import metrics
+
+        metrics.serve(args.metrics_port, settings, group=group_id(settings, stages),
+                      lag_interval_s=args.lag_interval)
+    run_worker(settings, stages, loglevel=args.loglevel)
     return 0
 
 
@@ -102,3 +120,10 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from streams.demo import run_demo
 
     return run_demo(settings, steps=args.steps, as_json=args.json, keep=args.keep)
+
+
+def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.dashboard import run_dashboard
+
+    run_dashboard(settings, host=args.host, port=args.port, refresh_s=args.refresh)
+    return 0
