@@ -1,0 +1,117 @@
+"""The slot fast path must compute exactly what peft computes for the same adapter dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+
+from tests.serving_support import base_dir, make_adapter
+from workers.model import load_base_model
+from workers.serving.sampler import RowRequest, SlotSampler
+from workers.serving.slots import AdapterFormatError, SlotLora
+
+__all__ = ["base_dir"]
+
+PROMPTS = ["hello there", "a"]
+
+
+def _peft_logits(base: Path, adapter: Path | None, ids: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+    model, _ = load_base_model(base)
+    if adapter is not None:
+        model = peft.PeftModel.from_pretrained(model, str(adapter))
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def _batch(sampler: SlotSampler) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = sampler.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _slot_logits(sampler: SlotSampler, slots: list[int | None], ids: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+    sampler.slots.ctx.set_rows(slots)
+    try:
+        with torch.no_grad():
+            return sampler.model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        sampler.slots.ctx.clear()
+
+
+def test_slot_logits_match_peft_single_and_mixed(base_dir: Path, tmp_path: Path) -> None:
+    a = make_adapter(base_dir, tmp_path / "a", rank=4, seed=1)
+    b = make_adapter(base_dir, tmp_path / "b", rank=2, seed=2, targets=("q_proj", "v_proj"))
+    sampler = SlotSampler(base_dir, num_slots=3, max_rank=8)
+    sampler.load(0, a)
+    sampler.load(2, b)
+    ids, mask = _batch(sampler)
+    want_a = _peft_logits(base_dir, a, ids, mask)
+    want_b = _peft_logits(base_dir, b, ids, mask)
+    want_base = _peft_logits(base_dir, None, ids, mask)
+    assert not torch.allclose(want_a, want_base, atol=1e-3)  # the adapter matters
+    torch.testing.assert_close(_slot_logits(sampler, [0, 0], ids, mask), want_a,
+                               atol=1e-5, rtol=1e-5)
+    mixed = _slot_logits(sampler, [2, None], ids, mask)  # rows with different adapters
+    torch.testing.assert_close(mixed[0], want_b[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], want_base[1], atol=1e-5, rtol=1e-5)
+
+
+def test_reload_slot_overwrites_and_clear_restores_base(base_dir: Path, tmp_path: Path) -> None:
+    a = make_adapter(base_dir, tmp_path / "a", seed=1)
+    b = make_adapter(base_dir, tmp_path / "b", seed=3, targets=("o_proj",))
+    sampler = SlotSampler(base_dir, num_slots=1, max_rank=4)
+    ids, mask = _batch(sampler)
+    sampler.load(0, a)
+    sampler.load(0, b)  # b targets fewer modules: a's other weights must be gone
+    torch.testing.assert_close(_slot_logits(sampler, [0, 0], ids, mask),
+                               _peft_logits(base_dir, b, ids, mask), atol=1e-5, rtol=1e-5)
+    sampler.clear(0)
+    torch.testing.assert_close(_slot_logits(sampler, [0, 0], ids, mask),
+                               _peft_logits(base_dir, None, ids, mask), atol=1e-6, rtol=1e-6)
+
+
+def test_packed_load_equals_per_tensor_load(base_dir: Path, tmp_path: Path) -> None:
+    a = make_adapter(base_dir, tmp_path / "a", seed=4)
+    sampler = SlotSampler(base_dir, num_slots=2, max_rank=4)
+    sampler.load(0, a)
+    sampler.slots.pack(a)
+    sampler.load(1, a)  # now prefers the packed file
+    assert torch.equal(sampler.slots.storage[0], sampler.slots.storage[1])
+    assert sampler.slots.ctx.scales[0] == sampler.slots.ctx.scales[1] == 2.0
+
+
+def test_adapter_that_does_not_fit_is_refused_and_slot_untouched(base_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    big = make_adapter(base_dir, tmp_path / "big", rank=8, seed=5)
+    small = make_adapter(base_dir, tmp_path / "small", rank=2, seed=6)
+    slots_model, _ = load_base_model(base_dir)
+    slots = SlotLora.install(slots_model, ("q_proj",), num_slots=1, max_rank=4)
+    with pytest.raises(AdapterFormatError):
+        slots.load_dir(0, big)  # rank 8 > max rank 4
+    with pytest.raises(AdapterFormatError):
+        slots.load_dir(0, small)  # targets modules this engine does not wrap
+    assert not slots.storage.any()
+
+
+def test_generate_mixed_batch_is_seeded_and_reports_logprobs(base_dir: Path,
+                                                              tmp_path: Path) -> None:
+    a = make_adapter(base_dir, tmp_path / "a", seed=7)
+    sampler = SlotSampler(base_dir, num_slots=2, max_rank=4)
+    sampler.load(1, a)
+    ids = sampler.encode("hi")
+    rows = [RowRequest(ids, 1, max_new_tokens=5, seed=3), RowRequest(ids, None, 5, seed=3),
+            RowRequest(ids, 1, max_new_tokens=3, temperature=0.0)]
+    first, second = sampler.generate(rows), sampler.generate(rows)
+    assert [r.output_ids for r in first] == [r.output_ids for r in second]
+    for row, res in zip(rows, first, strict=True):
+        assert 1 <= len(res.output_ids) <= row.max_new_tokens
+        assert len(res.logprobs) == len(res.output_ids)
+        assert all(lp <= 0.0 for lp in res.logprobs)
+    alone = sampler.generate([rows[0]])[0]  # batching with others does not change a row
+    assert alone.output_ids == first[0].output_ids
+    torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(first[0].logprobs),
+                               atol=1e-4, rtol=1e-4)

@@ -1,0 +1,262 @@
+"""A client for SGLang's HTTP API (a real SGLang server or lorastream's CPU engine).
+
+Speaks exactly what SGLang implements (shared/reference/serving.md): `POST /load_lora_adapter`
+`{lora_name, lora_path, pinned}` and `POST /unload_lora_adapter` `{lora_name}` answer
+`{success, error_message, loaded_adapters}` with 200, or 400 on failure; `/generate` names the
+adapter in `lora_path` (a name, not a path); the OpenAI routes use `model="<base>:<adapter>"`.
+
+`SGLangClient` is synchronous (stdlib only) so pipeline stages can call it from any thread;
+`AsyncSGLangClient` (aiohttp) serves the residency controller and the router.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+Prompts = str | Sequence[str]
+AdapterArg = str | None | Sequence[str | None]
+
+
+class SGLangError(RuntimeError):
+    """The server refused a request (HTTP 400) or answered something unexpected."""
+
+    def __init__(self, status: int, message: str, body: Any = None) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status, self.message, self.body = status, message, body
+
+
+@dataclass(frozen=True)
+class LoRAUpdate:
+    """LoRAUpdateOutput: `loaded_adapters` is the server's whole registry after the call."""
+
+    success: bool
+    error_message: str
+    loaded_adapters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One `/generate` result with its per-token log-probs (return_logprob=True)."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    matched_stop: int | None
+    prompt_tokens: int
+    meta_info: dict[str, Any]
+
+    @property
+    def finished(self) -> bool:
+        """True when the model stopped by itself (EOS/stop token), not at max_new_tokens."""
+        return self.finish_reason == "stop"
+
+
+def generate_payload(prompts: Prompts, *, lora_path: AdapterArg = None,
+                     sampling_params: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+                     return_logprob: bool = True) -> dict[str, Any]:
+    """GenerateReqInput as JSON; a list of prompts is always sent as a batch."""
+    body: dict[str, Any] = {"text": list(prompts) if not isinstance(prompts, str) else prompts,
+                            "return_logprob": return_logprob}
+    if sampling_params is not None:
+        body["sampling_params"] = (sampling_params if isinstance(sampling_params, dict)
+                                   else list(sampling_params))
+    if lora_path is not None:
+        body["lora_path"] = lora_path if isinstance(lora_path, str) else list(lora_path)
+    return body
+
+
+def parse_generation(obj: dict[str, Any]) -> Generation:
+    meta = obj.get("meta_info") or {}
+    finish = meta.get("finish_reason") or {}
+    triples = meta.get("output_token_logprobs") or []
+    ids = obj.get("output_ids")
+    if ids is None:
+        ids = [int(t[1]) for t in triples]
+    return Generation(
+        text=str(obj.get("text", "")),
+        token_ids=[int(i) for i in ids],
+        logprobs=[float(t[0]) for t in triples],
+        finish_reason=str(finish.get("type", "")) if isinstance(finish, dict) else str(finish),
+        matched_stop=finish.get("matched") if isinstance(finish, dict) else None,
+        prompt_tokens=int(meta.get("prompt_tokens", 0)),
+        meta_info=meta,
+    )
+
+
+def parse_generate_response(status: int, body: Any) -> list[Generation]:
+    if status != 200:
+        raise SGLangError(status, _error_text(body), body)
+    items = body if isinstance(body, list) else [body]
+    return [parse_generation(item) for item in items]
+
+
+def parse_update(status: int, body: Any) -> LoRAUpdate:
+    """200 + success, or raise SGLangError carrying the server's error_message."""
+    if not isinstance(body, dict) or "success" not in body:
+        raise SGLangError(status, f"not a LoRAUpdateOutput: {body!r}", body)
+    update = LoRAUpdate(bool(body["success"]), str(body.get("error_message") or ""),
+                        dict(body.get("loaded_adapters") or {}))
+    if status != 200 or not update.success:
+        raise SGLangError(status, update.error_message or "LoRA update failed", body)
+    return update
+
+
+def _error_text(body: Any) -> str:
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message", err))
+        if body.get("object") == "error":
+            return str(body.get("message"))
+        return str(err or body.get("error_message") or body)
+    return str(body)
+
+
+def openai_model(base_model: str, adapter: str | None) -> str:
+    return f"{base_model}:{adapter}" if adapter else base_model
+
+
+def sample_params(n_prompts: int, n: int, *, max_new_tokens: int, temperature: float,
+                  seed: int | None) -> list[dict[str, Any]]:
+    """One sampling_params per replicated row; distinct derived seeds keep samples distinct."""
+    params = []
+    for i in range(n_prompts * n):
+        p: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature}
+        if seed is not None:
+            p["sampling_seed"] = (seed * 1_000_003 + i) % (2**62)
+        params.append(p)
+    return params
+
+
+class SGLangClient:
+    """Blocking client (urllib): thread-safe, no event loop needed."""
+
+    def __init__(self, base_url: str, *, timeout: float = 120.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base_url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                status, raw = resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        try:
+            return status, json.loads(raw) if raw else None
+        except ValueError:
+            return status, raw.decode(errors="replace")
+
+    def health(self) -> bool:
+        try:
+            return self._request("GET", "/health")[0] == 200
+        except OSError:
+            return False
+
+    def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False
+                          ) -> LoRAUpdate:
+        body = {"lora_name": lora_name, "lora_path": str(lora_path), "pinned": pinned}
+        return parse_update(*self._request("POST", "/load_lora_adapter", body))
+
+    def unload_lora_adapter(self, lora_name: str) -> LoRAUpdate:
+        return parse_update(*self._request("POST", "/unload_lora_adapter",
+                                           {"lora_name": lora_name}))
+
+    def generate(self, prompts: Prompts, *, lora_path: AdapterArg = None,
+                 sampling_params: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+                 return_logprob: bool = True) -> list[Generation]:
+        body = generate_payload(prompts, lora_path=lora_path, sampling_params=sampling_params,
+                                return_logprob=return_logprob)
+        return parse_generate_response(*self._request("POST", "/generate", body))
+
+    def sample(self, prompts: Sequence[str], adapter: str | None, *, n: int,
+               max_new_tokens: int, temperature: float = 1.0, seed: int | None = None
+               ) -> list[list[Generation]]:
+        """n samples per prompt with log-probs, in one batched /generate (rollout's shape)."""
+        rows = [p for p in prompts for _ in range(n)]
+        params = sample_params(len(prompts), n, max_new_tokens=max_new_tokens,
+                               temperature=temperature, seed=seed)
+        out = self.generate(rows, lora_path=[adapter] * len(rows), sampling_params=params)
+        return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def chat_completion(self, messages: list[dict[str, Any]], *, base_model: str,
+                        adapter: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        body = {"model": openai_model(base_model, adapter), "messages": messages, **kwargs}
+        status, out = self._request("POST", "/v1/chat/completions", body)
+        if status != 200:
+            raise SGLangError(status, _error_text(out), out)
+        return dict(out)
+
+    def models(self) -> list[dict[str, Any]]:
+        status, out = self._request("GET", "/v1/models")
+        if status != 200:
+            raise SGLangError(status, _error_text(out), out)
+        return list(out["data"])
+
+
+class AsyncSGLangClient:
+    """aiohttp client: one session per client; close() it (or use `async with`)."""
+
+    def __init__(self, base_url: str, *, timeout: float = 120.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> AsyncSGLangClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        async with self._session.request(method, self.base_url + path, json=body) as resp:
+            raw = await resp.read()
+            try:
+                return resp.status, json.loads(raw) if raw else None
+            except ValueError:
+                return resp.status, raw.decode(errors="replace")
+
+    async def health(self) -> bool:
+        try:
+            return (await self._request("GET", "/health"))[0] == 200
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return False
+
+    async def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False
+                                ) -> LoRAUpdate:
+        body = {"lora_name": lora_name, "lora_path": str(lora_path), "pinned": pinned}
+        return parse_update(*await self._request("POST", "/load_lora_adapter", body))
+
+    async def unload_lora_adapter(self, lora_name: str) -> LoRAUpdate:
+        return parse_update(*await self._request("POST", "/unload_lora_adapter",
+                                                 {"lora_name": lora_name}))
+
+    async def generate(self, prompts: Prompts, *, lora_path: AdapterArg = None,
+                       sampling_params: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+                       return_logprob: bool = True) -> list[Generation]:
+        body = generate_payload(prompts, lora_path=lora_path, sampling_params=sampling_params,
+                                return_logprob=return_logprob)
+        return parse_generate_response(*await self._request("POST", "/generate", body))
+
+    async def models(self) -> list[dict[str, Any]]:
+        status, out = await self._request("GET", "/v1/models")
+        if status != 200:
+            raise SGLangError(status, _error_text(out), out)
+        return list(out["data"])

@@ -1,0 +1,138 @@
+"""The CPU engine's model side: one frozen base, adapter slots, mixed-adapter batched sampling.
+
+Log-probs follow LocalEngine's contract (they are GRPO's `old` term): log_softmax(logits / T)
+of the raw logits, no other logit processing; T = 0 means greedy, with log_softmax(logits).
+Each row of a batch names its own slot, so requests for different adapters share one forward
+pass per decode step.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from workers.model import LoraSpec, load_base_model
+from workers.serving.slots import SlotLora
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """One sequence to sample: prompt ids, the slot (None = base) and its sampling params."""
+
+    input_ids: list[int]
+    slot: int | None
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    seed: int | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class RowResult:
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    matched_stop: int | None = None
+
+
+class SlotSampler:
+    """Base model + SlotLora; every model call holds `lock` (loads and forwards never overlap)."""
+
+    def __init__(self, base_path: Path, *, num_slots: int, max_rank: int,
+                 target_modules: Iterable[str] = LoraSpec().target_modules) -> None:
+        self.model, self.tokenizer = load_base_model(Path(base_path))
+        self.slots = SlotLora.install(self.model, target_modules, num_slots=num_slots,
+                                      max_rank=max_rank)
+        self.eos_id: int | None = self.tokenizer.eos_token_id
+        self.pad_id: int = self.tokenizer.pad_token_id or 0
+        self.lock = threading.Lock()
+
+    def load(self, slot: int, adapter_dir: Path) -> None:
+        with self.lock:
+            self.slots.load_dir(slot, adapter_dir)
+
+    def clear(self, slot: int) -> None:
+        with self.lock:
+            self.slots.clear(slot)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    @torch.no_grad()
+    def generate(self, rows: list[RowRequest]) -> list[RowResult]:
+        """Left-padded batched decoding with a KV cache; rows stop independently."""
+        if not rows:
+            return []
+        with self.lock:
+            self.slots.ctx.set_rows([r.slot for r in rows])
+            try:
+                return self._decode(rows)
+            finally:
+                self.slots.ctx.clear()
+
+    def _decode(self, rows: list[RowRequest]) -> list[RowResult]:
+        width = max(len(r.input_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r.input_ids):] = torch.tensor(r.input_ids, dtype=torch.long)
+            mask[i, width - len(r.input_ids):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        gens = [_generator(r.seed) for r in rows]
+        results = [RowResult() for _ in rows]
+        done = [False] * len(rows)
+        logits = self._forward(ids, mask, pos, cache)
+        for step in range(max(r.max_new_tokens for r in rows)):
+            tokens = self._sample_step(logits, rows, gens, results, done, step)
+            if all(done):
+                break
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+            pos = pos[:, -1:] + 1
+            logits = self._forward(tokens[:, None], mask, pos, cache)
+        return results
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                 cache: DynamicCache) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                         past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].float()
+
+    def _sample_step(self, logits: torch.Tensor, rows: list[RowRequest],
+                     gens: list[torch.Generator | None], results: list[RowResult],
+                     done: list[bool], step: int) -> torch.Tensor:
+        tokens = torch.full((len(rows),), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            if done[i]:
+                continue
+            if r.temperature <= 0.0:
+                logp = torch.log_softmax(logits[i], dim=-1)
+                tok = int(torch.argmax(logp))
+            else:
+                logp = torch.log_softmax(logits[i] / r.temperature, dim=-1)
+                tok = int(torch.multinomial(logp.exp(), 1, generator=gens[i]))
+            tokens[i] = tok
+            res = results[i]
+            res.output_ids.append(tok)
+            res.logprobs.append(float(logp[tok]))
+            if tok == self.eos_id or tok in r.stop_token_ids:
+                res.matched_stop = tok
+                done[i] = True
+            elif step + 1 >= r.max_new_tokens:
+                done[i] = True
+        return tokens
+
+
+def _generator(seed: int | None) -> torch.Generator | None:
+    if seed is None:
+        return None
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
