@@ -11,8 +11,12 @@ import hashlib
 import json
 import math
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import wraps
 from pathlib import Path
+from typing import Any, TypeVar
 
 import peft
 import safetensors.torch
@@ -146,6 +150,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    """Stream agents call the trainer from worker threads; the shared model is not reentrant."""
+    @wraps(method)
+    def wrapper(self: PolicyTrainer, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper  # type: ignore[return-value]
+
+
 class PolicyTrainer:
     """Many policies' LoRA adapters on one frozen base; one AdamW and step count per policy."""
 
@@ -159,6 +175,7 @@ class PolicyTrainer:
         self.max_grad_norm, self.temperature, self.seed = max_grad_norm, temperature, seed
         self.model: peft.PeftModel | None = None
         self._policies: dict[str, _Policy] = {}
+        self._lock = threading.RLock()
         pad = self.tokenizer.pad_token_id
         self._pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
         self._vocab = int(self.base.get_output_embeddings().weight.shape[0])
@@ -223,6 +240,7 @@ class PolicyTrainer:
             kl = float(((torch.exp(d) - d - 1) * mask).sum() / mask.sum().clamp(min=1))
         return loss, kl
 
+    @_locked
     def step(self, policy_id: str, groups: list[TrainGroup]) -> StepResult:
         """One optimizer step; a non-finite loss or grad norm changes nothing and raises."""
         _validate(groups, self._vocab)
@@ -248,11 +266,13 @@ class PolicyTrainer:
             grad_norm=float(grad_norm), tokens=int(batch.cmask.sum()),
         )
 
+    @_locked
     @torch.no_grad()
     def logits(self, policy_id: str, input_ids: torch.Tensor) -> torch.Tensor:
         """The policy's logits for a batch (for export round-trip checks and debugging)."""
         return self._activate(self._require(policy_id))(input_ids=input_ids).logits.float()
 
+    @_locked
     def adapter_state(self, policy_id: str) -> dict[str, torch.Tensor]:
         """PEFT saved-key format (adapter name stripped), ready to export as a revision."""
         policy = self._require(policy_id)
@@ -277,6 +297,7 @@ class PolicyTrainer:
             for key, p in zip(policy.keys, policy.params, strict=True):
                 p.copy_(tensors[key])
 
+    @_locked
     def load_adapter_weights(
         self, policy_id: str, tensors: dict[str, torch.Tensor], *, step: int | None = None
     ) -> None:
@@ -287,6 +308,7 @@ class PolicyTrainer:
         if step is not None:
             policy.steps = step
 
+    @_locked
     def save_checkpoint(self, policy_id: str, directory: Path) -> None:
         """Adapter + AdamW moments as safetensors, hyper-params + step as JSON (no pickle)."""
         policy = self._require(policy_id)
@@ -306,6 +328,7 @@ class PolicyTrainer:
         # Written last: its presence marks a complete checkpoint.
         _atomic_write(directory / "trainer_state.json", json.dumps(meta, indent=1).encode())
 
+    @_locked
     def load_checkpoint(self, policy_id: str, directory: Path) -> None:
         """Resume exactly where save_checkpoint left off (weights, moments, step)."""
         directory = Path(directory)
