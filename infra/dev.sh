@@ -31,6 +31,16 @@ ensure_system() {
     || die "$PYTHON is $("$PYTHON" -V 2>&1); lorastream needs Python 3.11+"
   command -v java >/dev/null || apt_install openjdk-17-jre-headless
   command -v mvn >/dev/null || apt_install maven
+  ensure_chromium
+}
+
+ensure_chromium() {  # headless Chromium for the dashboard's screenshot test (tests only)
+  command -v chromium >/dev/null && return 0
+  if [ "$(id -u)" = 0 ]; then
+    apt_install chromium
+  else
+    log "chromium is missing: the dashboard browser test is skipped (apt-get install chromium)"
+  fi
 }
 
 ensure_venv() {
