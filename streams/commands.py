@@ -77,11 +77,15 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.producer import InteractionProducer
+    from streams.producer import InteractionProducer, ProduceError
 
     stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
-    with stream, InteractionProducer(settings) as producer:
-        report = producer.send_many(stream)
+    try:
+        with stream, InteractionProducer(settings) as producer:
+            report = producer.send_many(stream)
+    except ProduceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     for number, reason in report.rejected:
         print(f"line {number}: rejected: {reason}", file=sys.stderr)
     print(f"sent {report.sent}, rejected {len(report.rejected)}", file=sys.stderr)

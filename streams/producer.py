@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 from kafka import KafkaProducer
+from kafka.errors import KafkaError
 from pydantic import ValidationError
 
 from infra.settings import Settings
@@ -42,27 +43,81 @@ def kafka_client_config(settings: Settings) -> dict[str, Any]:
     return cfg
 
 
-class InteractionProducer:
-    """Sends `InteractionLogged` events keyed by policy id (one policy stays in order)."""
+class InvalidInteraction(ValueError):
+    """An interaction log that does not match the `InteractionLogged` schema; nothing was sent.
 
-    def __init__(self, settings: Settings, *, linger_ms: int = 5) -> None:
+    `reason` names the first offending field and why (`prompt: String should have at least 1
+    character`); `errors` holds pydantic's full list.
+    """
+
+    def __init__(self, exc: ValidationError) -> None:
+        self.reason = _first_error(exc)
+        self.errors = exc.errors()
+        super().__init__(f"invalid interaction log: {self.reason}")
+
+
+class ProduceError(RuntimeError):
+    """Kafka did not take the events: broker unreachable, topic missing, or delivery failed."""
+
+
+class InteractionProducer:
+    """Sends `InteractionLogged` events keyed by policy id (one policy stays in order).
+
+    Batching: records wait up to `linger_ms` to share a request (up to `batch_size` bytes).
+    Delivery: idempotent (`enable_idempotence`, `acks=all`), so the broker drops the duplicates
+    its own `retries` would otherwise write. Every event is validated before it is queued;
+    delivery failures are collected and raised as one `ProduceError` by `flush()`.
+    """
+
+    def __init__(self, settings: Settings, *, linger_ms: int = 5, batch_size: int = 64 * 1024,
+                 retries: int = 5, connect_timeout_s: float = 10.0,
+                 delivery_timeout_s: float = 60.0) -> None:
         self.topic = settings.topic("interactions")
-        self._producer = KafkaProducer(
-            **kafka_client_config(settings),
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=linger_ms,
-            retries=5,
-        )
+        self._where = settings.bootstrap_servers
+        self._failures: list[BaseException] = []
+        try:
+            self._producer = KafkaProducer(
+                **kafka_client_config(settings),
+                acks="all",
+                enable_idempotence=True,
+                max_in_flight_requests_per_connection=5,  # the most idempotence keeps ordered
+                linger_ms=linger_ms,
+                batch_size=batch_size,
+                retries=retries,
+                bootstrap_timeout_ms=int(connect_timeout_s * 1000),
+                max_block_ms=int(connect_timeout_s * 1000),
+                delivery_timeout_ms=int(delivery_timeout_s * 1000),
+            )
+        except KafkaError as exc:
+            raise ProduceError(f"cannot reach Kafka at {self._where}: {exc!r} "
+                               "(is it up? `lorastream infra status`)") from exc
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The delivery settings in effect (acks -1 = all), for checks and debugging."""
+        cfg = self._producer.config
+        keys = ("acks", "enable_idempotence", "linger_ms", "batch_size", "retries",
+                "max_in_flight_requests_per_connection")
+        return {k: cfg[k] for k in keys}
 
     def send(self, interaction: InteractionLogged | dict[str, Any]) -> InteractionLogged:
-        """Validate and send one interaction; returns the validated event (with its id)."""
-        event = (
-            interaction
-            if isinstance(interaction, InteractionLogged)
-            else InteractionLogged.model_validate(interaction)
-        )
-        self._producer.send(self.topic, key=event.policy_id.encode(), value=encode_event(event))
+        """Validate and queue one interaction; returns the validated event (with its id).
+
+        Raises `InvalidInteraction` (nothing sent) or `ProduceError` (Kafka refused it).
+        """
+        try:
+            event = (interaction if isinstance(interaction, InteractionLogged)
+                     else InteractionLogged.model_validate(interaction))
+        except ValidationError as exc:
+            raise InvalidInteraction(exc) from exc
+        try:
+            future = self._producer.send(self.topic, key=event.policy_id.encode(),
+                                         value=encode_event(event))
+        except KafkaError as exc:
+            raise ProduceError(f"cannot send to {self.topic!r} at {self._where}: {exc!r} "
+                               "(does the topic exist? `lorastream infra up` creates it)"
+                               ) from exc
+        future.add_errback(self._failures.append)
         return event
 
     def send_many(self, lines: Iterable[str]) -> ProduceReport:
@@ -72,13 +127,22 @@ class InteractionProducer:
             try:
                 self.send(data)
                 report.sent += 1
-            except ValidationError as exc:
-                report.rejected.append((number, _first_error(exc)))
+            except InvalidInteraction as exc:
+                report.rejected.append((number, exc.reason))
         self.flush()
         return report
 
     def flush(self, timeout: float = 30.0) -> None:
-        self._producer.flush(timeout=timeout)
+        """Wait until every queued event is delivered; raise `ProduceError` if any was not."""
+        try:
+            self._producer.flush(timeout=timeout)
+        except KafkaError as exc:
+            raise ProduceError(f"events not delivered to {self._where} within {timeout:g} s: "
+                               f"{exc!r}") from exc
+        if self._failures:
+            failed, self._failures = self._failures, []
+            raise ProduceError(f"{len(failed)} event(s) not delivered to {self.topic!r}: "
+                               f"{failed[0]!r}")
 
     def close(self) -> None:
         self._producer.close()
@@ -87,8 +151,10 @@ class InteractionProducer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.flush()
-        self.close()
+        try:
+            self.flush()
+        finally:
+            self.close()
 
 
 def _parse_lines(lines: Iterable[str], report: ProduceReport) -> Iterator[tuple[int, Any]]:
