@@ -21,9 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from infra import cli as infra_cli
     from streams import commands
+    from workers.serving import cli as serving_cli
 
     infra_cli.register(sub)
     commands.register(sub)
+    serving_cli.register(sub)
     return parser
 
 

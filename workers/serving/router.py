@@ -1,0 +1,178 @@
+"""The router: a policy's request goes to an engine that holds its serving revision.
+
+Resolution, in order:
+1. a policy the pipeline does not know is refused (`UnknownPolicyError`), never silently served
+   by the base model; a known policy whose serving alias is revision 0 is served by the base
+   model explicitly (`Route.serve_name is None`);
+2. an engine whose controller reports the serve name `active` gets the request (the demand
+   score is refreshed, which keeps the adapter in that engine's working set);
+3. otherwise a cold load is scheduled on the name's home engine (rendezvous order over live
+   engines) and the request waits, bounded by `cold_timeout_s`, until the controller reports it
+   active (`ColdLoadTimeout`) or failed (`AdapterLoadFailed`).
+Because SGLang re-loads any name it has seen before, this check, not an unload, is what keeps a
+retired or unknown adapter from being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from infra.settings import Settings
+from workers.errors import LorastreamError
+from workers.serving.assignment import engine_key, live_engines, rank_engines
+from workers.serving.client import AsyncSGLangClient, Generation, SGLangError
+from workers.serving.residency import Residency
+from workers.state import serve_name
+
+
+class RouterError(LorastreamError):
+    """A request the router cannot place."""
+
+
+class UnknownPolicyError(RouterError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown policy"
+
+
+class NoEngineError(RouterError):
+    """No live engine is registered."""
+
+
+class ColdLoadTimeout(RouterError, TimeoutError):
+    """The adapter did not become active within the request's bound."""
+
+
+class AdapterLoadFailed(RouterError):
+    """The engine's controller could not load the adapter (bad artifact, engine refusal)."""
+
+
+@dataclass(frozen=True)
+class Route:
+    engine_id: str
+    url: str
+    serve_name: str | None
+    cold: bool
+
+
+@dataclass
+class RouterStats:
+    hits: int = 0
+    cold: int = 0
+    base: int = 0
+    cold_wait_s: list[float] = field(default_factory=list)
+
+
+class Router:
+    """Places requests using the controllers' published states; one per process."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None, *,
+                 cold_timeout_s: float = 30.0, poll_s: float = 0.01) -> None:
+        self.settings = settings
+        self.r = client or redis.Redis.from_url(settings.redis_url)
+        self.cold_timeout_s, self.poll_s = cold_timeout_s, poll_s
+        self.stats = RouterStats()
+        self._clients: dict[str, AsyncSGLangClient] = {}
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+    def serving_name(self, policy_id: str) -> str | None:
+        """The serve name of the policy's serving revision; None = its alias is the base."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.sismember(self.settings.key("policies"), policy_id)
+        pipe.hget(self.settings.key("policy", policy_id), "serving")
+        known, serving = pipe.execute()
+        if not known and serving is None:
+            raise UnknownPolicyError(f"unknown policy {policy_id!r}: it has no revisions and "
+                                     "no serving alias")
+        revision = int(serving) if serving is not None else 0
+        return serve_name(policy_id, revision) if revision > 0 else None
+
+    async def route(self, policy_id: str) -> Route:
+        name = self.serving_name(policy_id)
+        engines = await self._engines()
+        if name is None:
+            self.stats.base += 1
+            engine = random.choice(sorted(engines))
+            return Route(engine, engines[engine], None, cold=False)
+        ranked = rank_engines(name, engines)
+        states = self._states(name, ranked)
+        holders = [e for e, s in zip(ranked, states, strict=True) if s == Residency.ACTIVE]
+        if holders:
+            self.stats.hits += 1
+            engine = holders[0]
+            self._touch(engine, name)
+            return Route(engine, engines[engine], name, cold=False)
+        self.stats.cold += 1
+        started = time.perf_counter()
+        engine = ranked[0]
+        await self._wait_active(engine, name)
+        self.stats.cold_wait_s.append(time.perf_counter() - started)
+        return Route(engine, engines[engine], name, cold=True)
+
+    async def _engines(self) -> dict[str, str]:
+        """Live engines; while none is registered (e.g. at start-up) wait, bounded."""
+        deadline = time.monotonic() + self.cold_timeout_s
+        while not (engines := live_engines(self.settings, self.r)):
+            if time.monotonic() >= deadline:
+                raise NoEngineError(f"no live engine registered within {self.cold_timeout_s} s")
+            await asyncio.sleep(self.poll_s)
+        return engines
+
+    def _states(self, name: str, engines: list[str]) -> list[str | None]:
+        pipe = self.r.pipeline(transaction=False)
+        for engine in engines:
+            pipe.hget(engine_key(self.settings, engine, "states"), name)
+        return [s.decode() if s is not None else None for s in pipe.execute()]
+
+    def _touch(self, engine: str, name: str) -> None:
+        self.r.zadd(engine_key(self.settings, engine, "demand"), {name: time.time()})
+
+    async def _wait_active(self, engine: str, name: str) -> None:
+        """Schedule the cold load and wait for the controller's verdict, bounded."""
+        key = engine_key(self.settings, engine, "states")
+        self._touch(engine, name)
+        deadline = time.monotonic() + self.cold_timeout_s
+        while True:
+            state = self.r.hget(key, name)
+            state = state.decode() if state is not None else None
+            if state == Residency.ACTIVE:
+                return
+            if state == Residency.FAILED:  # the controller retries later; this request fails now
+                error = self.r.hget(engine_key(self.settings, engine, "errors"), name)
+                raise AdapterLoadFailed(f"{name} failed to load on {engine}: "
+                                        f"{error.decode() if error else 'unknown error'}")
+            if time.monotonic() >= deadline:
+                raise ColdLoadTimeout(f"{name} was not active on {engine} within "
+                                      f"{self.cold_timeout_s} s (last state: {state})")
+            await asyncio.sleep(self.poll_s)
+
+    def _client(self, route: Route) -> AsyncSGLangClient:
+        if route.url not in self._clients:
+            self._clients[route.url] = AsyncSGLangClient(route.url)
+        return self._clients[route.url]
+
+    async def generate(self, policy_id: str, prompts: str | Sequence[str], *,
+                       sampling_params: dict[str, Any] | None = None,
+                       return_logprob: bool = True) -> list[Generation]:
+        """Generate with the policy's serving revision, wherever it is (or gets) loaded."""
+        for attempt in range(2):
+            route = await self.route(policy_id)
+            try:
+                return await self._client(route).generate(
+                    prompts, lora_path=route.serve_name, sampling_params=sampling_params,
+                    return_logprob=return_logprob)
+            except SGLangError as exc:
+                # Lost a race with an unload (the engine no longer knows the name): re-route.
+                if attempt == 1 or "never been loaded" not in exc.message:
+                    raise
+        raise AssertionError("unreachable")
