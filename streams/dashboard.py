@@ -196,9 +196,13 @@ def serving_state(state: PolicyState, settings: Settings, names: set[str]) -> di
     engines = {"default": state.hot_set()}
     # Engines that keep their own hot set publish it as a sorted set under `hot:<engine>`.
     for key in state.r.scan_iter(match=settings.key("hot", "*")):
-        engine = key.decode().removeprefix(settings.key("hot", ""))
-        engines[engine] = [m.decode() for m in state.r.zrange(key, 0, -1)]
+        engine = _text(key).removeprefix(settings.key("hot", ""))
+        engines[engine] = [_text(m) for m in state.r.zrange(key, 0, -1)]
     return {"policies": policies, "hot": engines}
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Dashboard:

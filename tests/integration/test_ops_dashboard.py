@@ -126,6 +126,7 @@ def test_dashboard_shows_live_figures_in_chromium(
     _write_pipeline(settings, redis_client)
     state = wait_for(lambda: _live(dashboard), timeout=30, interval=0.2,
                      message="the dashboard API to show the written pipeline")
+    assert state is not None
     assert state["serving"]["hot"]["default"] == [f"{PID}@1"]
     assert [p["mean_reward"] for p in state["pipeline"]["curves"][PID]] == list(REWARDS)
     scraped = (_get(f"{dashboard}/metrics") or b"").decode()

@@ -124,7 +124,12 @@ def test_worker_serves_stage_metrics_and_lag(settings: Settings, reward_worker: 
         'lorastream_stage_seconds_count{stage="reward"} 1.0',
         f'lorastream_consumer_lag{{group="{settings.app_id}.reward",partition=',
     )
-    text = wait_for(lambda: (t := scrape()) and all(w in t for w in wanted) and t, timeout=60,
-                    interval=0.3, message="the worker's /metrics to show the processed events")
+    def complete() -> str | None:
+        text = scrape()
+        return text if all(w in text for w in wanted) else None
+
+    text = wait_for(complete, timeout=60, interval=0.3,
+                    message="the worker's /metrics to show the processed events")
+    assert text is not None
     lag_lines = [ln for ln in text.splitlines() if ln.startswith("lorastream_consumer_lag{")]
     assert all(settings.topic("rollouts") in ln for ln in lag_lines), lag_lines

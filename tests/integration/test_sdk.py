@@ -156,6 +156,7 @@ def test_readme_sdk_examples_run(settings: Settings) -> None:
     try:
         line = wait_for(lambda: _line_ready(proc), timeout=30,
                         message="the consumer example to print an evaluation")
+        assert line is not None
         assert line.strip() == "carol r1: 0.600 vs r0 0.500, passed"
     finally:
         proc.terminate()
