@@ -189,16 +189,32 @@ class TopicReader:
 
 
 def serving_state(state: PolicyState, settings: Settings, names: set[str]) -> dict[str, Any]:
-    """Policies' serving and head revisions and the hot set per engine, from Redis."""
+    """Policies' serving and head revisions, the hot set, and what each engine holds (Redis)."""
     policies = {}
     for pid in sorted(set(state.policies()) | names):
         policies[pid] = {"serving": state.serving(pid).revision, "head": state.head(pid).revision}
-    engines = {"default": state.hot_set()}
-    # Engines that keep their own hot set publish it as a sorted set under `hot:<engine>`.
-    for key in state.r.scan_iter(match=settings.key("hot", "*")):
-        engine = _text(key).removeprefix(settings.key("hot", ""))
-        engines[engine] = [_text(m) for m in state.r.zrange(key, 0, -1)]
-    return {"policies": policies, "hot": engines}
+    return {"policies": policies, "hot_set": state.hot_set(),
+            "engines": engine_state(settings, state.r)}
+
+
+def engine_state(settings: Settings, r: Any) -> dict[str, dict[str, Any]]:
+    """Per registered engine: alive, its share of the hot set, and each adapter's residency.
+
+    Read from the keys the serving controllers publish (`workers.serving.assignment`).
+    """
+    from workers.serving.assignment import engine_key, live_engines
+
+    alive = live_engines(settings, r)
+    out = {}
+    for engine in sorted(_text(e) for e in r.hkeys(settings.key("engines"))):
+        states = r.hgetall(engine_key(settings, engine, "states"))
+        out[engine] = {
+            "alive": engine in alive,
+            "assigned": [_text(m) for m in r.zrange(engine_key(settings, engine, "assigned"),
+                                                    0, -1)],
+            "states": {_text(k): _text(v) for k, v in sorted(states.items())},
+        }
+    return out
 
 
 def _text(value: object) -> str:
@@ -257,7 +273,8 @@ class Dashboard:
         try:
             serving: dict[str, Any] = serving_state(self.state, self.settings, names)
         except Exception as exc:  # Redis down: show Kafka's half of the picture
-            serving = {"policies": {}, "hot": {}, "error": f"{type(exc).__name__}: {exc}"}
+            serving = {"policies": {}, "hot_set": [], "engines": {},
+                       "error": f"{type(exc).__name__}: {exc}"}
         return {"ts": time.time(), "refresh_s": self.refresh_s,
                 "topic_prefix": self.settings.topic_prefix, "lag": self.lag.snapshot(),
                 "pipeline": pipeline, "serving": serving}

@@ -23,6 +23,7 @@ from schemas.codec import encode_event
 from schemas.events import AdapterEvaluated, AdapterExported, PolicyPromoted, PolicyUpdated
 from tests.helpers import wait_for
 from tests.integration.ops_helpers import commit, free_port, produce
+from workers.serving.assignment import engine_key, register_engine
 from workers.state import PolicyState, RevisionPointer
 
 pytestmark = pytest.mark.integration
@@ -66,6 +67,10 @@ def _write_pipeline(settings: Settings, redis_client: redis.Redis) -> None:
     state = PolicyState(settings, redis_client)
     state.record_revision(PID, RevisionPointer(revision=1, sha256=SHA, path="/a/r1"))
     state.set_serving(PID, 1)
+    # One serving engine holding the promoted adapter, as its controller would publish it.
+    register_engine(settings, redis_client, "engine-a", "http://127.0.0.1:9")
+    redis_client.zadd(engine_key(settings, "engine-a", "assigned"), {f"{PID}@1": 1.0})
+    redis_client.hset(engine_key(settings, "engine-a", "states"), f"{PID}@1", "active")
     # A rollout-stage consumer group 4 records behind on interactions.
     tp = TopicPartition(settings.topic("interactions"), 0)
     produce(settings, tp, [b"{}"] * 6)
@@ -127,7 +132,9 @@ def test_dashboard_shows_live_figures_in_chromium(
     state = wait_for(lambda: _live(dashboard), timeout=30, interval=0.2,
                      message="the dashboard API to show the written pipeline")
     assert state is not None
-    assert state["serving"]["hot"]["default"] == [f"{PID}@1"]
+    assert state["serving"]["hot_set"] == [f"{PID}@1"]
+    assert state["serving"]["engines"] == {"engine-a": {
+        "alive": True, "assigned": [f"{PID}@1"], "states": {f"{PID}@1": "active"}}}
     assert [p["mean_reward"] for p in state["pipeline"]["curves"][PID]] == list(REWARDS)
     scraped = (_get(f"{dashboard}/metrics") or b"").decode()
     assert f'lorastream_consumer_lag{{group="{settings.app_id}.rollout"' in scraped
@@ -137,6 +144,7 @@ def test_dashboard_shows_live_figures_in_chromium(
     assert '<b id="total-lag">4</b>' in dom
     assert '<b id="policy-count">1</b>' in dom and '<b id="revision-count">1</b>' in dom
     assert f"<span class=\"chip\">{PID}@1</span>" in dom  # the hot set
+    assert f"<span class=\"chip\">{PID}@1 · active</span>" in dom  # engine-a holds it
     assert SHA[:12] in dom and "beats r0" in dom and "0.750" in dom  # revision provenance
     assert f"{PID} 0.625" in dom  # reward curve legend: last GRPO reward
     assert "<polyline" in dom  # the charts were drawn
