@@ -7,6 +7,8 @@ Keys (all under `settings.key(...)`):
   `assign_hot_set`; score = promotion time (newer = more important).
 - `engine:<id>:demand` zset: serve names requests asked this engine for (the router's cold
   loads); score = time of the latest request, so the demand share is LRU by use.
+- `engine:<id>:waiting` zset: one ticket `<serve name>|<request id>` per request waiting for
+  a cold load, score = when it started waiting; removed when the request is done.
 - `engine:<id>:pinned` set: serve names loaded with `pinned=true` (never LRU-evicted).
 - `engine:<id>:states` hash: serve name -> residency state, published by the controller and
   read by the router; `engine:<id>:errors` hash: serve name -> why it failed.

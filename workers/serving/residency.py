@@ -52,7 +52,9 @@ ALLOWED: dict[Residency | None, frozenset[Residency]] = {
     Residency.EVICTED: frozenset({Residency.QUEUED}),
     Residency.FAILED: frozenset({Residency.QUEUED}),
 }
-PRIORITY_HOT, PRIORITY_DEMAND, PRIORITY_PINNED = 1, 2, 3
+PRIORITY_HOT, PRIORITY_DEMAND, PRIORITY_WAITING, PRIORITY_PINNED = 1, 2, 3, 4
+WAITING_STALE_S = 300.0
+"""A waiting ticket older than this is a crashed router's leftover and is dropped."""
 
 
 class TransitionError(RuntimeError):
@@ -115,19 +117,28 @@ class ResidencyController:
 
     # -- desired set -------------------------------------------------------------------------
     def desired(self) -> dict[str, tuple[int, float]]:
-        """serve name -> (priority class, recency), trimmed to the engine's capacity."""
+        """serve name -> (priority class, rank within class), trimmed to the engine's capacity.
+
+        Classes, strongest first: pinned; requests waiting for a cold load right now (oldest
+        first, so a wave is served in arrival order); recent demand (LRU by use); hot share.
+        """
         now = time.time()
         self.r.zremrangebyscore(self._key("demand"), "-inf", now - self.config.demand_ttl_s)
         pipe = self.r.pipeline(transaction=False)
         pipe.zrange(self._key("assigned"), 0, -1, withscores=True)
         pipe.zrange(self._key("demand"), 0, -1, withscores=True)
         pipe.smembers(self._key("pinned"))
-        assigned, demand, pinned = pipe.execute()
+        pipe.zremrangebyscore(self._key("waiting"), "-inf", now - WAITING_STALE_S)
+        pipe.zrange(self._key("waiting"), 0, -1, withscores=True)
+        assigned, demand, pinned, _, waiting = pipe.execute()
         demand = self._current(demand)
         want: dict[str, tuple[int, float]] = {}
         for members, prio in ((assigned, PRIORITY_HOT), (demand, PRIORITY_DEMAND)):
             for m, score in members:
                 want[m.decode()] = max(want.get(m.decode(), (0, 0.0)), (prio, score))
+        for ticket, since in waiting:  # requests waiting now: oldest first (FIFO fairness)
+            name = ticket.decode().partition("|")[0]
+            want[name] = max(want.get(name, (0, 0.0)), (PRIORITY_WAITING, -since))
         for m in pinned:
             want[m.decode()] = (PRIORITY_PINNED, now)
         ranked = sorted(want.items(), key=lambda kv: kv[1], reverse=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,8 @@ class Route:
     url: str
     serve_name: str | None
     cold: bool
+    ticket: str | None = None
+    """The waiting ticket a cold route holds until its request is done (`release`)."""
 
 
 @dataclass
@@ -115,9 +118,20 @@ class Router:
         self.stats.cold += 1
         started = time.perf_counter()
         engine = ranked[0]
-        await self._wait_active(engine, name)
+        ticket = f"{name}|{uuid.uuid4().hex}"
+        self.r.zadd(engine_key(self.settings, engine, "waiting"), {ticket: time.time()})
+        try:
+            await self._wait_active(engine, name)
+        except BaseException:
+            self.r.zrem(engine_key(self.settings, engine, "waiting"), ticket)
+            raise
         self.stats.cold_wait_s.append(time.perf_counter() - started)
-        return Route(engine, engines[engine], name, cold=True)
+        return Route(engine, engines[engine], name, cold=True, ticket=ticket)
+
+    def release(self, route: Route) -> None:
+        """A cold route's request is done: it no longer holds its adapter in the working set."""
+        if route.ticket is not None:
+            self.r.zrem(engine_key(self.settings, route.engine_id, "waiting"), route.ticket)
 
     async def _engines(self) -> dict[str, str]:
         """Live engines; while none is registered (e.g. at start-up) wait, bounded."""
@@ -175,4 +189,6 @@ class Router:
                 # Lost a race with an unload (the engine no longer knows the name): re-route.
                 if attempt == 1 or "never been loaded" not in exc.message:
                     raise
+            finally:
+                self.release(route)
         raise AssertionError("unreachable")
