@@ -115,3 +115,24 @@ def test_generate_mixed_batch_is_seeded_and_reports_logprobs(base_dir: Path,
     assert alone.output_ids == first[0].output_ids
     torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(first[0].logprobs),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_sampled_logprobs_equal_teacher_forced_peft_logprobs(base_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """GRPO's `old` log-probs: the KV-cached, left-padded batch must match a plain forward."""
+    a = make_adapter(base_dir, tmp_path / "a", seed=8)
+    sampler = SlotSampler(base_dir, num_slots=1, max_rank=4)
+    sampler.load(0, a)
+    prompts = [sampler.encode("a longer prompt"), sampler.encode("hi")]
+    rows = [RowRequest(p, 0, max_new_tokens=6, temperature=0.7, seed=i)
+            for i, p in enumerate(prompts)]
+    results = sampler.generate(rows)
+    model, _ = load_base_model(base_dir)
+    peft_model = peft.PeftModel.from_pretrained(model, str(a))
+    for prompt, res in zip(prompts, results, strict=True):
+        ids = torch.tensor([prompt + res.output_ids])
+        with torch.no_grad():
+            logits = peft_model(input_ids=ids).logits[0, len(prompt) - 1:-1]
+        logps = torch.log_softmax(logits / 0.7, dim=-1)
+        want = logps.gather(-1, torch.tensor(res.output_ids)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(res.logprobs), want, atol=1e-4, rtol=1e-4)

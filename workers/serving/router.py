@@ -32,6 +32,8 @@ from workers.serving.client import AsyncSGLangClient, Generation, SGLangError
 from workers.serving.residency import Residency
 from workers.state import serve_name
 
+MAX_POLL_S = 0.2
+
 
 class RouterError(LorastreamError):
     """A request the router cannot place."""
@@ -156,6 +158,7 @@ class Router:
         key = engine_key(self.settings, engine, "states")
         self._touch(engine, name)
         deadline = time.monotonic() + self.cold_timeout_s
+        interval = self.poll_s
         while True:
             state = self.r.hget(key, name)
             state = state.decode() if state is not None else None
@@ -168,7 +171,8 @@ class Router:
             if time.monotonic() >= deadline:
                 raise ColdLoadTimeout(f"{name} was not active on {engine} within "
                                       f"{self.cold_timeout_s} s (last state: {state})")
-            await asyncio.sleep(self.poll_s)
+            await asyncio.sleep(interval)
+            interval = min(interval * 1.5, MAX_POLL_S)  # many waiters must not flood Redis
 
     def _client(self, route: Route) -> AsyncSGLangClient:
         if route.url not in self._clients:

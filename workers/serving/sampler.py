@@ -101,8 +101,9 @@ class SlotSampler:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                  cache: DynamicCache) -> torch.Tensor:
+        # Only the last position's logits are sampled: skip the LM head everywhere else.
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=cache, use_cache=True)
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
     def _sample_step(self, logits: torch.Tensor, rows: list[RowRequest],
