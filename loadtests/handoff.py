@@ -81,7 +81,7 @@ def merged_path(tensors: dict[str, torch.Tensor], lora: LoraSpec, base: Path,
     peft_model = peft.get_peft_model(model, lora.peft_config())
     peft.set_peft_model_state_dict(peft_model, tensors)
     merged = peft_model.merge_and_unload()
-    merged.save_pretrained(out)  # safetensors, full weights
+    merged.save_pretrained(out)  # type: ignore[operator]  # safetensors, full weights
     tokenizer.save_pretrained(out)
     saved = time.perf_counter()
     with engine(out, lora.rank) as server:
@@ -102,7 +102,7 @@ def run(rank: int, repeats: int, base: Path, work: Path) -> dict[str, float | in
         adapter_runs = []
         for i in range(repeats):
             # A fresh tiny perturbation per repeat: a new revision, a new content address.
-            t = {k: v + (i * 1e-7 if k.endswith("lora_B.weight") else 0.0)
+            t = {k: (v + i * 1e-7 if k.endswith("lora_B.weight") else v)
                  for k, v in tensors.items()}
             adapter_runs.append(adapter_path(store, t, lora, base, client, f"bench@{rank}-{i}"))
             log(f"rank {rank}: adapter-only {adapter_runs[-1][0]:.3f} s")

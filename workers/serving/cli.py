@@ -14,6 +14,8 @@ import signal
 import socket
 from pathlib import Path
 
+from aiohttp import web
+
 from infra.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,9 +73,7 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
             await runner.cleanup()
 
 
-async def _start_server(args: argparse.Namespace, settings: Settings) -> object:
-    from aiohttp import web
-
+async def _start_server(args: argparse.Namespace, settings: Settings) -> web.AppRunner:
     from workers.serving.cpu_engine import CpuEngine, EngineConfig
     from workers.serving.server import build_app
 

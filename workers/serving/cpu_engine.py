@@ -45,7 +45,7 @@ class _Pending:
     row: RowRequest
     adapter: str | None
     ref: AdapterRef | None
-    future: asyncio.Future[RowResult] = field(repr=False, default=None)  # type: ignore[assignment]
+    future: asyncio.Future[RowResult] = field(repr=False)
 
 
 def update_output(success: bool, error: str, loaded: dict[str, str] | None) -> dict[str, Any]:
@@ -150,9 +150,9 @@ class CpuEngine:
             await self._ensure_loaded(name)
         loop = asyncio.get_running_loop()
         items = []
-        for row, name in zip(rows, adapters, strict=True):
-            ref = self.registry.acquire(name) if name is not None else None
-            items.append(_Pending(row, name, ref, loop.create_future()))
+        for row, adapter in zip(rows, adapters, strict=True):
+            ref = self.registry.acquire(adapter) if adapter is not None else None
+            items.append(_Pending(row, adapter, ref, loop.create_future()))
         try:
             self._pending.extend(items)
             self._wakeup.set()

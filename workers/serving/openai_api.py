@@ -53,7 +53,7 @@ def _chat_prompt(engine: CpuEngine, messages: list[dict[str, Any]]) -> list[int]
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict):  # newer tokenizers return a BatchEncoding
             ids = ids["input_ids"]
-        return [int(i) for i in ids]
+        return [int(i) for i in ids]  # type: ignore[arg-type, union-attr]
     text = "".join(f"{m.get('role', 'user')}: {m.get('content', '')}\n" for m in messages)
     return engine.sampler.encode(text + "assistant:")
 
@@ -98,7 +98,7 @@ async def completions(engine: CpuEngine, body: dict[str, Any]) -> dict[str, Any]
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise BadRequest("prompt must be a non-empty string or list of strings")
     params = _sampling(body)
-    rows = [row_from_params(engine.sampler.encode(p), params) for p in prompts]
+    rows = [row_from_params(engine.sampler.encode(str(p)), params) for p in prompts]
     adapter = resolve_adapter(body)
     results = await engine.generate(rows, [adapter] * len(rows))
     choices = []

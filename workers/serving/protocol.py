@@ -73,6 +73,8 @@ def parse_generate(engine: CpuEngine, body: dict[str, Any]
         batch = isinstance(text, list)
         prompts = [engine.sampler.encode(t) for t in (text if batch else [text])]
     else:
+        if not isinstance(ids, list):
+            raise BadRequest("input_ids must be a list of token ids or a list of such lists")
         batch = bool(ids) and isinstance(ids[0], list)
         prompts = ids if batch else [ids]
     if not prompts or any(not p for p in prompts):

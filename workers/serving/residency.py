@@ -20,8 +20,10 @@ import heapq
 import itertools
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import redis
 
@@ -185,8 +187,8 @@ class ResidencyController:
     def _retry_due(self, item: Tracked) -> bool:
         return time.monotonic() - item.failed_at >= self.config.retry_failed_after_s
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
