@@ -90,6 +90,16 @@ class RolloutRewarded(Event):
     reward_version: int = 1
 
 
+class SourcePosition(BaseModel):
+    """Where a stage read its input: the exact Kafka message (for provenance)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    topic: str
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0)
+
+
 class PolicyUpdated(Event):
     """One GRPO step applied to a policy's adapter."""
 
@@ -103,6 +113,10 @@ class PolicyUpdated(Event):
     rollout_ids: list[str] = Field(default_factory=list)
     checkpoint: str | None = None
     """Set on steps that should become a revision: where the trainer staged the adapter."""
+    sources: list[SourcePosition] = Field(default_factory=list)
+    """The rewards messages this step trained on (provenance of the revision it ends up in)."""
+    reward_fns: dict[str, int] = Field(default_factory=dict)
+    """Reward function name → version, of the groups this step trained on."""
 
 
 class AdapterExported(Event):

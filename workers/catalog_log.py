@@ -101,7 +101,10 @@ async def _refold(settings: Settings, index: CatalogIndex, report: RebuildReport
     )
     await consumer.start()
     try:
-        parts = [ATP(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        cluster = await consumer._client.fetch_all_metadata()  # no public call refreshes it
+        parts = [ATP(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())]
+        if not parts:
+            raise RuntimeError(f"topic {topic} does not exist")
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         ends = await consumer.end_offsets(parts)

@@ -7,15 +7,18 @@ that runs only cheap stages (reward, promote) never loads a model.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from infra.settings import Settings
+from schemas.events import SourcePosition
 from workers.state import PolicyState, RevisionPointer, serve_name
 
 if TYPE_CHECKING:
     from workers.artifacts import ArtifactStore
+    from workers.catalog_service import Catalog
     from workers.engine import LocalEngine
     from workers.grpo import PolicyTrainer
     from workers.model import LoraSpec
@@ -30,6 +33,8 @@ class StageContext:
     _engine: LocalEngine | None = field(default=None, repr=False)
     _trainer: PolicyTrainer | None = field(default=None, repr=False)
     _store: ArtifactStore | None = field(default=None, repr=False)
+    _catalog: Catalog | None = field(default=None, repr=False)
+    _sources: dict[str, SourcePosition] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -56,6 +61,30 @@ class StageContext:
 
                 self._store = ArtifactStore(self.settings.artifacts)
             return self._store
+
+    def note_source(self, event_id: str, topic: str | None, partition: int | None,
+                    offset: int | None) -> None:
+        """The agent notes where an input came from, so a stage can record provenance."""
+        if topic is not None and partition is not None and offset is not None:
+            self._sources[event_id] = SourcePosition(topic=topic, partition=partition,
+                                                     offset=offset)
+
+    def source_of(self, event_id: str) -> SourcePosition | None:
+        return self._sources.get(event_id)
+
+    def forget_sources(self, event_ids: Iterable[str]) -> None:
+        for event_id in event_ids:
+            self._sources.pop(event_id, None)
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog writer (revisions, evaluations, aliases), sharing this process's Redis."""
+        with self._lock:
+            if self._catalog is None:
+                from workers.catalog_service import Catalog
+
+                self._catalog = Catalog(self.settings, self.state.r)
+            return self._catalog
 
     @property
     def engine(self) -> LocalEngine:

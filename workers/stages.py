@@ -21,6 +21,7 @@ from schemas.events import (
     RolloutGenerated,
     RolloutRewarded,
 )
+from workers import catalog_stages
 from workers.context import StageContext
 from workers.errors import PoisonEventError
 from workers.ids import derive_id, derive_seed
@@ -139,6 +140,7 @@ def export(ctx: StageContext, event: PolicyUpdated) -> list[BaseModel]:
     """Write the staged adapter as a content-addressed PEFT revision and number it."""
     from workers.artifacts import adapter_config
 
+    catalog_stages.note_step(ctx, event)
     if event.checkpoint is None:
         return []
     staged = Path(event.checkpoint)
@@ -147,7 +149,7 @@ def export(ctx: StageContext, event: PolicyUpdated) -> list[BaseModel]:
     tensors = ctx.store.load_tensors(staged)
     base_name = str(ctx.base_path)
     ref = ctx.store.put_adapter(tensors, adapter_config(ctx.lora, base_name))
-    revision = ctx.state.assign_revision(event.policy_id, event.step)
+    revision = catalog_stages.record_export(ctx, event, ref)  # gapless, same step = same number
     ctx.state.record_revision(
         event.policy_id, RevisionPointer(revision, sha256=ref.sha256, path=str(ref.path))
     )
@@ -206,21 +208,21 @@ def evaluate(ctx: StageContext, event: AdapterExported) -> list[BaseModel]:
         passed = score > baseline + margin and event.revision > serving.revision
         verdict = "beats" if passed else "does not beat"
         reason = f"{score:.4f} {verdict} serving r{serving.revision} {baseline:.4f} (+{margin})"
-    return [
-        AdapterEvaluated(
-            event_id=derive_id("evaluate", event.event_id),
-            policy_id=policy,
-            revision=event.revision,
-            sha256=event.sha256,
-            path=event.path,
-            score=score,
-            baseline_revision=serving.revision,
-            baseline_score=baseline,
-            prompts=len(heldout),
-            passed=passed,
-            reason=reason,
-        )
-    ]
+    out = AdapterEvaluated(
+        event_id=derive_id("evaluate", event.event_id),
+        policy_id=policy,
+        revision=event.revision,
+        sha256=event.sha256,
+        path=event.path,
+        score=score,
+        baseline_revision=serving.revision,
+        baseline_score=baseline,
+        prompts=len(heldout),
+        passed=passed,
+        reason=reason,
+    )
+    catalog_stages.record_evaluation(ctx, out)
+    return [out]
 
 
 def promote(ctx: StageContext, event: AdapterEvaluated) -> list[BaseModel]:
@@ -231,7 +233,10 @@ def promote(ctx: StageContext, event: AdapterEvaluated) -> list[BaseModel]:
     if event.revision <= serving.revision:
         return []  # an older or the same revision: a redelivery, or overtaken by a newer one
     if not ctx.store.verify(event.sha256):
+        catalog_stages.reject(ctx, event.policy_id, event.revision, "artifact sha256 mismatch")
         raise PoisonEventError(f"artifact {event.sha256} failed its sha256 check")
+    if not catalog_stages.promote(ctx, event):  # the lifecycle refuses (e.g. rolled back)
+        return []
     ctx.state.set_serving(event.policy_id, event.revision)
     return [
         PolicyPromoted(

@@ -1,0 +1,178 @@
+"""The catalog on the real broker and Redis: lifecycle, rollback through the CLI, rebuild after
+the index is wiped, and retention."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+import redis
+import torch
+
+from infra.settings import Settings, settings_env
+from schemas.catalog import LoraConfig, Provenance, RevisionEvaluated
+from streams.cli import main
+from streams.watch import tail
+from workers.artifacts import ArtifactStore
+from workers.catalog import IllegalTransitionError, RetentionPolicy, RevisionState
+from workers.catalog_gc import collect
+from workers.catalog_read import revisions_of
+from workers.catalog_service import Catalog, CatalogError
+from workers.state import PolicyState, RevisionPointer
+
+BASE_HASH = "cd" * 32
+PID = "alice"
+
+
+@pytest.fixture
+def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
+    """`lorastream ARGS...` in this process, with this test's settings in the environment."""
+    for name, value in settings_env(settings).items():
+        monkeypatch.setenv(name, value)
+    return lambda *argv: main(list(argv))
+
+
+@pytest.fixture
+def catalog(settings: Settings) -> Iterator[Catalog]:
+    cat = Catalog(settings)
+    yield cat
+    cat.close()
+
+
+def _provenance(step: int) -> Provenance:
+    return Provenance(parent_revision=0, base_model_hash=BASE_HASH, trainer_version="test",
+                      hyperparameters={"learning_rate": 0.01}, first_step=step, last_step=step,
+                      tokens=10 * step, started_ts=1.0, finished_ts=2.0)
+
+
+def _export(catalog: Catalog, store: ArtifactStore, step: int, pid: str = PID) -> int:
+    """Write a real artifact and record it, as the export stage does."""
+    ref = store.put_adapter({"w": torch.full((2, 2), float(step))}, {"r": 1})
+    catalog.register(pid, base_model="tiny", base_model_hash=BASE_HASH,
+                     lora=LoraConfig(rank=1, alpha=2.0, target_modules=("q_proj",)))
+    rec = catalog.record_revision(pid, step=step, sha256=ref.sha256, size_bytes=ref.size_bytes,
+                                  provenance=_provenance(step))
+    catalog.state.record_revision(pid, RevisionPointer(rec.revision, ref.sha256, str(ref.path)))
+    return rec.revision
+
+
+def _evaluate_and_promote(catalog: Catalog, n: int, pid: str = PID) -> None:
+    catalog.record_evaluation(RevisionEvaluated(
+        policy_id=pid, revision=n, score=float(n), baseline_revision=n - 1,
+        baseline_score=n - 1.0, prompts=2, passed=True, reason="better"))
+    catalog.promote(pid, n, "better")
+    catalog.state.set_serving(pid, n)
+
+
+def test_lifecycle_numbering_and_illegal_moves(catalog: Catalog, settings: Settings) -> None:
+    store = ArtifactStore(settings.artifacts)
+    assert [_export(catalog, store, s) for s in (2, 4)] == [1, 2]
+    assert _export(catalog, store, 4) == 2  # the same trainer step: the same revision
+    entry = catalog.entry(PID)
+    assert entry.candidate == 2 and entry.revisions[2].parent == 1
+    with pytest.raises(IllegalTransitionError):
+        catalog.promote(PID, 1, "not evaluated yet")
+    _evaluate_and_promote(catalog, 1)
+    _evaluate_and_promote(catalog, 2)
+    entry = catalog.entry(PID)
+    assert (entry.serving, entry.candidate) == (2, 0)
+    assert entry.revisions[1].state is RevisionState.RETIRED
+    with pytest.raises(IllegalTransitionError):
+        catalog.transition(PID, 2, RevisionState.EVALUATED)
+    with pytest.raises(CatalogError, match="registered on base"):
+        catalog.register(PID, base_model="other", base_model_hash="ef" * 32,
+                         lora=LoraConfig(rank=1, alpha=2.0))
+    res = catalog.index.resolve(PID)
+    assert res is not None and res.revision == 2
+    assert res.path == settings.artifacts / "adapters" / entry.revisions[2].sha256
+    assert catalog.index.resolve("nobody") is None
+
+
+def test_rollback_cli_moves_serving_hot_set_and_is_published(
+    catalog: Catalog, settings: Settings, capsys: pytest.CaptureFixture[str],
+    cli: Callable[..., int],
+) -> None:
+    store = ArtifactStore(settings.artifacts)
+    for step in (2, 4):
+        _evaluate_and_promote(catalog, _export(catalog, store, step))
+    assert catalog.state.hot_set() == [f"{PID}@2"]
+
+    assert cli("rollback", PID, "--reason", "regressed", "--json") == 0
+    event = orjson.loads(capsys.readouterr().out)
+    assert (event["from_revision"], event["to_revision"]) == (2, 1)
+    state = PolicyState(settings)
+    assert state.serving(PID).revision == 1 and state.hot_set() == [f"{PID}@1"]
+    entry = catalog.entry(PID)
+    assert entry.serving == 1 and entry.revisions[2].state is RevisionState.ROLLED_BACK
+    assert catalog.index.resolve(PID).revision == 1  # type: ignore[union-attr]
+    promoted = list(tail(settings, "promotions", from_beginning=True, timeout_s=3))
+    assert [(p["kind"], p["to_revision"]) for p in promoted] == [("policy_rolled_back", 1)]
+    with pytest.raises(IllegalTransitionError):  # a stale evaluation cannot re-promote it
+        catalog.promote(PID, 2, "redelivered evaluation")
+
+    assert cli("rollback", PID, "--to", "0") == 0  # all the way back to the base model
+    assert state.serving(PID).revision == 0 and state.hot_set() == []
+    assert cli("rollback", PID) == 1  # nothing left to roll back
+
+
+def _snapshot(catalog: Catalog, settings: Settings) -> dict[str, Any]:
+    state = PolicyState(settings)
+    return {
+        pid: {"entry": catalog.index.get(pid), "revisions": revisions_of(settings, entry),
+              "resolve": catalog.index.resolve(pid), "serving": state.serving(pid),
+              "head": state.head(pid), "hot": state.hot_set()}
+        for pid in sorted(catalog.index.policy_ids())
+        if (entry := catalog.index.get(pid)) is not None
+    }
+
+
+def test_rebuild_after_wiping_redis_loses_nothing(
+    catalog: Catalog, settings: Settings, redis_client: redis.Redis,
+    capsys: pytest.CaptureFixture[str], cli: Callable[..., int],
+) -> None:
+    store = ArtifactStore(settings.artifacts)
+    for pid in ("alice", "bob"):
+        for step in (2, 4, 6):
+            _evaluate_and_promote(catalog, _export(catalog, store, step, pid), pid)
+    cli("rollback", "bob", "--reason", "bad")
+    before = _snapshot(catalog, settings)
+    assert before["bob"]["entry"].serving == 2 and before["alice"]["entry"].serving == 3
+
+    keys = list(redis_client.scan_iter(match=f"{settings.redis_prefix}*"))
+    redis_client.delete(*keys)  # everything this pipeline had in Redis
+    assert catalog.index.get("alice") is None
+    capsys.readouterr()
+    assert cli("catalog", "rebuild", "--json") == 0
+    report = orjson.loads(capsys.readouterr().out)
+    assert report["skipped"] == 0 and report["policies"] == 2
+    assert _snapshot(catalog, settings) == before
+
+    catalog.index.forget_interned()
+    assert _export(catalog, store, 8, "alice") == 4  # numbering continues after the rebuild
+
+
+def test_gc_collects_only_what_retention_allows(catalog: Catalog, settings: Settings) -> None:
+    store = ArtifactStore(settings.artifacts)
+    for step in (1, 2, 3, 4):
+        _evaluate_and_promote(catalog, _export(catalog, store, step))
+    _export(catalog, store, 5)  # candidate r5, serving r4, r1..r3 retired
+    orphan = store.put_adapter({"w": torch.zeros(1)}, {})
+
+    dry = collect(catalog, RetentionPolicy(keep_last=1), dry_run=True, orphan_grace_s=0)
+    assert {n for _, n, _ in dry.collected} == {1, 2} and dry.orphans == [orphan.sha256]
+    entry = catalog.entry(PID)
+    assert all((settings.artifacts / "adapters" / r.sha256).is_dir()
+               for r in entry.revisions.values())
+
+    report = collect(catalog, RetentionPolicy(keep_last=1), orphan_grace_s=0)
+    assert {n for _, n, _ in report.collected} == {1, 2} and report.bytes_freed > 0
+    entry = catalog.entry(PID)
+    for n, rev in entry.revisions.items():
+        assert (settings.artifacts / "adapters" / rev.sha256).is_dir() == (n >= 3)
+        assert rev.collected == (n <= 2)
+    assert not orphan.path.exists()
+    with pytest.raises(CatalogError, match="collected"):
+        catalog.rollback(PID, to=1)
+    assert collect(catalog, RetentionPolicy(keep_last=1), orphan_grace_s=0).collected == []
