@@ -10,7 +10,7 @@ record, so the index never points at something that is not durable.
 Layout of `<prefix>c:<policy>` (a listpack-encoded hash while every value is ≤ 64 bytes):
 `i` namespace\\0base-ref\\0lora-ref, `o` partition+offset of the identity record, `s`/`c`
 serving/candidate revision, `r<n>` sha256 (raw) + size + step + parent + offset, `x<n>` state
-code (absent = exported), `e<n>` evaluation record offsets, `g<n>` artifact collected,
+code (absent = exported), `e<n>.<offset>` one per evaluation record, `g<n>` artifact collected,
 `k` offset of the last rollback. Base models and LoRA configs are interned in `<prefix>cx:bases`
 and `<prefix>cx:loras` (few distinct values, shared by many policies).
 """
@@ -43,11 +43,6 @@ if not s then
 end
 if s == '0' then return {0} end
 return {tonumber(s), redis.call('HGET', KEYS[1], 'r' .. s)}
-"""
-# KEYS[1] = hash, ARGV[1] = field, ARGV[2] = bytes to append.
-_APPEND = """
-local v = redis.call('HGET', KEYS[1], ARGV[1]) or ''
-redis.call('HSET', KEYS[1], ARGV[1], v .. ARGV[2])
 """
 
 
@@ -110,7 +105,6 @@ class CatalogIndex:
         self.settings = settings
         self.r = client or redis.Redis.from_url(settings.redis_url)
         self._resolve = self.r.register_script(_RESOLVE)
-        self._append = self.r.register_script(_APPEND)
         self._interned: set[tuple[str, str]] = set()
         self.bases_key = settings.key("cx", "bases")
         self.loras_key = settings.key("cx", "loras")
@@ -125,29 +119,36 @@ class CatalogIndex:
     # -- writes (pipelined, no reads) ------------------------------------------------------
     def apply(self, pipe: Any, data: dict[str, Any], partition: int, offset: int) -> None:
         """Index one record (a decoded JSON dict, as on the wire) found at partition/offset."""
+        key, fields = self.fields_for(pipe, data, partition, offset)
+        if fields:
+            pipe.hset(key, mapping=fields)
+
+    def fields_for(self, pipe: Any, data: dict[str, Any], partition: int, offset: int
+                   ) -> tuple[str, dict[str, Any]]:
+        """(hash key, fields to set) for one record: only sets, so records merge and pipeline."""
         kind, key = data.get("kind"), self.key(data["policy_id"])
         if kind == "policy_registered":
             base = {"name": data["base_model"], "hash": data["base_model_hash"]}
             ref_b, ref_l = self._intern(pipe, self.bases_key, base), self._intern(
                 pipe, self.loras_key, data["lora"])
             ident = f"{data.get('namespace', 'default')}\0{ref_b}\0{ref_l}"
-            pipe.hset(key, mapping={"i": ident, "o": _PTR.pack(partition, offset)})
-        elif kind == "revision_recorded":
+            return key, {"i": ident, "o": _PTR.pack(partition, offset)}
+        if kind == "revision_recorded":
             n, prov = data["revision"], data["provenance"]
             packed = _REV.pack(bytes.fromhex(data["sha256"]), data["size_bytes"], data["step"],
                                prov["parent_revision"], offset)
-            pipe.hset(key, f"r{n}", packed)
-        elif kind == "revision_evaluated":
-            self._append(keys=[key], args=[f"e{data['revision']}", _OFF.pack(offset)],
-                         client=pipe)
-        elif kind == "revision_state_changed":
-            pipe.hset(key, f"x{data['revision']}", RevisionState(data["state"]).code)
-        elif kind == "alias_moved":
-            pipe.hset(key, "s" if data["alias"] == "serving" else "c", data["revision"])
-        elif kind == "policy_rolled_back":
-            pipe.hset(key, "k", _OFF.pack(offset))
-        elif kind == "artifact_collected":
-            pipe.hset(key, f"g{data['revision']}", 1)
+            return key, {f"r{n}": packed}
+        if kind == "revision_evaluated":
+            return key, {f"e{data['revision']}.{offset}": b""}  # one field per evaluation
+        if kind == "revision_state_changed":
+            return key, {f"x{data['revision']}": RevisionState(data["state"]).code}
+        if kind == "alias_moved":
+            return key, {"s" if data["alias"] == "serving" else "c": data["revision"]}
+        if kind == "policy_rolled_back":
+            return key, {"k": _OFF.pack(offset)}
+        if kind == "artifact_collected":
+            return key, {f"g{data['revision']}": 1}
+        return key, {}  # a kind this version does not index: readers ignore it
 
     def _intern(self, pipe: Any, table: str, value: dict[str, Any]) -> str:
         ref = intern_ref(value)
@@ -214,11 +215,12 @@ class CatalogIndex:
 
 def _revision(n: int, packed: bytes, raw: dict[str, bytes]) -> RevisionEntry:
     sha, size, step, parent, offset = _REV.unpack(packed)
-    evals = raw.get(f"e{n}", b"")
+    prefix = f"e{n}."
+    evals = sorted(int(name[len(prefix):]) for name in raw if name.startswith(prefix))
     code = raw.get(f"x{n}")
     return RevisionEntry(
         revision=n, sha256=sha.hex(), size_bytes=size, step=step, parent=parent, offset=offset,
         state=RevisionState.from_code(code.decode()) if code else RevisionState.EXPORTED,
-        eval_offsets=tuple(_OFF.unpack_from(evals, i)[0] for i in range(0, len(evals), 8)),
+        eval_offsets=tuple(evals),
         collected=f"g{n}" in raw,
     )

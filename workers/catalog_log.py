@@ -133,6 +133,9 @@ async def _at_end(consumer: Any, tp: Any, end: int) -> bool:
 
 def _apply_batch(index: CatalogIndex, pipe: Any, partition: int, recs: list[Any], end: int,
                  report: RebuildReport) -> None:
+    """Index a fetched batch: records of one policy merge into one HSET (they arrive in order,
+    so later fields overwrite earlier ones exactly as applying them one by one would)."""
+    merged: dict[str, dict[str, Any]] = {}
     for rec in recs:
         if rec.offset >= end:
             break
@@ -140,7 +143,12 @@ def _apply_batch(index: CatalogIndex, pipe: Any, partition: int, recs: list[Any]
             data = orjson.loads(rec.value) if rec.value is not None else None
             if not isinstance(data, dict) or "policy_id" not in data:
                 raise ValueError("not a catalog record")
-            index.apply(pipe, data, partition, rec.offset)
-            report.records += 1
+            key, fields = index.fields_for(pipe, data, partition, rec.offset)
         except (ValueError, KeyError, TypeError):
             report.skipped += 1
+            continue
+        report.records += 1
+        if fields:
+            merged.setdefault(key, {}).update(fields)
+    for key, fields in merged.items():
+        pipe.hset(key, mapping=fields)

@@ -122,7 +122,7 @@ def _snapshot(catalog: Catalog, settings: Settings) -> dict[str, Any]:
     return {
         pid: {"entry": catalog.index.get(pid), "revisions": revisions_of(settings, entry),
               "resolve": catalog.index.resolve(pid), "serving": state.serving(pid),
-              "head": state.head(pid), "hot": state.hot_set()}
+              "head": state.head(pid), "hot": sorted(state.hot_set())}
         for pid in sorted(catalog.index.policy_ids())
         if (entry := catalog.index.get(pid)) is not None
     }
