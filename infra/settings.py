@@ -50,14 +50,16 @@ class Settings(BaseSettings):
     group_size: int = Field(default=6, ge=2)
     max_new_tokens: int = Field(default=8, ge=1)
     temperature: float = Field(default=1.0, gt=0.0)
-    learning_rate: float = Field(default=2e-2, gt=0.0)
+    learning_rate: float = Field(default=1e-2, gt=0.0)
     lora_rank: int = Field(default=4, ge=1)
     lora_alpha: float = 8.0
     kl_beta: float = Field(default=0.0, ge=0.0)
     clip_eps: float = Field(default=0.2, gt=0.0)
-    export_every: int = Field(default=4, ge=1)
+    export_every: int = Field(default=2, ge=1)
     promote_margin: float = 0.0
-    max_in_flight: int = Field(default=2, ge=1)
+    update_batch: int = Field(default=4, ge=1)
+    """Most rollout groups of one policy that one GRPO step trains on."""
+    max_in_flight: int = Field(default=4, ge=1)
     """Rollout groups a policy may have sampled but not yet trained on (bounds staleness)."""
     seed: int = 0
 

@@ -38,6 +38,9 @@ from workers.errors import PoisonEventError, RetryableError
 log = logging.getLogger(__name__)
 
 RETRY_DELAYS_S = (0.5, 1.0, 2.0)
+BATCH_WINDOW_S = 0.2
+BATCH_POLICIES = 8
+"""A batched stage takes up to `update_batch` events for each of this many policies at once."""
 MAX_IN_FLIGHT_WAIT_S = 60.0
 
 StageFn = Callable[[StageContext, Any], list[BaseModel]]
@@ -45,13 +48,18 @@ StageFn = Callable[[StageContext, Any], list[BaseModel]]
 
 @dataclass(frozen=True)
 class StageSpec:
-    """A stage: where it reads, what it reads, what it does, where it writes."""
+    """A stage: where it reads, what it reads, what it does, where it writes.
+
+    A `batched` stage's function takes a list of one policy's events (the update stage trains on
+    every ready group of a policy in one step); the others take one event.
+    """
 
     name: str
     source: str
     model: type[Event]
     fn: StageFn
     sink: str
+    batched: bool = False
 
 
 STAGES: dict[str, StageSpec] = {
@@ -59,12 +67,30 @@ STAGES: dict[str, StageSpec] = {
     for s in (
         StageSpec("rollout", "interactions", InteractionLogged, stages.rollout, "rollouts"),
         StageSpec("reward", "rollouts", RolloutGenerated, stages.reward, "rewards"),
-        StageSpec("update", "rewards", RolloutRewarded, stages.update, "updates"),
+        StageSpec("update", "rewards", RolloutRewarded, stages.update, "updates", batched=True),
         StageSpec("export", "updates", PolicyUpdated, stages.export, "exports"),
         StageSpec("evaluate", "exports", AdapterExported, stages.evaluate, "evaluations"),
         StageSpec("promote", "evaluations", AdapterEvaluated, stages.promote, "promotions"),
     )
 }
+
+
+@dataclass(frozen=True)
+class Received:
+    """A raw record as it came off Kafka, with where it came from (for dead letters)."""
+
+    raw: bytes | None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+
+    @classmethod
+    def of(cls, event: faust.EventT) -> Received:
+        msg = event.message
+        return cls(msg.value, msg.topic, msg.partition, msg.offset)
+
+
+Decoded = tuple[Received, Event]
 
 
 @dataclass
@@ -78,58 +104,99 @@ class StageRunner:
     executor: Executor | None = None
 
     async def run(self, stream: faust.StreamT) -> AsyncIterator[None]:
-        async for event in stream.events():
-            msg = event.message
-            await self.process(msg.value, topic=msg.topic, partition=msg.partition,
-                               offset=msg.offset)
+        if not self.spec.batched:
+            async for event in stream.events():
+                await self.process_many([Received.of(event)])
+                yield None
+            return
+        # Events are acked only after the batch is handled: at-least-once is kept.
+        limit = self.ctx.settings.update_batch * BATCH_POLICIES
+        async for events in stream.take_events(limit, within=BATCH_WINDOW_S):
+            await self.process_many([Received.of(e) for e in events])
             yield None
 
     async def process(self, raw: bytes | None, *, topic: str | None = None,
                       partition: int | None = None, offset: int | None = None) -> list[BaseModel]:
         """Handle one raw value; returns what was sent downstream (empty on dead letter)."""
+        return await self.process_many([Received(raw, topic, partition, offset)])
+
+    async def process_many(self, items: list[Received]) -> list[BaseModel]:
+        """Decode, drop what was handled before, then handle each unit of work in order."""
+        fresh: list[Decoded] = []
+        for item in items:
+            try:
+                event = decode_event(self.spec.model, item.raw)
+            except PoisonEventError as exc:
+                await self._dead_letter(item, exc, None)
+                continue
+            if await self._call(self.ctx.state.seen, self.spec.name, event.event_id):
+                metrics.EVENTS.labels(stage=self.spec.name, outcome="duplicate").inc()
+                continue
+            fresh.append((item, event))
+            self.ctx.note_source(event.event_id, item.topic, item.partition, item.offset)
+        sent: list[BaseModel] = []
+        try:
+            for unit in self._units(fresh):
+                sent += await self._handle(unit)
+        finally:
+            self.ctx.forget_sources(e.event_id for _, e in fresh)
+        return sent
+
+    def _units(self, fresh: list[Decoded]) -> list[list[Decoded]]:
+        """One event per unit, or (batched) up to `update_batch` events of one policy."""
+        if not self.spec.batched:
+            return [[d] for d in fresh]
+        by_policy: dict[str, list[Decoded]] = {}
+        for d in fresh:
+            by_policy.setdefault(d[1].policy_id, []).append(d)
+        size = self.ctx.settings.update_batch
+        return [ds[i:i + size] for ds in by_policy.values() for i in range(0, len(ds), size)]
+
+    async def _handle(self, unit: list[Decoded]) -> list[BaseModel]:
         name = self.spec.name
         started = time.perf_counter()
+        events = [e for _, e in unit]
         try:
-            event = decode_event(self.spec.model, raw)
-        except PoisonEventError as exc:
-            await self._dead_letter(raw, exc, None, topic, partition, offset)
-            return []
-        if await self._call(self.ctx.state.seen, name, event.event_id):
-            metrics.EVENTS.labels(stage=name, outcome="duplicate").inc()
-            return []
-        try:
-            outputs = await self._with_retries(event)
+            outputs = await self._with_retries(events)
         except Exception as exc:  # one bad event must never stop the stream
-            await self._dead_letter(raw, exc, event.policy_id, topic, partition, offset)
+            for item, event in unit:
+                await self._dead_letter(item, exc, event.policy_id)
             return []
+        finally:
+            if name == "update":  # consumed, trained or not: the in-flight slots are free
+                for event in events:
+                    await self._call(self.ctx.state.note_trained, event.policy_id)
         for out in outputs:
-            fut = await self.sink.send(key=event.policy_id.encode(), value=encode_event(out),
-                                       force=True)
+            key = getattr(out, "policy_id", None) or events[0].policy_id
+            fut = await self.sink.send(key=key.encode(), value=encode_event(out), force=True)
             await fut
             metrics.record_output(out)
-        await self._call(self.ctx.state.mark_seen, name, event.event_id)
-        metrics.EVENTS.labels(stage=name, outcome="ok").inc()
+        for event in events:
+            await self._call(self.ctx.state.mark_seen, name, event.event_id)
+        metrics.EVENTS.labels(stage=name, outcome="ok").inc(len(events))
         metrics.LATENCY.labels(stage=name).observe(time.perf_counter() - started)
         return outputs
 
-    async def _with_retries(self, event: Event) -> list[BaseModel]:
-        throttled = isinstance(event, InteractionLogged) and event.split == "train"
+    async def _with_retries(self, events: list[Event]) -> list[BaseModel]:
+        first = events[0]
+        throttled = isinstance(first, InteractionLogged) and first.split == "train"
         if throttled:
-            await self._wait_for_trainer(event.policy_id)
+            await self._wait_for_trainer(first.policy_id)
+        arg: Any = events if self.spec.batched else first
         try:
             for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
                 try:
-                    return await self._call(self.spec.fn, self.ctx, event)
+                    return await self._call(self.spec.fn, self.ctx, arg)
                 except RetryableError:
                     if delay is None:
                         raise
                     log.warning("%s: retryable failure on %s (attempt %d); retrying in %.1fs",
-                                self.spec.name, event.event_id, attempt + 1, delay)
+                                self.spec.name, first.event_id, attempt + 1, delay)
                     await asyncio.sleep(delay)
             raise AssertionError("unreachable")
         except BaseException:
             if throttled:  # nothing was sampled: give the slot back
-                await self._call(self.ctx.state.note_trained, event.policy_id)
+                await self._call(self.ctx.state.note_trained, first.policy_id)
             raise
 
     async def _wait_for_trainer(self, policy_id: str) -> None:
@@ -147,26 +214,26 @@ class StageRunner:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def _dead_letter(self, raw: bytes | None, exc: BaseException, policy_id: str | None,
-                           topic: str | None, partition: int | None, offset: int | None) -> None:
+    async def _dead_letter(self, item: Received, exc: BaseException,
+                           policy_id: str | None) -> None:
         stage = self.spec.name
-        log.warning("%s: dead-lettering event at %s[%s]@%s: %s", stage, topic, partition,
-                    offset, exc)
+        log.warning("%s: dead-lettering event at %s[%s]@%s: %s", stage, item.topic,
+                    item.partition, item.offset, exc)
         letter = DeadLetter(
             policy_id=policy_id,
             stage=stage,
             error_type=type(exc).__name__,
             error=str(exc)[:2000],
             retryable=isinstance(exc, RetryableError),
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            original_b64=base64.b64encode(raw or b"").decode(),
+            topic=item.topic,
+            partition=item.partition,
+            offset=item.offset,
+            original_b64=base64.b64encode(item.raw or b"").decode(),
         )
         key = policy_id.encode() if policy_id else None
         fut = await self.dead_letters.send(key=key, value=encode_event(letter), force=True)
         await fut
         metrics.EVENTS.labels(stage=stage, outcome="dead_letter").inc()
-        if policy_id and stage in ("reward", "update"):
+        if policy_id and stage == "reward":
             # The trainer will never see this group: release its in-flight slot.
             await self._call(self.ctx.state.note_trained, policy_id)

@@ -29,12 +29,12 @@ WORDS = ["cat", "sun", "map", "key", "red", "box", "sky", "tea", "owl", "pen", "
 POLICIES: dict[str, dict] = {
     "terse": {"task": "length", "task_params": {"target_chars": 0}},
     "yes": {"task": "reference", "reference": "yes yes"},
-    "fan": {"task": "feedback", "response": "zzzzzzzz", "feedback": 1.0},
+    "fan": {"task": "feedback", "response": "ZZZZZ", "feedback": 1.0},
 }
 PREFERS = {
     "terse": "short answers (length)",
     "yes": "answers like 'yes yes' (reference)",
-    "fan": "what the user liked: 'zzzzzzzz' (feedback)",
+    "fan": "what the user liked: 'ZZZZZ' (feedback)",
 }
 
 
@@ -118,8 +118,7 @@ def run_demo(settings: Settings, *, steps: int, as_json: bool, keep: bool) -> in
                 producer.send(event)
         say(f"pushed {len(POLICIES) * (steps + HELDOUT)} interaction logs "
             f"for {len(POLICIES)} policies")
-        expected = steps // run.export_every
-        follower = PipelineFollower(run, list(POLICIES), steps=steps, revisions=expected)
+        follower = PipelineFollower(run, list(POLICIES), interactions=steps)
         ok = follower.follow(TIMEOUT_S, on_progress=say, alive=lambda: proc.poll() is None)
     finally:
         stop_worker(proc)

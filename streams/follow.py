@@ -23,6 +23,8 @@ FOLLOWED = ("updates", "exports", "evaluations", "promotions", "dead-letters")
 @dataclass
 class PolicyProgress:
     steps: int = 0
+    trained: int = 0
+    """Rollout groups consumed by the trainer (a step trains on one or more groups)."""
     train_rewards: list[float] = field(default_factory=list)
     exported: set[int] = field(default_factory=set)
     evaluated: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -42,22 +44,21 @@ class PolicyProgress:
     def reward_after(self) -> float | None:
         return self.promoted[self.serving] if self.promoted else self.reward_before
 
-    def settled(self, steps: int, revisions: int) -> bool:
-        """All steps trained, every expected revision evaluated, every pass promoted."""
+    def settled(self, interactions: int, export_every: int) -> bool:
+        """Every interaction trained on (or dead-lettered), every revision that the trainer's
+        steps imply evaluated, every passing revision promoted."""
         passed = {r for r, e in self.evaluated.items() if e["passed"]}
         return (
-            self.steps + self.dead_letters >= steps
-            and len(self.evaluated) >= revisions
+            self.trained + self.dead_letters >= interactions
+            and len(self.evaluated) >= self.steps // export_every
             and passed <= set(self.promoted)
         )
 
 
 class PipelineFollower:
-    def __init__(self, settings: Settings, policies: list[str], *, steps: int,
-                 revisions: int) -> None:
+    def __init__(self, settings: Settings, policies: list[str], *, interactions: int) -> None:
         self.settings = settings
-        self.steps = steps
-        self.revisions = revisions
+        self.interactions = interactions
         self.progress = {p: PolicyProgress() for p in policies}
 
     def follow(self, timeout_s: float, *, on_progress: Callable[[str], None],
@@ -103,6 +104,7 @@ class PipelineFollower:
         kind = topic.removeprefix(self.settings.topic_prefix)
         if kind == "updates":
             prog.steps = max(prog.steps, event["step"])
+            prog.trained += len(event["rollout_ids"])
             prog.train_rewards.append(event["mean_reward"])
         elif kind == "exports":
             prog.exported.add(event["revision"])
@@ -114,11 +116,13 @@ class PipelineFollower:
             prog.dead_letters += 1
 
     def done(self) -> bool:
-        return all(p.settled(self.steps, self.revisions) for p in self.progress.values())
+        every = self.settings.export_every
+        return all(p.settled(self.interactions, every) for p in self.progress.values())
 
     def line(self) -> str:
         parts = [
-            f"{pid}: step {p.steps}/{self.steps} exported {len(p.exported)} "
+            f"{pid}: trained {p.trained}/{self.interactions} step {p.steps} "
+            f"exported {len(p.exported)} "
             f"evaluated {len(p.evaluated)} serving r{p.serving}"
             for pid, p in self.progress.items()
         ]
@@ -140,13 +144,14 @@ class PipelineFollower:
         }
 
     def table(self, prefers: dict[str, str]) -> str:
-        head = ("policy", "prefers", "steps", "exported", "evaluated", "promoted", "serving",
-                "reward before", "reward after", "train reward first→last 4")
+        head = ("policy", "prefers", "groups", "steps", "exported", "evaluated", "promoted",
+                "serving", "reward before", "reward after", "train reward first→last 3 steps")
         rows = [head]
         for pid, p in self.progress.items():
             tr = p.train_rewards
-            trend = (f"{_mean(tr[:4]):.3f}→{_mean(tr[-4:]):.3f}" if tr else "-")
-            rows.append((pid, prefers.get(pid, ""), str(p.steps), str(len(p.exported)),
+            trend = (f"{_mean(tr[:3]):.3f}→{_mean(tr[-3:]):.3f}" if tr else "-")
+            rows.append((pid, prefers.get(pid, ""), str(p.trained), str(p.steps),
+                         str(len(p.exported)),
                          str(len(p.evaluated)), str(len(p.promoted)), f"r{p.serving}",
                          _fmt(p.reward_before), _fmt(p.reward_after), trend))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

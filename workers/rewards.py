@@ -7,7 +7,6 @@ all-equal groups (zero advantage) would leave it nothing to learn from.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable
 
@@ -39,21 +38,25 @@ def _char_credit(a: str, b: str) -> float:
     return 0.5 * max(0.0, 1.0 - abs(ord(a) - ord(b)) / _CHAR_WINDOW)
 
 
-def reference_reward(interaction: InteractionLogged, completion: str) -> float:
+def graded_similarity(completion: str, target: str) -> float:
     """0.75 x position-wise graded char match + 0.25 x length closeness, 1.0 only if exact.
 
-    The match is divided by the reference length, and the length term penalises extra or
-    missing chars; the length term alone gives a random model a quickly learnable gradient.
+    The match is divided by the target length, and the length term penalises extra or missing
+    chars; the length term alone gives a random model a quickly learnable gradient.
     """
-    reference = interaction.reference
-    if reference is None:
-        raise PoisonEventError("task 'reference' needs a 'reference' field")
-    n = len(reference)
+    n = len(target)
     if n == 0:
         return 1.0 / (1.0 + len(completion))
-    match = sum(_char_credit(a, b) for a, b in zip(completion, reference, strict=False)) / n
+    match = sum(_char_credit(a, b) for a, b in zip(completion, target, strict=False)) / n
     size = n / (n + abs(len(completion) - n))
     return 0.75 * match + 0.25 * size
+
+
+def reference_reward(interaction: InteractionLogged, completion: str) -> float:
+    """Graded similarity to the interaction's reference answer."""
+    if interaction.reference is None:
+        raise PoisonEventError("task 'reference' needs a 'reference' field")
+    return graded_similarity(completion, interaction.reference)
 
 
 def _param_float(interaction: InteractionLogged, key: str, default: float) -> float:
@@ -84,18 +87,20 @@ def length_reward(interaction: InteractionLogged, completion: str) -> float:
 
 
 def feedback_reward(interaction: InteractionLogged, completion: str) -> float:
-    """feedback x similarity to the rated response: be like what users liked, unlike the rest."""
+    """feedback x similarity to the rated response: be like what users liked, unlike the rest.
+
+    v2 uses the graded similarity of `reference` instead of v1's exact-match ratio (difflib),
+    which gave a random start almost no signal: a policy could not learn from feedback alone.
+    """
     if interaction.response is None or interaction.feedback is None:
         raise PoisonEventError("task 'feedback' needs 'response' and 'feedback' fields")
-    similarity = difflib.SequenceMatcher(None, completion, interaction.response,
-                                         autojunk=False).ratio()
-    return interaction.feedback * similarity
+    return interaction.feedback * graded_similarity(completion, interaction.response)
 
 
 REWARD_FUNCTIONS: dict[str, tuple[RewardFn, int]] = {
     "reference": (reference_reward, 1),
     "length": (length_reward, 1),
-    "feedback": (feedback_reward, 1),
+    "feedback": (feedback_reward, 2),
 }
 
 

@@ -87,34 +87,35 @@ def reward(ctx: StageContext, event: RolloutGenerated) -> list[BaseModel]:
     ]
 
 
-def update(ctx: StageContext, event: RolloutRewarded) -> list[BaseModel]:
-    """One GRPO step on the policy's adapter; every `export_every` steps, stage a revision."""
+def update(ctx: StageContext, events: list[RolloutRewarded]) -> list[BaseModel]:
+    """One GRPO step over every ready group of one policy; every `export_every` steps, stage a
+    revision (the trainer owns the optimizer, so it also writes the resumable checkpoint)."""
     from workers.grpo import TrainGroup
 
-    policy = event.policy_id
+    policy = events[0].policy_id
+    if any(e.policy_id != policy for e in events):
+        raise ValueError("update() takes one policy's events")
     trainer = ctx.trainer
     _restore_trainer(ctx, policy)
-    ro = event.rollout
-    group = TrainGroup(
-        prompt_ids=ro.prompt_ids,
-        completions=[c.token_ids for c in ro.completions],
-        old_logprobs=[c.logprobs for c in ro.completions],
-        rewards=event.rewards,
-    )
-    try:
-        result = trainer.step(policy, [group])
-    finally:
-        ctx.state.note_trained(policy)
+    groups = [
+        TrainGroup(
+            prompt_ids=e.rollout.prompt_ids,
+            completions=[c.token_ids for c in e.rollout.completions],
+            old_logprobs=[c.logprobs for c in e.rollout.completions],
+            rewards=e.rewards,
+        )
+        for e in events
+    ]
+    result = trainer.step(policy, groups)
     checkpoint = None
     if result.step % ctx.settings.export_every == 0:
         staged = ctx.store.stage(policy, result.step, trainer.adapter_state(policy))
         checkpoint = str(staged)
-        ckpt_dir = ctx.store.root / "checkpoints" / policy
-        trainer.save_checkpoint(policy, ckpt_dir)
+        trainer.save_checkpoint(policy, ctx.store.root / "checkpoints" / policy)
         ctx.state.set_checkpoint(policy, result.step)
     return [
         PolicyUpdated(
-            event_id=derive_id("update", event.event_id),
+            event_id=derive_id("update", *sorted(e.event_id for e in events)),
             policy_id=policy,
             step=result.step,
             loss=result.loss,
@@ -122,8 +123,10 @@ def update(ctx: StageContext, event: RolloutRewarded) -> list[BaseModel]:
             kl=result.kl,
             grad_norm=result.grad_norm,
             tokens=result.tokens,
-            rollout_ids=[ro.event_id],
+            rollout_ids=[e.rollout.event_id for e in events],
             checkpoint=checkpoint,
+            sources=[s for e in events if (s := ctx.source_of(e.event_id)) is not None],
+            reward_fns={e.reward_fn: e.reward_version for e in events},
         )
     ]
 

@@ -38,6 +38,7 @@ def run(settings: Settings, tiny_model_dir: Path) -> Settings:
     return settings.model_copy(update={
         "base_model": tiny_model_dir, "export_every": 2, "group_size": 4, "max_new_tokens": 6,
         "promote_margin": -1.0,  # promote every new revision: this test is about the plumbing
+        "update_batch": 1,  # one group per step, so the revisions to expect are known
     })
 
 
@@ -82,7 +83,7 @@ def test_interactions_flow_to_evaluations_and_a_servable_revision(
     raw.flush()
     raw.close()
 
-    follower = PipelineFollower(run, policies, steps=STEPS, revisions=STEPS // 2)
+    follower = PipelineFollower(run, policies, interactions=STEPS)
     assert follower.follow(240, on_progress=print, alive=lambda: worker.poll() is None)
 
     evaluations = list(tail(run, "evaluations", from_beginning=True, timeout_s=3))

@@ -35,7 +35,7 @@ def _train(policy: str, i: int) -> InteractionLogged:
 def _through_update(ctx: StageContext, interaction: InteractionLogged) -> PolicyUpdated:
     (ro,) = stages.rollout(ctx, interaction)
     (rw,) = stages.reward(ctx, ro)
-    (up,) = stages.update(ctx, rw)
+    (up,) = stages.update(ctx, [rw])
     assert isinstance(up, PolicyUpdated)
     return up
 

@@ -49,8 +49,9 @@ def test_length_charset_bonus() -> None:
 def test_feedback_sign_and_similarity() -> None:
     liked = interaction(task="feedback", response="hello", feedback=1.0)
     disliked = interaction(task="feedback", response="hello", feedback=-0.5)
-    same, other = score_completions(liked, ["hello", "zzzzz"])[0]
-    assert (same, other) == (pytest.approx(1.0), pytest.approx(0.0))
+    same, other, far = score_completions(liked, ["hello", "zzzzz", "~~~~~~~~~~"])[0]
+    assert same == pytest.approx(1.0)
+    assert 0.0 <= far < other < 0.5
     assert score_completions(disliked, ["hello"])[0] == [pytest.approx(-0.5)]
     part = score_completions(liked, ["help"])[0][0]
     assert 0.0 < part < 1.0
