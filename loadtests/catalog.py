@@ -24,7 +24,7 @@ import random
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -120,7 +120,7 @@ async def _send(producer: Any, topic: str,
     """Hand one round to the producer as batches per partition; returns what to index."""
     sends: list[tuple[int, list[dict[str, Any]], Any]] = []
     for part, items in by_part.items():
-        batch, datas = producer.create_batch(), []
+        batch, datas = producer.create_batch(), cast("list[dict[str, Any]]", [])
         for key, value, data in items:
             if batch.append(key=key, value=value, timestamp=None) is None:
                 sends.append((part, datas, await producer.send_batch(batch, topic,

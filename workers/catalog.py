@@ -97,7 +97,7 @@ def decode_record(raw: bytes | None) -> CatalogRecord:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise PoisonEventError(f"malformed JSON: {exc}") from exc
-    model = CATALOG_TYPES.get(data.get("kind")) if isinstance(data, dict) else None
+    model = CATALOG_TYPES.get(str(data.get("kind"))) if isinstance(data, dict) else None
     if model is None:
         raise PoisonEventError(f"not a catalog record: {str(data)[:80]}")
     return model.model_validate(data)

@@ -22,7 +22,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -176,7 +176,8 @@ class CatalogIndex:
         return bool(self.r.hexists(self.key(policy_id), "i"))
 
     def get(self, policy_id: str) -> PolicyEntry | None:
-        raw = {k.decode(): v for k, v in self.r.hgetall(self.key(policy_id)).items()}
+        fetched = cast("dict[bytes, bytes]", self.r.hgetall(self.key(policy_id)))
+        raw = {k.decode(): v for k, v in fetched.items()}
         if "i" not in raw:
             return None
         namespace, ref_b, ref_l = raw["i"].decode().split("\0")

@@ -119,7 +119,8 @@ async def _refold(settings: Settings, index: CatalogIndex, report: RebuildReport
             if len(pipe) >= PIPELINE_BATCH:
                 pipe.execute()
                 progress(f"rebuild: {report.records} records")
-            if not batches and all(await _at_end(consumer, tp, e) for tp, e in remaining.items()):
+            if not batches and all([await _at_end(consumer, tp, e)
+                                    for tp, e in remaining.items()]):
                 break
         pipe.execute()
     finally:

@@ -21,6 +21,7 @@ from kafka import KafkaProducer
 from infra.admin import client_config
 from infra.settings import Settings
 from schemas.catalog import (
+    Alias,
     AliasMoved,
     CatalogRecord,
     LoraConfig,
@@ -203,10 +204,10 @@ class Catalog:
             revision=n, state=target.value, previous=current.value, reason=reason)
 
     @staticmethod
-    def _alias(entry: PolicyEntry, alias: str, n: int, reason: str) -> AliasMoved:
+    def _alias(entry: PolicyEntry, alias: Alias, n: int, reason: str) -> AliasMoved:
         previous = entry.serving if alias == "serving" else entry.candidate
         return AliasMoved(event_id=uuid.uuid4().hex, policy_id=entry.policy_id, alias=alias,
-                          revision=n, previous=previous, reason=reason)  # type: ignore[arg-type]
+                          revision=n, previous=previous, reason=reason)
 
     # -- serving ----------------------------------------------------------------------------------
     def promote(self, policy_id: str, revision: int, reason: str) -> int:
