@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = None
     base_model: Path | None = None
 
+    # Serving engine the rollout and evaluate stages sample from: an SGLang server (or
+    # `lorastream engine`) at this URL; unset = an embedded CPU engine on a loopback port.
+    engine_url: str | None = None
+    engine_max_loaded: int = Field(default=64, ge=1)
+
     # Faust / consumer behaviour. Faust's 60 s default session timeout makes groups slow to
     # (re)join; lower it for local and test runs.
     session_timeout_s: float = 10.0

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="the main job: train 3 policies end to end and report")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
-    p.add_argument("--steps", type=int, default=48, help="training interactions per policy")
+    p.add_argument("--steps", type=int, default=128, help="training interactions per policy")
     p.add_argument("--keep", action="store_true", help="keep the demo's topics afterwards")
     p.set_defaults(handler=cmd_demo)
 

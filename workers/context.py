@@ -19,9 +19,9 @@ from workers.state import PolicyState, RevisionPointer, serve_name
 if TYPE_CHECKING:
     from workers.artifacts import ArtifactStore
     from workers.catalog_service import Catalog
-    from workers.engine import LocalEngine
     from workers.grpo import PolicyTrainer
     from workers.model import LoraSpec
+    from workers.sampling import EmbeddedEngine, EngineSampler
 
 
 @dataclass
@@ -30,7 +30,8 @@ class StageContext:
 
     settings: Settings
     state: PolicyState
-    _engine: LocalEngine | None = field(default=None, repr=False)
+    _engine: EngineSampler | None = field(default=None, repr=False)
+    _embedded: EmbeddedEngine | None = field(default=None, repr=False)
     _trainer: PolicyTrainer | None = field(default=None, repr=False)
     _store: ArtifactStore | None = field(default=None, repr=False)
     _catalog: Catalog | None = field(default=None, repr=False)
@@ -87,13 +88,29 @@ class StageContext:
             return self._catalog
 
     @property
-    def engine(self) -> LocalEngine:
+    def engine(self) -> EngineSampler:
+        """Sampling through SGLang's HTTP API: `engine_url`, or an embedded CPU engine."""
         with self._lock:
             if self._engine is None:
-                from workers.engine import LocalEngine
+                from workers.sampling import EmbeddedEngine, EngineSampler
 
-                self._engine = LocalEngine(self.base_path)
+                url = self.settings.engine_url
+                if url is None:
+                    s = self.settings
+                    self._embedded = EmbeddedEngine(
+                        self.base_path, max_loaded_loras=s.engine_max_loaded,
+                        max_lora_rank=max(8, s.lora_rank),
+                        target_modules=self.lora.target_modules,
+                    )
+                    url = self._embedded.url
+                self._engine = EngineSampler.connect(url, self.base_path)
             return self._engine
+
+    def close(self) -> None:
+        """Stop what this context started (the embedded engine's server thread)."""
+        if self._embedded is not None:
+            self._embedded.stop()
+            self._embedded = None
 
     @property
     def trainer(self) -> PolicyTrainer:
@@ -118,8 +135,7 @@ class StageContext:
         if rev.is_base:
             return None
         name = serve_name(policy_id, rev.revision)
-        if name not in self.engine.loaded_adapters():
-            if rev.sha256 is None:
-                raise KeyError(f"revision {name} has no artifact")
-            self.engine.load_adapter(name, self.store.adapter_path(rev.sha256))
+        if rev.sha256 is None:
+            raise KeyError(f"revision {name} has no artifact")
+        self.engine.ensure_adapter(name, self.store.adapter_path(rev.sha256))
         return name

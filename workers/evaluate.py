@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from schemas.events import InteractionLogged
-from workers.engine import LocalEngine
 from workers.rewards import score_completions
+from workers.sampling import Sampler
 
 _PROMPTS_PER_BATCH = 16
 
 
 def evaluate_adapter(
-    engine: LocalEngine,
+    engine: Sampler,
     adapter: str | None,
     heldout: list[InteractionLogged],
     *,
