@@ -1,0 +1,107 @@
+"""Mixed-policy sampling: one batched, KV-cached generation pass for many policies' rollouts.
+
+Every row names its policy slot (or None for the bare base) through `MultiLora.route`, so K
+policies' G completions come out of one prefill and one decode loop over the shared base. The
+log-prob of each chosen token is log_softmax(logits / T), exactly GRPO's `old` term as the
+trainer computes it (no top-k/top-p or other logit processing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from workers.multilora import MultiLora
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """`n` completions of one prompt from one slot (None = base model)."""
+
+    prompt_ids: list[int]
+    slot: int | None
+    n: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]
+    finished: bool
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        attention[i, width - len(p):] = 1
+    return ids, attention
+
+
+@torch.no_grad()
+def _decode(model: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor, *,
+            max_new_tokens: int, temperature: float, eos_id: int, pad_id: int,
+            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill, then one token per step for every row; rows stop at EOS (then emit pad)."""
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    tokens, logps = [], []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].to(torch.promote_types(out.logits.dtype, torch.float32))
+        lp = torch.log_softmax(logits / temperature, dim=-1)
+        tok = torch.multinomial(lp.exp(), 1, generator=generator)[:, 0]
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens.append(tok)
+        logps.append(lp.gather(-1, tok[:, None])[:, 0])
+        done |= tok == eos_id
+        if bool(done.all()):
+            break
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=tok[:, None], attention_mask=attention, position_ids=positions,
+                    past_key_values=cache, use_cache=True)
+    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+
+
+def sample_many(
+    model: PreTrainedModel, multi: MultiLora, requests: Sequence[SampleRequest], *,
+    max_new_tokens: int, temperature: float = 1.0, eos_id: int, pad_id: int,
+    seed: int | None = None,
+) -> list[list[Completion]]:
+    """All requests' completions in one generation pass; result[i] holds request i's `n`."""
+    if max_new_tokens < 1 or temperature <= 0.0 or any(r.n < 1 for r in requests):
+        raise ValueError("need n >= 1, max_new_tokens >= 1, temperature > 0")
+    if any(not r.prompt_ids for r in requests):
+        raise ValueError("every request needs a non-empty prompt")
+    if not requests:
+        return []
+    prompts = [r.prompt_ids for r in requests for _ in range(r.n)]
+    slots = [r.slot for r in requests for _ in range(r.n)]
+    ids, attention = _left_pad(prompts, pad_id)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    was_training = model.training
+    model.eval()
+    try:
+        with multi.route(slots):
+            tokens, logps = _decode(model, ids, attention, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, eos_id=eos_id, pad_id=pad_id,
+                                    generator=generator)
+    finally:
+        model.train(was_training)
+    rows = []
+    for row, row_lp in zip(tokens.tolist(), logps.tolist(), strict=True):
+        length = row.index(eos_id) + 1 if eos_id in row else len(row)
+        rows.append(Completion(row[:length], row_lp[:length], eos_id in row[:length]))
+    out, start = [], 0
+    for r in requests:
+        out.append(rows[start:start + r.n])
+        start += r.n
+    return out
