@@ -2,8 +2,8 @@
 
 Redis is the fast, shared copy that stages in different processes read: the rollout stage needs
 the training head, the evaluate stage the serving revision and held-out set, the promote stage
-the hot working set. Writes that must not race (revision numbering) are single Lua scripts, so a
-redelivered export of the same trainer step gets the same revision number, never a new one.
+the hot working set. Revision numbers come from the catalog (`workers/catalog_service.py`),
+which is also what this working set can be rebuilt from.
 """
 
 from __future__ import annotations
@@ -17,17 +17,6 @@ from infra.settings import Settings
 from schemas.events import InteractionLogged
 
 SEEN_TTL_S = 7 * 24 * 3600
-
-# KEYS[1] = policy hash, KEYS[2] = step->revision hash; ARGV[1] = trainer step.
-# Returns the revision for that step, assigning the next number only the first time.
-_ASSIGN_REVISION = """
-local rev = redis.call('HGET', KEYS[2], ARGV[1])
-if rev then return tonumber(rev) end
-rev = redis.call('HINCRBY', KEYS[1], 'revisions', 1)
-redis.call('HSET', KEYS[2], ARGV[1], rev)
-return rev
-"""
-
 
 @dataclass(frozen=True)
 class RevisionPointer:
@@ -57,7 +46,6 @@ class PolicyState:
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
         self.r = client or redis.Redis.from_url(settings.redis_url)
-        self._assign = self.r.register_script(_ASSIGN_REVISION)
 
     def _k(self, *parts: str | int) -> str:
         return self.settings.key(*parts)
@@ -83,10 +71,6 @@ class PolicyState:
         return items
 
     # -- revisions -------------------------------------------------------------------------
-    def assign_revision(self, policy_id: str, step: int) -> int:
-        keys = [self._k("policy", policy_id), self._k("revsteps", policy_id)]
-        return int(self._assign(keys=keys, args=[step]))
-
     def record_revision(self, policy_id: str, rev: RevisionPointer) -> None:
         """Store a revision's location and move the training head forward (never back)."""
         self.r.hset(
