@@ -25,16 +25,9 @@ from infra.topics import PIPELINE_TOPICS, TopicSpec
 
 def client_config(settings: Settings) -> dict[str, Any]:
     """Connection settings shared by every kafka-python client (admin, producer, consumer)."""
-    cfg: dict[str, Any] = {
-        "bootstrap_servers": settings.bootstrap_servers.split(","),
-        "security_protocol": settings.kafka_security_protocol,
-    }
-    if settings.kafka_sasl_mechanism:
-        cfg["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        cfg["sasl_plain_username"] = settings.kafka_sasl_username
-        if settings.kafka_sasl_password is not None:
-            cfg["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
-    return cfg
+    from infra.security import kafka_python_config
+
+    return kafka_python_config(settings)
 
 
 def admin_client(settings: Settings, timeout_s: float = 30.0) -> KafkaAdminClient:

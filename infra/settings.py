@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
+    # TLS (security protocol SSL or SASL_SSL): CA bundle, and a client certificate for mTLS.
+    # Redis AUTH and TLS ride in `redis_url` (`rediss://:PASSWORD@host:6380/0?ssl_ca_certs=...`),
+    # which every Redis client is built from.
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
 
     # Names: every topic, consumer group and Redis key carries a prefix, so tenants and tests
     # never collide.
@@ -67,6 +73,17 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=4, ge=1)
     """Rollout groups a policy may have sampled but not yet trained on (bounds staleness)."""
     seed: int = 0
+
+    # Guards (see `workers/guards.py`). Unknown policy = a syntactically valid id that is not
+    # registered in the catalog, checked only when `require_registered_policies` is on.
+    require_registered_policies: bool = False
+    max_grad_norm_reject: float | None = Field(default=None, gt=0.0)
+    """Reject (and pause the policy) when a step's pre-clip gradient norm exceeds this."""
+    online_rollback_threshold: float | None = None
+    """Roll serving back when the mean reward of rollouts sampled from it falls below this."""
+    online_rollback_min_samples: int = Field(default=8, ge=1)
+    fault_point: str | None = None
+    """Test-only crash hook (`workers/faults.py`): `os._exit(137)` at the named point."""
 
     @property
     def artifacts(self) -> Path:

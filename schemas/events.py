@@ -171,6 +171,18 @@ class PolicyRolledBack(Event):
     reason: str
 
 
+class PolicyPaused(Event):
+    """Training of a policy stopped after a rejected step (non-finite loss, exploding gradient).
+
+    Published on `promotions`; while paused, the rollout and update stages dead-letter the
+    policy's events with reason "policy paused" until an operator runs `lorastream resume`.
+    """
+
+    kind: Literal["policy_paused"] = "policy_paused"
+    stage: str
+    reason: str
+
+
 class DeadLetter(BaseModel):
     """An event a stage could not process: why, where, and the original bytes.
 
@@ -204,6 +216,7 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
     "adapter_evaluated": AdapterEvaluated,
     "policy_promoted": PolicyPromoted,
     "policy_rolled_back": PolicyRolledBack,
+    "policy_paused": PolicyPaused,
     "dead_letter": DeadLetter,
 }
 

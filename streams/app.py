@@ -13,8 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import faust
 
+from infra.security import faust_credentials
 from infra.settings import Settings
-from streams.agents import STAGES, StageRunner
+from streams.agents import STAGES
+from streams.guarded import GuardedStageRunner
+from workers import faults
 from workers.context import StageContext
 
 
@@ -49,20 +52,24 @@ def create_app(
         broker_heartbeat_interval=settings.heartbeat_interval_s,
         broker_commit_interval=1.0,
         producer_acks=-1,
+        broker_credentials=faust_credentials(settings),
     )
     ctx = ctx or StageContext.create(settings)
     # One thread for all model work in this process: torch already uses every core for one
     # op, and the event loop must stay free to heartbeat and commit.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastream-ml")
     dead_letters = _topic(app, settings, "dead-letters")
+    control = _topic(app, settings, "promotions")  # PolicyPaused announcements
+    faults.arm(settings.fault_point)
     for name in stages:
         spec = STAGES[name]
-        runner = StageRunner(
+        runner = GuardedStageRunner(
             spec=spec,
             ctx=ctx,
             sink=_topic(app, settings, spec.sink),
             dead_letters=dead_letters,
             executor=executor,
+            control=control,
         )
         app.agent(_topic(app, settings, spec.source), name=f"stage.{name}")(runner.run)
     return app

@@ -26,11 +26,11 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
+from infra.security import aiokafka_config
 from infra.settings import Settings
 from schemas.codec import decode_event
 from schemas.events import AdapterEvaluated
 from streams import metrics
-from streams.producer import kafka_client_config
 from workers.errors import PoisonEventError
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class EvaluationConsumer:
             return
         s = self.settings
         consumer = AIOKafkaConsumer(
-            **kafka_client_config(s),
+            **aiokafka_config(s),
             group_id=self.group_id,
             client_id=f"{s.app_id}-sdk-{self.group_id}",
             enable_auto_commit=False,

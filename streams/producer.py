@@ -16,6 +16,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 from pydantic import ValidationError
 
+from infra.security import kafka_python_config
 from infra.settings import Settings
 from schemas.codec import encode_event
 from schemas.events import InteractionLogged
@@ -31,16 +32,7 @@ class ProduceReport:
 
 def kafka_client_config(settings: Settings) -> dict[str, Any]:
     """Connection settings shared by every kafka-python client (security passes through)."""
-    cfg: dict[str, Any] = {
-        "bootstrap_servers": settings.bootstrap_servers.split(","),
-        "security_protocol": settings.kafka_security_protocol,
-    }
-    if settings.kafka_sasl_mechanism:
-        cfg["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        cfg["sasl_plain_username"] = settings.kafka_sasl_username
-        pw = settings.kafka_sasl_password
-        cfg["sasl_plain_password"] = pw.get_secret_value() if pw else None
-    return cfg
+    return kafka_python_config(settings)
 
 
 class InvalidInteraction(ValueError):

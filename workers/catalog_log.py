@@ -93,9 +93,11 @@ async def _refold(settings: Settings, index: CatalogIndex, report: RebuildReport
     from aiokafka import AIOKafkaConsumer
     from aiokafka import TopicPartition as ATP
 
+    from infra.security import aiokafka_config
+
     topic = settings.topic("catalog")
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False, group_id=None,
+        **aiokafka_config(settings), enable_auto_commit=False, group_id=None,
         auto_offset_reset="earliest", max_partition_fetch_bytes=16 << 20,
         fetch_max_bytes=64 << 20, check_crcs=False,
     )

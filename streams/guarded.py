@@ -1,0 +1,85 @@
+"""The stage runner with the pipeline's guards and crash points wired around the shared body.
+
+`StageRunner` (streams/agents.py) is the one agent body: decode, dedup, call, send, dead-letter.
+This subclass adds, at its seams and without changing it:
+
+- admission before a stage function runs (`workers.guards.admit`: paused or unknown policies
+  are dead-lettered; in a batched unit only the refused policies' events are);
+- pausing a policy whose training step was rejected, announced once with `PolicyPaused` on
+  `promotions`;
+- online-reward tracking of what the reward stage scored (automatic rollback);
+- the test-only crash points of `workers.faults`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+from pydantic import BaseModel
+
+from schemas.codec import encode_event
+from schemas.events import Event
+from streams.agents import Decoded, Received, StageRunner
+from workers import faults, guards
+from workers.errors import PoisonEventError, TrainingRejected
+
+
+@dataclass
+class GuardedStageRunner(StageRunner):
+    """A `StageRunner` that also enforces the guards; `control` is where `PolicyPaused` goes."""
+
+    control: faust.TopicT | None = None
+
+    async def _handle(self, unit: list[Decoded]) -> list[BaseModel]:
+        admitted = await self._admit(unit)
+        if not admitted:
+            return []
+        outputs = await super()._handle(admitted)
+        if self.spec.name == "reward" and outputs:
+            await self._call(guards.observe_rewards, self.ctx, outputs)
+        return outputs
+
+    async def _admit(self, unit: list[Decoded]) -> list[Decoded]:
+        """Dead-letter the events of refused policies; return the rest, in order."""
+        refused: dict[str, PoisonEventError | None] = {}
+        admitted: list[Decoded] = []
+        for item, event in unit:
+            policy = event.policy_id
+            if policy not in refused:
+                try:
+                    await self._call(guards.admit, self.ctx, self.spec.name, event)
+                    refused[policy] = None
+                except PoisonEventError as exc:
+                    refused[policy] = exc
+            error = refused[policy]
+            if error is None:
+                admitted.append((item, event))
+                continue
+            await self._dead_letter(item, error, policy)
+            if self.spec.name == "update":  # consumed: its in-flight slot is free
+                await self._call(self.ctx.state.note_trained, policy)
+        return admitted
+
+    async def _with_retries(self, events: list[Event]) -> list[BaseModel]:
+        outputs = await super()._with_retries(events)
+        faults.hit(f"{self.spec.name}:after_fn")
+        return outputs
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if fn == self.ctx.state.mark_seen:
+            faults.hit(f"{self.spec.name}:before_mark_seen")
+        return await super()._call(fn, *args)
+
+    async def _dead_letter(self, item: Received, exc: BaseException,
+                           policy_id: str | None) -> None:
+        await super()._dead_letter(item, exc, policy_id)
+        if policy_id and isinstance(exc, TrainingRejected):
+            paused = await self._call(guards.pause, self.ctx, policy_id, self.spec.name,
+                                      str(exc))
+            if paused is not None and self.control is not None:
+                fut = await self.control.send(key=policy_id.encode(),
+                                              value=encode_event(paused), force=True)
+                await fut
