@@ -42,9 +42,13 @@ def log(msg: str) -> None:
     print(f"[handoff] {msg}", file=sys.stderr, flush=True)
 
 
+DTYPE = "bfloat16"
+"""Both paths serve in bfloat16, as SGLang does by default."""
+
+
 def engine(base: Path, max_rank: int) -> ServerThread:
     config = EngineConfig(base_path=base, max_loaded_loras=8, max_loras_per_batch=4,
-                          max_lora_rank=max_rank)
+                          max_lora_rank=max_rank, dtype=DTYPE)
     return ServerThread(CpuEngine(config))
 
 
@@ -80,7 +84,7 @@ def merged_path(tensors: dict[str, torch.Tensor], lora: LoraSpec, base: Path,
     started = time.perf_counter()
     peft_model = peft.get_peft_model(model, lora.peft_config())
     peft.set_peft_model_state_dict(peft_model, tensors)
-    merged = peft_model.merge_and_unload()
+    merged = peft_model.merge_and_unload().to(getattr(torch, DTYPE))
     merged.save_pretrained(out)  # type: ignore[operator]  # safetensors, full weights
     tokenizer.save_pretrained(out)
     saved = time.perf_counter()
@@ -93,29 +97,29 @@ def merged_path(tensors: dict[str, torch.Tensor], lora: LoraSpec, base: Path,
     return elapsed, sum(p.stat().st_size for p in out.glob("*.safetensors")), gen.token_ids
 
 
-def run(rank: int, repeats: int, base: Path, work: Path) -> dict[str, float | int]:
+def run(rank: int, repeats: int, base: Path, work: Path) -> dict[str, float | int | str]:
+    """Alternate the two paths, so both see the same machine load (it drifts on shared CPUs)."""
     lora = LoraSpec(rank=rank, alpha=2.0 * rank)
     store = ArtifactStore(work / f"artifacts-r{rank}")
+    adapter_runs, merged_runs = [], []
     with engine(base, rank) as server:
         client = SGLangClient(server.url)
         tensors = train_once(base, lora, client)
-        adapter_runs = []
         for i in range(repeats):
             # A fresh tiny perturbation per repeat: a new revision, a new content address.
             t = {k: (v + i * 1e-7 if k.endswith("lora_B.weight") else v)
                  for k, v in tensors.items()}
             adapter_runs.append(adapter_path(store, t, lora, base, client, f"bench@{rank}-{i}"))
             log(f"rank {rank}: adapter-only {adapter_runs[-1][0]:.3f} s")
-    merged_runs = []
-    for i in range(repeats):
-        merged_runs.append(merged_path(tensors, lora, base, work / f"merged-r{rank}-{i}"))
-        log(f"rank {rank}: merged {merged_runs[-1][0]:.3f} s")
+            merged_runs.append(merged_path(tensors, lora, base, work / f"merged-r{rank}-{i}"))
+            log(f"rank {rank}: merged {merged_runs[-1][0]:.3f} s")
     if merged_runs[0][2] != adapter_runs[0][2]:
         log(f"rank {rank}: note: first tokens differ {merged_runs[0][2]} vs "
             f"{adapter_runs[0][2]} (merging rounds differently)")
     merged_s = statistics.median(r[0] for r in merged_runs)
     adapter_s = statistics.median(r[0] for r in adapter_runs)
-    return {"rank": rank, "merged_s": round(merged_s, 4), "adapter_s": round(adapter_s, 4),
+    return {"rank": rank, "dtype": DTYPE, "merged_s": round(merged_s, 4),
+            "adapter_s": round(adapter_s, 4),
             "ratio": round(merged_s / adapter_s, 2), "merged_bytes": merged_runs[0][1],
             "adapter_bytes": adapter_runs[0][1]}
 

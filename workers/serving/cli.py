@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-lora-rank", type=int, default=None,
                    help="default: LORASTREAM_LORA_RANK")
     p.add_argument("--max-concurrent-loads", type=int, default=2)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="serving dtype (float32 keeps rollout log-probs exact for the trainer)")
     p.add_argument("--no-controller", action="store_true", help="serve only; ignore Redis")
     p.add_argument("--no-server", action="store_true",
                    help="run only the controller, for an engine at --engine-url")
@@ -82,7 +84,8 @@ async def _start_server(args: argparse.Namespace, settings: Settings) -> web.App
         raise SystemExit("no base model: pass --base-model or set LORASTREAM_BASE_MODEL")
     config = EngineConfig(base_path=Path(base), max_loaded_loras=args.max_loaded_loras,
                           max_loras_per_batch=args.max_loras_per_batch,
-                          max_lora_rank=args.max_lora_rank or settings.lora_rank)
+                          max_lora_rank=args.max_lora_rank or settings.lora_rank,
+                          dtype=args.dtype)
     engine = await asyncio.to_thread(CpuEngine, config)
     runner = web.AppRunner(build_app(engine), access_log=None)
     await runner.setup()

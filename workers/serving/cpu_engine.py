@@ -20,11 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from workers.model import LoraSpec
 from workers.serving.registry import AdapterRef, AdapterRegistry, RegistryError
 from workers.serving.sampler import RowRequest, RowResult, SlotSampler
 
 log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ class EngineConfig:
     lora_target_modules: tuple[str, ...] = LoraSpec().target_modules
     max_running_requests: int = 64
     served_model_name: str | None = None
+    dtype: str = "float32"
+    """`float32` or `bfloat16` (SGLang's `--dtype`); adapters are cast into the slots' dtype."""
 
 
 @dataclass
@@ -62,7 +68,8 @@ class CpuEngine:
         self.registry = AdapterRegistry(config.max_loaded_loras, config.max_loras_per_batch)
         self.sampler = SlotSampler(config.base_path, num_slots=self.registry.num_slots,
                                    max_rank=config.max_lora_rank,
-                                   target_modules=config.lora_target_modules)
+                                   target_modules=config.lora_target_modules,
+                                   dtype=_DTYPES[config.dtype])
         self.model_name = config.served_model_name or str(config.base_path)
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cpu-engine")
         self._update_lock: asyncio.Lock | None = None
