@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis
 import safetensors.torch
+from prometheus_client import REGISTRY
 
 from infra.settings import Settings
 from tests.serving_support import base_dir, make_adapter
@@ -71,7 +72,7 @@ def test_promoted_revision_serves_through_router(settings: Settings, redis_clien
 
     async def scenario() -> None:
         stop = asyncio.Event()
-        ctl = ResidencyController(settings, ControllerConfig("e1", engine_url, capacity=3,
+        ctl = ResidencyController(settings, ControllerConfig("router-e1", engine_url, capacity=3,
                                                              interval_s=0.05), redis_client)
         task = asyncio.create_task(ctl.run(stop))
         router = Router(settings, redis_client, cold_timeout_s=15.0)
@@ -95,12 +96,21 @@ def test_promoted_revision_serves_through_router(settings: Settings, redis_clien
 
             with pytest.raises(UnknownPolicyError, match="mallory"):
                 await router.generate("mallory", "hello", sampling_params=PARAMS)
+            # Operators see residency in Prometheus: alice@2 active, alice@1 evicted, 2 loads.
+            assert _gauge("lorastream_adapters", engine="router-e1", state="active") == 1
+            assert _gauge("lorastream_adapters", engine="router-e1", state="evicted") == 1
+            assert _gauge("lorastream_cold_loads_total", engine="router-e1") == 2
+            assert _gauge("lorastream_hot_set_size", engine="router-e1") == 1
         finally:
             stop.set()
             await task
             await router.close()
 
     asyncio.run(scenario())
+
+
+def _gauge(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
 
 
 async def _route_name(router: Router, policy: str) -> bool:

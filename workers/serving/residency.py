@@ -20,6 +20,7 @@ import heapq
 import itertools
 import logging
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from enum import StrEnum
@@ -28,6 +29,7 @@ from typing import Any
 import redis
 
 from infra.settings import Settings
+from streams import metrics
 from workers.artifacts import ArtifactStore
 from workers.serving.assignment import assign_hot_set, engine_key, register_engine
 from workers.serving.client import AsyncSGLangClient, SGLangError
@@ -223,6 +225,7 @@ class ResidencyController:
         except (OSError, ValueError, KeyError) as exc:
             return Residency.FAILED, f"{type(exc).__name__}: {exc}"
         self.loads_done += 1
+        metrics.note_cold_load(self.config.engine_id)
         self._observe(update.loaded_adapters)
         return Residency.ACTIVE, ""
 
@@ -260,6 +263,7 @@ class ResidencyController:
     def publish(self) -> None:
         if not self._dirty:
             return
+        self._export_metrics()
         states = {n: self.tracked[n].state.value for n in self._dirty}
         errors = {n: self.tracked[n].error for n in self._dirty if self.tracked[n].error}
         self._dirty.clear()
@@ -268,6 +272,15 @@ class ResidencyController:
         if errors:
             pipe.hset(self._key("errors"), mapping=errors)
         pipe.execute()
+
+    def _export_metrics(self) -> None:
+        """Adapters per residency state, and the working set this engine holds or is loading."""
+        engine = self.config.engine_id
+        counts = Counter(item.state for item in self.tracked.values())
+        for state in Residency:
+            metrics.set_residency(engine, state.value, counts.get(state, 0))
+        held = (Residency.QUEUED, Residency.LOADING, Residency.ACTIVE)
+        metrics.set_hot_set(engine, sum(counts.get(s, 0) for s in held))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile every `interval_s` until `stop` is set; then wait for running work."""

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import generate_latest
 
 from workers.serving.cpu_engine import CpuEngine
 from workers.serving.openai_api import chat_completions, completions, openai_error
@@ -120,7 +121,10 @@ async def handle_metrics(request: web.Request) -> web.Response:
     lines = [f"sglang:lora_pool_slots_used {used}", f"sglang:lora_pool_slots_total {total}",
              f"sglang:lora_pool_utilization {used / total:.6f}",
              f"lorastream:engine_batches_total {engine.batches}"]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    # The residency controller runs in this process too: its gauges (adapters per state, hot
+    # set, cold loads) come from the process-wide Prometheus registry.
+    text = "\n".join(lines) + "\n" + generate_latest().decode()
+    return web.Response(text=text, content_type="text/plain")
 
 
 def build_app(engine: CpuEngine) -> web.Application:
