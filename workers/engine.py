@@ -1,4 +1,7 @@
-"""In-process sampling engine: one frozen base, many named LoRA adapters, per-token log-probs.
+"""In-process reference sampler over peft: one frozen base, named LoRA adapters, log-probs.
+
+Tests and experiments use it as the peft-backed reference; the pipeline itself samples through
+SGLang's HTTP API (`workers/sampling.py`).
 
 The log-probs it returns are GRPO's `old` term, so they must be exactly what the trainer would
 compute for the same tokens: log_softmax(logits / temperature) with no other logit processing
@@ -9,24 +12,16 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import peft
 import torch
 
 from workers.model import load_base_model
+from workers.sampling import Sample
 
 _PLACEHOLDER = "_engine_placeholder"
 """A rank-1 zero adapter that keeps the PeftModel valid when no real adapter is loaded."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    text: str
-    token_ids: list[int]
-    logprobs: list[float]
-    finished: bool
 
 
 class LocalEngine:
