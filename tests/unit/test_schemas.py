@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import orjson
 import pytest
@@ -110,3 +111,15 @@ def test_json_schemas_cover_every_event() -> None:
     assert set(schemas) == set(EVENT_TYPES)
     assert "prompt" in schemas["interaction_logged"]["properties"]
     assert "policy_id" in schemas["interaction_logged"]["required"]
+
+
+def test_committed_json_schemas_are_current(tmp_path: Path) -> None:
+    """Producers in other languages validate against schemas/json: it must not drift."""
+    from streams.cli import main
+
+    assert main(["schemas", "--out", str(tmp_path)]) == 0
+    committed = Path(__file__).resolve().parents[2] / "schemas" / "json"
+    generated = sorted(p.name for p in tmp_path.iterdir())
+    assert generated == sorted(p.name for p in committed.iterdir())
+    for name in generated:
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
