@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # `lorastream engine`) at this URL; unset = an embedded CPU engine on a loopback port.
     engine_url: str | None = None
     engine_max_loaded: int = Field(default=64, ge=1)
+    engine_admin_token: SecretStr | None = None
+    """Bearer token an engine requires on /load_lora_adapter and /unload_lora_adapter (SGLang's
+    `--admin-api-key`); clients that load adapters send it."""
 
     # Faust / consumer behaviour. Faust's 60 s default session timeout makes groups slow to
     # (re)join; lower it for local and test runs.
@@ -81,7 +84,8 @@ class Settings(BaseSettings):
     """Reject (and pause the policy) when a step's pre-clip gradient norm exceeds this."""
     online_rollback_threshold: float | None = None
     """Roll serving back when the mean reward of rollouts sampled from it falls below this."""
-    online_rollback_min_samples: int = Field(default=8, ge=1)
+    online_rollback_window: int = Field(default=8, ge=1)
+    """How many of the serving revision's latest rollout groups that mean is taken over."""
     fault_point: str | None = None
     """Test-only crash hook (`workers/faults.py`): `os._exit(137)` at the named point."""
 

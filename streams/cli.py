@@ -20,12 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     from infra import cli as infra_cli
-    from streams import catalog_cli, commands
+    from streams import catalog_cli, commands, guard_cli
     from workers.serving import cli as serving_cli
 
     infra_cli.register(sub)
     commands.register(sub)
     catalog_cli.register(sub)
+    guard_cli.register(sub)
     serving_cli.register(sub)
     return parser
 

@@ -13,6 +13,7 @@ This subclass adds, at its seams and without changing it:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,8 @@ from schemas.events import Event
 from streams.agents import Decoded, Received, StageRunner
 from workers import faults, guards
 from workers.errors import PoisonEventError, TrainingRejected
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,7 +42,10 @@ class GuardedStageRunner(StageRunner):
             return []
         outputs = await super()._handle(admitted)
         if self.spec.name == "reward" and outputs:
-            await self._call(guards.observe_rewards, self.ctx, outputs)
+            try:
+                await self._call(guards.observe_rewards, self.ctx, outputs)
+            except Exception:  # a failed rollback must not stop the reward stream
+                log.exception("online-reward rollback check failed")
         return outputs
 
     async def _admit(self, unit: list[Decoded]) -> list[Decoded]:

@@ -7,22 +7,33 @@
 - Pause (`pause`/`resume`): a rejected training step (non-finite loss or gradient, or a pre-clip
   gradient norm above `max_grad_norm_reject`) pauses the policy, so it cannot keep burning
   interactions on a diverged adapter; the first pause publishes a `PolicyPaused` event.
-- Online rollback (`observe_rewards`): the mean reward of rollouts sampled from the serving
-  revision is tracked per revision in Redis; once `online_rollback_min_samples` groups are in
-  and the mean is below `online_rollback_threshold`, the catalog rolls serving back.
+- Promotion (`check_promotion`): a passed verdict must beat what serves now (a better revision
+  may have been promoted since the evaluation), else the promotion is dead-lettered.
+- Online rollback (`observe_rewards`): the mean reward of the last `online_rollback_window`
+  rollout groups sampled from the serving revision is kept per revision in Redis; when it falls
+  below `online_rollback_threshold`, the catalog rolls serving back (once per revision). The
+  rollout stage samples from the training head, so this sees the serving revision's rewards
+  whenever the head serves.
 
 All state is in Redis under the pipeline's prefix, so every worker process sees the same pause.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Iterable
 
 from pydantic import BaseModel
 
-from schemas.events import Event, PolicyPaused, PolicyRolledBack, RolloutRewarded
+from schemas.events import (
+    AdapterEvaluated,
+    Event,
+    PolicyPaused,
+    PolicyRolledBack,
+    RolloutRewarded,
+)
 from workers.catalog_index import CatalogIndex
 from workers.context import StageContext
 from workers.errors import PoisonEventError
@@ -35,6 +46,10 @@ PAUSABLE_STAGES = ("rollout", "update")
 
 class PolicyPausedError(PoisonEventError):
     """The policy is paused: its events are dead-lettered until it is resumed."""
+
+
+class NotBetterError(PoisonEventError):
+    """A promotion whose revision does not beat the serving one: it never serves."""
 
 
 class UnknownPolicyError(PoisonEventError):
@@ -59,9 +74,34 @@ def admit(ctx: StageContext, stage: str, event: Event) -> None:
     policy = event.policy_id
     if stage in PAUSABLE_STAGES and is_paused(ctx, policy):
         raise PolicyPausedError(f"policy paused: {policy!r} ({paused_reason(ctx, policy)})")
+    if stage == "promote" and isinstance(event, AdapterEvaluated) and event.passed:
+        check_promotion(ctx, event)
     if (stage == "rollout" and ctx.settings.require_registered_policies
             and not CatalogIndex(ctx.settings, ctx.state.r).exists(policy)):
         raise UnknownPolicyError(f"unknown policy {policy!r}: not registered in the catalog")
+
+
+def check_promotion(ctx: StageContext, event: AdapterEvaluated) -> None:
+    """Refuse a promotion that does not beat what serves *now*.
+
+    The verdict was reached against the revision serving at evaluation time; if another
+    revision was promoted since, compare with that one's score on the same held-out set (the
+    evaluate stage cached it when it was a candidate), and refuse when it is unknown.
+    """
+    margin = ctx.settings.promote_margin
+    if not event.score > event.baseline_score + margin:
+        raise NotBetterError(f"r{event.revision} scored {event.score:.4f}, not above serving "
+                             f"r{event.baseline_revision} {event.baseline_score:.4f} + {margin}")
+    serving = ctx.state.serving(event.policy_id).revision
+    if serving in (event.baseline_revision, event.revision) or event.revision < serving:
+        return  # compared with what serves; an older revision is skipped by the stage itself
+    heldout = ctx.state.heldout(event.policy_id)
+    fingerprint = hashlib.sha256("".join(h.event_id for h in heldout).encode()).hexdigest()[:12]
+    current = ctx.state.cached_score(event.policy_id, f"{serving}:{fingerprint}")
+    if current is None or not event.score > current + margin:
+        raise NotBetterError(f"r{event.revision} ({event.score:.4f}) was evaluated against "
+                             f"r{event.baseline_revision}, but r{serving} serves now "
+                             f"({current if current is not None else 'score unknown'})")
 
 
 def pause(ctx: StageContext, policy_id: str, stage: str, reason: str) -> PolicyPaused | None:
@@ -106,19 +146,33 @@ def _observe_one(ctx: StageContext, event: RolloutRewarded,
     policy, revision = event.policy_id, event.rollout.revision
     if revision == 0 or ctx.state.serving(policy).revision != revision:
         return None  # only the serving revision's online reward decides about serving
-    key = _reward_key(ctx, policy, revision)
-    # One HINCRBYFLOAT per group keyed by event id would double count a redelivery; the seen
-    # mark of the reward stage already drops redelivered rollouts before they get here.
+    key, window = _reward_key(ctx, policy, revision), ctx.settings.online_rollback_window
+    # The reward stage's seen-marks drop redelivered rollouts before they get here, so a
+    # redelivery is not counted twice.
     pipe = ctx.state.r.pipeline(transaction=True)
-    pipe.hincrby(key, "n", 1)
-    pipe.hincrbyfloat(key, "sum", sum(event.rewards) / len(event.rewards))
-    n, total = pipe.execute()
-    mean = float(total) / int(n)
-    if int(n) < ctx.settings.online_rollback_min_samples or mean >= threshold:
+    pipe.lpush(key, sum(event.rewards) / len(event.rewards))
+    pipe.ltrim(key, 0, window - 1)
+    pipe.lrange(key, 0, -1)
+    recent = [float(x) for x in pipe.execute()[-1]]
+    mean = sum(recent) / len(recent)
+    if len(recent) < window or mean >= threshold:
         return None
-    if not ctx.state.r.hsetnx(key, "rolled_back", 1):
+    if not ctx.state.r.set(f"{key}:rolled_back", 1, nx=True):
         return None  # another worker already rolled this revision back
-    reason = (f"online reward {mean:.4f} over {int(n)} groups below "
+    n = len(recent)
+    reason = (f"online reward {mean:.4f} over the last {n} groups below "
               f"{threshold} for r{revision}")
     log.warning("rolling back %s: %s", policy, reason)
     return ctx.catalog.rollback(policy, reason=f"automatic: {reason}")
+
+
+def paused_policies(ctx: StageContext) -> list[dict[str, str]]:
+    """Every paused policy with the stage and reason that paused it."""
+    prefix = ctx.settings.key("paused", "")
+    rows = []
+    for key in ctx.state.r.scan_iter(match=prefix + "*", count=1000):
+        raw = ctx.state.r.hgetall(key)
+        rows.append({"policy_id": key.decode()[len(prefix):],
+                     "stage": raw.get(b"stage", b"").decode(),
+                     "reason": raw.get(b"reason", b"").decode()})
+    return sorted(rows, key=lambda r: r["policy_id"])

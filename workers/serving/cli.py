@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-server", action="store_true",
                    help="run only the controller, for an engine at --engine-url")
     p.add_argument("--engine-url", default=None, help="with --no-server: e.g. an SGLang URL")
+    p.add_argument("--admin-token", default=None,
+                   help="bearer token load/unload require (default: "
+                        "LORASTREAM_ENGINE_ADMIN_TOKEN; unset = open, for loopback only)")
     p.set_defaults(handler=cmd_engine)
 
 
@@ -87,7 +90,9 @@ async def _start_server(args: argparse.Namespace, settings: Settings) -> web.App
                           max_lora_rank=args.max_lora_rank or settings.lora_rank,
                           dtype=args.dtype)
     engine = await asyncio.to_thread(CpuEngine, config)
-    runner = web.AppRunner(build_app(engine), access_log=None)
+    token = args.admin_token or (settings.engine_admin_token.get_secret_value()
+                                 if settings.engine_admin_token else None)
+    runner = web.AppRunner(build_app(engine, token), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
     return runner

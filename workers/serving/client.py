@@ -136,17 +136,24 @@ def sample_params(n_prompts: int, n: int, *, max_new_tokens: int, temperature: f
     return params
 
 
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """SGLang's API key (or admin key) as a bearer token; none without a key."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 class SGLangClient:
     """Blocking client (urllib): thread-safe, no event loop needed."""
 
-    def __init__(self, base_url: str, *, timeout: float = 120.0) -> None:
+    def __init__(self, base_url: str, *, timeout: float = 120.0,
+                 api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.headers = {"Content-Type": "application/json", **auth_headers(api_key)}
 
     def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.base_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers=self.headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 status, raw = resp.status, resp.read()
@@ -207,9 +214,11 @@ class SGLangClient:
 class AsyncSGLangClient:
     """aiohttp client: one session per client; close() it (or use `async with`)."""
 
-    def __init__(self, base_url: str, *, timeout: float = 120.0) -> None:
+    def __init__(self, base_url: str, *, timeout: float = 120.0,
+                 api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._headers = auth_headers(api_key)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AsyncSGLangClient:
@@ -225,7 +234,7 @@ class AsyncSGLangClient:
 
     async def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         async with self._session.request(method, self.base_url + path, json=body) as resp:
             raw = await resp.read()
             try:

@@ -94,7 +94,9 @@ class ResidencyController:
         self.r = client or redis.Redis.from_url(settings.redis_url)
         self.state = PolicyState(settings, self.r)
         self.store = ArtifactStore(settings.artifacts)
-        self.engine = AsyncSGLangClient(config.engine_url)
+        token = settings.engine_admin_token
+        self.engine = AsyncSGLangClient(
+            config.engine_url, api_key=token.get_secret_value() if token else None)
         self.tracked: dict[str, Tracked] = {}
         self._queue: list[tuple[int, float, int, str]] = []
         self._seq = itertools.count()

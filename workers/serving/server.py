@@ -10,9 +10,11 @@ answer errors as `{"object": "error", "message", "type", "param", "code"}`.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +27,25 @@ from workers.serving.registry import RegistryError
 
 log = logging.getLogger(__name__)
 ENGINE_KEY: web.AppKey[CpuEngine] = web.AppKey("engine", CpuEngine)
+ADMIN_PATHS = frozenset({"/load_lora_adapter", "/unload_lora_adapter"})
+"""What changes the engine's adapters: only holders of the admin token may call these."""
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def admin_auth(token: str) -> Any:
+    """Middleware: `Authorization: Bearer <token>` on the admin routes, as SGLang does with
+    `--admin-api-key`; compared in constant time. Generation stays open."""
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in ADMIN_PATHS:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    return check
 
 
 def generate_error(message: str) -> web.Response:
@@ -127,9 +148,11 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(text=text, content_type="text/plain")
 
 
-def build_app(engine: CpuEngine) -> web.Application:
-    """The app; its startup/cleanup start and stop the engine's batcher."""
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+def build_app(engine: CpuEngine, admin_token: str | None = None) -> web.Application:
+    """The app; its startup/cleanup start and stop the engine's batcher. With `admin_token`,
+    loading and unloading adapters requires it (bearer)."""
+    middlewares = [admin_auth(admin_token)] if admin_token else []
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=middlewares)
     app[ENGINE_KEY] = engine
 
     async def lifecycle(_: web.Application) -> Any:
@@ -157,8 +180,10 @@ class ServerThread:
     `port=0` binds a free port; `url` is known once `start()` returns.
     """
 
-    def __init__(self, engine: CpuEngine, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, engine: CpuEngine, host: str = "127.0.0.1", port: int = 0,
+                 admin_token: str | None = None) -> None:
         self.engine, self.host, self.port = engine, host, port
+        self.admin_token = admin_token
         self.url = ""
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -182,7 +207,7 @@ class ServerThread:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        runner = web.AppRunner(build_app(self.engine), access_log=None)
+        runner = web.AppRunner(build_app(self.engine, self.admin_token), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
         await site.start()
