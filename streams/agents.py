@@ -33,14 +33,15 @@ from schemas.events import (
 from streams import metrics
 from workers import stages
 from workers.context import StageContext
-from workers.errors import PoisonEventError, RetryableError
+from workers.errors import PoisonEventError, PolicyFailures, RetryableError
 
 log = logging.getLogger(__name__)
 
 RETRY_DELAYS_S = (0.5, 1.0, 2.0)
 BATCH_WINDOW_S = 0.2
 BATCH_POLICIES = 8
-"""A batched stage takes up to `update_batch` events for each of this many policies at once."""
+"""A batched stage takes up to `update_batch` events for each of this many policies at once
+(the update stage trains them all in one multi-policy step)."""
 MAX_IN_FLIGHT_WAIT_S = 60.0
 
 StageFn = Callable[[StageContext, Any], list[BaseModel]]
@@ -50,8 +51,10 @@ StageFn = Callable[[StageContext, Any], list[BaseModel]]
 class StageSpec:
     """A stage: where it reads, what it reads, what it does, where it writes.
 
-    A `batched` stage's function takes a list of one policy's events (the update stage trains on
-    every ready group of a policy in one step); the others take one event.
+    A `batched` stage's function takes a list of events of several policies, at most
+    `update_batch` per policy (the update stage trains every ready group of all of them in one
+    multi-policy step) and may raise `PolicyFailures` to fail only some policies; the others
+    take one event.
     """
 
     name: str
@@ -143,21 +146,28 @@ class StageRunner:
         return sent
 
     def _units(self, fresh: list[Decoded]) -> list[list[Decoded]]:
-        """One event per unit, or (batched) up to `update_batch` events of one policy."""
+        """One event per unit, or (batched) up to `update_batch` events of EACH policy per unit;
+        a policy's later events go to later units, so its groups keep their order."""
         if not self.spec.batched:
             return [[d] for d in fresh]
         by_policy: dict[str, list[Decoded]] = {}
         for d in fresh:
             by_policy.setdefault(d[1].policy_id, []).append(d)
         size = self.ctx.settings.update_batch
-        return [ds[i:i + size] for ds in by_policy.values() for i in range(0, len(ds), size)]
+        rounds = max((len(ds) + size - 1) // size for ds in by_policy.values()) if fresh else 0
+        return [[d for ds in by_policy.values() for d in ds[k * size:(k + 1) * size]]
+                for k in range(rounds)]
 
     async def _handle(self, unit: list[Decoded]) -> list[BaseModel]:
         name = self.spec.name
         started = time.perf_counter()
         events = [e for _, e in unit]
+        failed: dict[str, Exception] = {}
         try:
             outputs = await self._with_retries(events)
+        except PolicyFailures as exc:  # a batched step failed for some policies only
+            outputs = [o for o in exc.outputs if isinstance(o, BaseModel)]
+            failed = exc.failures
         except Exception as exc:  # one bad event must never stop the stream
             for item, event in unit:
                 await self._dead_letter(item, exc, event.policy_id)
@@ -166,8 +176,12 @@ class StageRunner:
             if name == "update":  # consumed, trained or not: the in-flight slots are free
                 for event in events:
                     await self._call(self.ctx.state.note_trained, event.policy_id)
+        for item, event in unit:
+            if event.policy_id in failed:
+                await self._dead_letter(item, failed[event.policy_id], event.policy_id)
+        events = [e for e in events if e.policy_id not in failed]
         for out in outputs:
-            key = getattr(out, "policy_id", None) or events[0].policy_id
+            key = getattr(out, "policy_id", None) or unit[0][1].policy_id
             fut = await self.sink.send(key=key.encode(), value=encode_event(out), force=True)
             await fut
             metrics.record_output(out)

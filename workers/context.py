@@ -19,8 +19,8 @@ from workers.state import PolicyState, RevisionPointer, serve_name
 if TYPE_CHECKING:
     from workers.artifacts import ArtifactStore
     from workers.catalog_service import Catalog
-    from workers.grpo import PolicyTrainer
     from workers.model import LoraSpec
+    from workers.multitrainer import MultiPolicyTrainer
     from workers.sampling import EmbeddedEngine, EngineSampler
 
 
@@ -32,7 +32,7 @@ class StageContext:
     state: PolicyState
     _engine: EngineSampler | None = field(default=None, repr=False)
     _embedded: EmbeddedEngine | None = field(default=None, repr=False)
-    _trainer: PolicyTrainer | None = field(default=None, repr=False)
+    _trainer: MultiPolicyTrainer | None = field(default=None, repr=False)
     _store: ArtifactStore | None = field(default=None, repr=False)
     _catalog: Catalog | None = field(default=None, repr=False)
     _sources: dict[str, SourcePosition] = field(default_factory=dict, repr=False)
@@ -113,13 +113,14 @@ class StageContext:
             self._embedded = None
 
     @property
-    def trainer(self) -> PolicyTrainer:
+    def trainer(self) -> MultiPolicyTrainer:
+        """All policies share one base and train in batched multi-policy steps."""
         with self._lock:
             if self._trainer is None:
-                from workers.grpo import PolicyTrainer
+                from workers.multitrainer import MultiPolicyTrainer
 
                 s = self.settings
-                self._trainer = PolicyTrainer(
+                self._trainer = MultiPolicyTrainer(
                     self.base_path,
                     self.lora,
                     lr=s.learning_rate,

@@ -18,9 +18,10 @@ recomputes each layer with the same routing.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,8 @@ class MultiLoraExperts(nn.Module):
         if getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False):
             raise ValueError(f"{type(experts).__name__}: only [E, out, in] experts without bias")
         self.experts = experts
+        self.num_experts = int(cast(torch.Tensor, experts.gate_up_proj).shape[0])
+        self.act_fn = cast(Callable[[torch.Tensor], torch.Tensor], experts.act_fn)
         self.routing = routing
         self.lora_A = nn.ParameterDict()  # "<param>_s<slot>" -> [E, r, in]
         self.lora_B = nn.ParameterDict()  # "<param>_s<slot>" -> [E, out, r]
@@ -126,7 +129,7 @@ class MultiLoraExperts(nn.Module):
     def add_slot(self, slot: int, rank: int) -> list[nn.Parameter]:
         params = []
         for name in EXPERT_PARAMS:
-            w = getattr(self.experts, name)
+            w = self.weight(name)
             e, out, inp = w.shape
             a = nn.Parameter(torch.zeros(e, rank, inp, dtype=w.dtype, device=w.device))
             b = nn.Parameter(torch.zeros(e, out, rank, dtype=w.dtype, device=w.device))
@@ -138,6 +141,10 @@ class MultiLoraExperts(nn.Module):
         for name in EXPERT_PARAMS:
             del self.lora_A[f"{name}_s{slot}"], self.lora_B[f"{name}_s{slot}"]
 
+    def weight(self, name: str) -> torch.Tensor:
+        """The frozen fused expert weight [E, out, in] (the original Parameter, not a copy)."""
+        return cast(torch.Tensor, getattr(self.experts, name))
+
     def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         slots = self.routing.slots
         if not slots:
@@ -148,7 +155,7 @@ class MultiLoraExperts(nn.Module):
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        ex = self.experts
+        w_gate_up, w_down = self.weight("gate_up_proj"), self.weight("down_proj")
         out = torch.zeros_like(hidden)
         gu, dn = self._factors("gate_up_proj"), self._factors("down_proj")
         r = self.routing
@@ -157,17 +164,17 @@ class MultiLoraExperts(nn.Module):
             tok_scale = (r.row_mask(hidden) if r.single is None else
                          torch.full((hidden.shape[0], 1), r.scales[r.single], dtype=hidden.dtype))
         with torch.no_grad():
-            hits = F.one_hot(top_k_index, num_classes=ex.num_experts).permute(2, 1, 0)
+            hits = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
             experts_hit = torch.greater(hits.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
         for e in experts_hit:
             pos, tok = torch.where(hits[e])
             x = hidden[tok]
-            h = F.linear(x, ex.gate_up_proj[e])
+            h = F.linear(x, w_gate_up[e])
             if gu is not None and tok_scale is not None:
                 h = h + F.linear(F.linear(x, gu[0][e]) * tok_scale[tok], gu[1][e])
             gate, up = h.chunk(2, dim=-1)
-            h = ex.act_fn(gate) * up
-            y = F.linear(h, ex.down_proj[e])
+            h = self.act_fn(gate) * up
+            y = F.linear(h, w_down[e])
             if dn is not None and tok_scale is not None:
                 y = y + F.linear(F.linear(h, dn[0][e]) * tok_scale[tok], dn[1][e])
             out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
@@ -225,8 +232,10 @@ class MultiLora:
         return params
 
     def remove_slot(self, slot: int) -> None:
-        for layer in (*self.linears.values(), *self.experts.values()):
-            layer.remove_slot(slot)
+        for linear in self.linears.values():
+            linear.remove_slot(slot)
+        for ex in self.experts.values():
+            ex.remove_slot(slot)
         del self.routing.ranks[slot], self.routing.scales[slot]
 
     @contextmanager
@@ -241,7 +250,7 @@ class MultiLora:
     def _dtype(self) -> torch.dtype:
         for layer in self.linears.values():
             return layer.base.weight.dtype
-        return next(iter(self.experts.values())).experts.gate_up_proj.dtype
+        return next(iter(self.experts.values())).weight("gate_up_proj").dtype
 
     def export(self, slot: int) -> dict[str, torch.Tensor]:
         """The slot as a peft state dict (saved-key format: adapter name stripped, fp32)."""

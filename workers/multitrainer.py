@@ -99,7 +99,7 @@ class MultiPolicyTrainer:
         seed: int = 0, dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
     ) -> None:
         base, self.tokenizer = load_base_model(Path(base_path))
-        self.base = base.to(dtype)
+        self.base = base.to(dtype=dtype)  # type: ignore[call-arg]
         self.multi = MultiLora.install(self.base, lora.target_modules)
         self.lora, self.lr, self.clip_eps, self.kl_beta = lora, lr, clip_eps, kl_beta
         self.max_grad_norm, self.temperature, self.seed = max_grad_norm, temperature, seed

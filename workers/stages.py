@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
@@ -23,9 +24,12 @@ from schemas.events import (
 )
 from workers import catalog_stages
 from workers.context import StageContext
-from workers.errors import PoisonEventError
+from workers.errors import PoisonEventError, PolicyFailures
 from workers.ids import derive_id, derive_seed
 from workers.state import RevisionPointer, serve_name
+
+if TYPE_CHECKING:
+    from workers.grpo import StepResult
 
 EVAL_SEED = 1234
 EVAL_SAMPLES = 4
@@ -88,47 +92,72 @@ def reward(ctx: StageContext, event: RolloutGenerated) -> list[BaseModel]:
 
 
 def update(ctx: StageContext, events: list[RolloutRewarded]) -> list[BaseModel]:
-    """One GRPO step over every ready group of one policy; every `export_every` steps, stage a
-    revision (the trainer owns the optimizer, so it also writes the resumable checkpoint)."""
+    """One batched GRPO step over every ready group of every policy in `events`: all policies'
+    rows share ONE forward/backward over the base (`MultiPolicyTrainer.step_many`), and each
+    policy stepped gets its own PolicyUpdated. Every `export_every` steps a policy stages a
+    revision (the trainer owns the optimizer, so it also writes the resumable checkpoint).
+
+    Failures are per policy: if some policies fail and others trained, `PolicyFailures` carries
+    the others' outputs so the runner sends them and dead-letters only the failed policies'
+    events; a lone failure is raised as is.
+    """
     from workers.grpo import TrainGroup
 
-    policy = events[0].policy_id
-    if any(e.policy_id != policy for e in events):
-        raise ValueError("update() takes one policy's events")
+    by_policy: dict[str, list[RolloutRewarded]] = {}
+    for e in events:
+        by_policy.setdefault(e.policy_id, []).append(e)
+    failures: dict[str, Exception] = {}
+    for policy in by_policy:
+        try:
+            _restore_trainer(ctx, policy)
+        except Exception as exc:  # e.g. an unreadable checkpoint: only this policy fails
+            failures[policy] = exc
+    batches = {
+        policy: [TrainGroup(prompt_ids=e.rollout.prompt_ids,
+                            completions=[c.token_ids for c in e.rollout.completions],
+                            old_logprobs=[c.logprobs for c in e.rollout.completions],
+                            rewards=e.rewards) for e in evs]
+        for policy, evs in by_policy.items() if policy not in failures
+    }
+    outputs: list[BaseModel] = []
+    for policy, result in ctx.trainer.step_many(batches).items():
+        try:
+            if isinstance(result, Exception):
+                raise result
+            outputs.append(_updated(ctx, policy, by_policy[policy], result))
+        except Exception as exc:
+            failures[policy] = exc
+    if failures and not outputs and len(failures) == 1:
+        raise next(iter(failures.values()))
+    if failures:
+        raise PolicyFailures(outputs, failures)
+    return outputs
+
+
+def _updated(ctx: StageContext, policy: str, events: list[RolloutRewarded],
+             result: StepResult) -> PolicyUpdated:
+    """A stepped policy's PolicyUpdated, staging its revision and checkpoint when due."""
     trainer = ctx.trainer
-    _restore_trainer(ctx, policy)
-    groups = [
-        TrainGroup(
-            prompt_ids=e.rollout.prompt_ids,
-            completions=[c.token_ids for c in e.rollout.completions],
-            old_logprobs=[c.logprobs for c in e.rollout.completions],
-            rewards=e.rewards,
-        )
-        for e in events
-    ]
-    result = trainer.step(policy, groups)
     checkpoint = None
     if result.step % ctx.settings.export_every == 0:
         staged = ctx.store.stage(policy, result.step, trainer.adapter_state(policy))
         checkpoint = str(staged)
         trainer.save_checkpoint(policy, ctx.store.root / "checkpoints" / policy)
         ctx.state.set_checkpoint(policy, result.step)
-    return [
-        PolicyUpdated(
-            event_id=derive_id("update", *sorted(e.event_id for e in events)),
-            policy_id=policy,
-            step=result.step,
-            loss=result.loss,
-            mean_reward=result.mean_reward,
-            kl=result.kl,
-            grad_norm=result.grad_norm,
-            tokens=result.tokens,
-            rollout_ids=[e.rollout.event_id for e in events],
-            checkpoint=checkpoint,
-            sources=[s for e in events if (s := ctx.source_of(e.event_id)) is not None],
-            reward_fns={e.reward_fn: e.reward_version for e in events},
-        )
-    ]
+    return PolicyUpdated(
+        event_id=derive_id("update", *sorted(e.event_id for e in events)),
+        policy_id=policy,
+        step=result.step,
+        loss=result.loss,
+        mean_reward=result.mean_reward,
+        kl=result.kl,
+        grad_norm=result.grad_norm,
+        tokens=result.tokens,
+        rollout_ids=[e.rollout.event_id for e in events],
+        checkpoint=checkpoint,
+        sources=[s for e in events if (s := ctx.source_of(e.event_id)) is not None],
+        reward_fns={e.reward_fn: e.reward_version for e in events},
+    )
 
 
 def _restore_trainer(ctx: StageContext, policy: str) -> None:
