@@ -42,6 +42,10 @@ from workers.multisample import Completion, SampleRequest, sample_many
 
 HEAD_CHUNK = 256
 """Completion positions per LM-head chunk: only one chunk's [chunk, vocab] logits is ever live."""
+CHECKPOINT_ABOVE_TOKENS = 512
+"""A pass over more (padded) tokens than this recomputes each decoder layer in backward instead
+of keeping its activations: a K-policy pass then holds little more than one policy's activation
+memory (layer inputs only), so batching policies does not raise the trainer's peak memory."""
 
 StepOutcome = StepResult | TrainingRejected | PoisonEventError
 
@@ -97,16 +101,19 @@ class MultiPolicyTrainer:
         self, base_path: Path, lora: LoraSpec, *, lr: float = 2e-2, clip_eps: float = 0.2,
         kl_beta: float = 0.0, max_grad_norm: float = 1.0, temperature: float = 1.0,
         seed: int = 0, dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
+        checkpoint_above_tokens: int | None = CHECKPOINT_ABOVE_TOKENS,
     ) -> None:
         base, self.tokenizer = load_base_model(Path(base_path))
         self.base = base.to(dtype=dtype)  # type: ignore[call-arg]
         self.multi = MultiLora.install(self.base, lora.target_modules)
         self.lora, self.lr, self.clip_eps, self.kl_beta = lora, lr, clip_eps, kl_beta
         self.max_grad_norm, self.temperature, self.seed = max_grad_norm, temperature, seed
-        self.gradient_checkpointing = gradient_checkpointing
-        if gradient_checkpointing:
-            self.base.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.gradient_checkpointing = gradient_checkpointing  # True: every pass
+        self.checkpoint_above_tokens = checkpoint_above_tokens
+        # HF checkpoints a layer only in train mode, so `_pass` picks per pass with .train().
+        self.base.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.base.eval()
         self._policies: dict[str, _Policy] = {}
         self._next_slot = 0
         self._lock = threading.RLock()
@@ -138,7 +145,7 @@ class MultiPolicyTrainer:
 
     def _new_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
         # No weight decay: a zero-advantage step must not shrink the adapter.
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0, foreach=True)
 
     def _require(self, policy_id: str) -> _Policy:
         if policy_id not in self._policies:
@@ -186,7 +193,7 @@ class MultiPolicyTrainer:
             bounds.append((start, start + it.batch.ids.shape[0]))
             start = bounds[-1][1]
         slots = [it.policy.slot for it in items for _ in range(it.batch.ids.shape[0])]
-        self.base.train(self.gradient_checkpointing)  # HF checkpoints only in train mode
+        self.base.train(self._checkpoint(batch))  # dropout is 0: train mode only checkpoints
         out: dict[str, tuple[float, float, float] | None] = {}
         try:
             with self.multi.route(slots):  # kept through backward: checkpointing recomputes
@@ -220,6 +227,10 @@ class MultiPolicyTrainer:
                 torch.tensor(0.0)
             out[it.policy_id] = (done[0], done[1], float(norm)) if torch.isfinite(norm) else None
         return out
+
+    def _checkpoint(self, batch: _Batch) -> bool:
+        limit = self.checkpoint_above_tokens
+        return self.gradient_checkpointing or (limit is not None and batch.ids.numel() > limit)
 
     @staticmethod
     def _clear(items: list[_Item]) -> None:
@@ -293,13 +304,14 @@ class MultiPolicyTrainer:
     @_locked
     def sample_many(
         self, requests: Sequence[tuple[list[int], str | None, int]], *, max_new_tokens: int,
-        seed: int | None = None,
+        seed: int | None = None, stop_at_eos: bool = True,
     ) -> list[list[Completion]]:
         """(prompt ids, policy or None, n) requests from the LIVE adapters, in one pass, at the
-        trainer's temperature, so the log-probs are this trainer's own GRPO `old` term."""
+        trainer's temperature, so the log-probs are this trainer's own GRPO `old` term.
+        `stop_at_eos=False` always samples `max_new_tokens` (fixed-size work for benchmarks)."""
         reqs = [SampleRequest(prompt, None if pid is None else self._policy(pid).slot, n)
                 for prompt, pid, n in requests]
-        eos = int(self.tokenizer.eos_token_id)
+        eos = int(self.tokenizer.eos_token_id) if stop_at_eos else -1  # -1: no token matches
         return sample_many(self.base, self.multi, reqs, max_new_tokens=max_new_tokens,
                            temperature=self.temperature, eos_id=eos, pad_id=self._pad_id,
                            seed=seed)
