@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from schemas.codec import encode_event
 from schemas.events import Event
+from streams import metrics
 from streams.agents import Decoded, Received, StageRunner
 from workers import faults, guards
 from workers.errors import PoisonEventError, TrainingRejected
@@ -35,6 +36,18 @@ class GuardedStageRunner(StageRunner):
     """A `StageRunner` that also enforces the guards; `control` is where `PolicyPaused` goes."""
 
     control: faust.TopicT | None = None
+
+    def _units(self, fresh: list[Decoded]) -> list[list[Decoded]]:
+        """Drop copies of one event within a batch: seen-marks only see handled units, and a
+        copy redelivered next to its original (a producer that crashed after sending, before
+        marking) would otherwise be trained twice, under one event id."""
+        unique: dict[str, Decoded] = {}
+        for item, event in fresh:
+            unique.setdefault(event.event_id, (item, event))
+        if len(unique) < len(fresh):
+            metrics.EVENTS.labels(stage=self.spec.name, outcome="duplicate").inc(
+                len(fresh) - len(unique))
+        return super()._units(list(unique.values()))
 
     async def _handle(self, unit: list[Decoded]) -> list[BaseModel]:
         admitted = await self._admit(unit)

@@ -20,6 +20,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from workers import faults
 from workers.errors import PoisonEventError
 from workers.model import LoraSpec
 
@@ -111,6 +112,7 @@ class ArtifactStore:
                 _write_synced(tmp / CONFIG_FILE,
                               json.dumps(config, indent=2, sort_keys=True).encode())
                 _fsync_dir(tmp)
+                faults.hit("artifact:before_rename")  # test-only crash window
                 try:
                     os.rename(tmp, final)
                 except OSError:

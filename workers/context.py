@@ -103,7 +103,9 @@ class StageContext:
                         target_modules=self.lora.target_modules,
                     )
                     url = self._embedded.url
-                self._engine = EngineSampler.connect(url, self.base_path)
+                token = self.settings.engine_admin_token
+                self._engine = EngineSampler.connect(
+                    url, self.base_path, token.get_secret_value() if token else None)
             return self._engine
 
     def close(self) -> None:
@@ -128,6 +130,7 @@ class StageContext:
                     kl_beta=s.kl_beta,
                     temperature=s.temperature,
                     seed=s.seed,
+                    max_grad_norm_reject=s.max_grad_norm_reject,
                 )
             return self._trainer
 
@@ -138,5 +141,7 @@ class StageContext:
         name = serve_name(policy_id, rev.revision)
         if rev.sha256 is None:
             raise KeyError(f"revision {name} has no artifact")
-        self.engine.ensure_adapter(name, self.store.adapter_path(rev.sha256))
+        sha = rev.sha256
+        self.engine.ensure_adapter(name, self.store.adapter_path(sha),
+                                   verify=lambda: self.store.verify(sha))
         return name

@@ -102,6 +102,7 @@ class MultiPolicyTrainer:
         kl_beta: float = 0.0, max_grad_norm: float = 1.0, temperature: float = 1.0,
         seed: int = 0, dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
         checkpoint_above_tokens: int | None = CHECKPOINT_ABOVE_TOKENS,
+        max_grad_norm_reject: float | None = None,
     ) -> None:
         base, self.tokenizer = load_base_model(Path(base_path))
         self.base = base.to(dtype=dtype)  # type: ignore[call-arg]
@@ -110,6 +111,8 @@ class MultiPolicyTrainer:
         self.max_grad_norm, self.temperature, self.seed = max_grad_norm, temperature, seed
         self.gradient_checkpointing = gradient_checkpointing  # True: every pass
         self.checkpoint_above_tokens = checkpoint_above_tokens
+        # A pre-clip gradient norm above this rejects the step (clipping would hide a blow-up).
+        self.max_grad_norm_reject = max_grad_norm_reject
         # HF checkpoints a layer only in train mode, so `_pass` picks per pass with .train().
         self.base.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -272,9 +275,14 @@ class MultiPolicyTrainer:
 
     def _apply(self, it: _Item, done: tuple[float, float, float] | None,
                results: dict[str, StepOutcome]) -> None:
+        reject = self.max_grad_norm_reject
         if done is None:
             results[it.policy_id] = TrainingRejected(
                 f"non-finite loss or gradient for policy {it.policy_id!r}")
+        elif reject is not None and done[2] > reject:
+            results[it.policy_id] = TrainingRejected(
+                f"exploding gradient for policy {it.policy_id!r}: pre-clip norm {done[2]:.4g} "
+                f"exceeds max_grad_norm_reject {reject:g}")
         else:
             it.policy.optimizer.step()
             it.policy.steps += 1

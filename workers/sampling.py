@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import urllib.error
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from workers.errors import RetryableError
+from workers.errors import PoisonEventError, RetryableError
 from workers.serving.client import Generation, SGLangClient, SGLangError
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ class Sampler(Protocol):
 
     def encode(self, prompt: str) -> list[int]: ...
 
-    def ensure_adapter(self, name: str, path: Path) -> None: ...
+    def ensure_adapter(self, name: str, path: Path,
+                       verify: Callable[[], bool] | None = None) -> None: ...
 
     def generate(self, prompts: list[str], adapter: str | None, *, n: int,
                  max_new_tokens: int, temperature: float = 1.0,
@@ -56,18 +57,23 @@ class EngineSampler:
         self._lock = threading.Lock()
 
     @classmethod
-    def connect(cls, url: str, base_path: Path) -> EngineSampler:
-        return cls(SGLangClient(url), AutoTokenizer.from_pretrained(str(base_path)))
+    def connect(cls, url: str, base_path: Path, api_key: str | None = None) -> EngineSampler:
+        return cls(SGLangClient(url, api_key=api_key),
+                   AutoTokenizer.from_pretrained(str(base_path)))
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt ids as the engine sees them: the same tokenizer files as the base model."""
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def ensure_adapter(self, name: str, path: Path) -> None:
-        """Load once per name; serve names are immutable, so a loaded name is never stale."""
+    def ensure_adapter(self, name: str, path: Path,
+                       verify: Callable[[], bool] | None = None) -> None:
+        """Load once per name; serve names are immutable, so a loaded name is never stale.
+        `verify` (the artifact's sha256 check) runs before a load: a corrupt file never loads."""
         with self._lock:
             if name in self._loaded:
                 return
+            if verify is not None and not verify():
+                raise PoisonEventError(f"adapter {name} at {path} failed its sha256 check")
             try:
                 self._call(self.client.load_lora_adapter, name, str(path))
             except SGLangError as exc:

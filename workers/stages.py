@@ -22,7 +22,7 @@ from schemas.events import (
     RolloutGenerated,
     RolloutRewarded,
 )
-from workers import catalog_stages
+from workers import catalog_stages, step_journal
 from workers.context import StageContext
 from workers.errors import PoisonEventError, PolicyFailures
 from workers.ids import derive_id, derive_seed
@@ -107,7 +107,15 @@ def update(ctx: StageContext, events: list[RolloutRewarded]) -> list[BaseModel]:
     for e in events:
         by_policy.setdefault(e.policy_id, []).append(e)
     failures: dict[str, Exception] = {}
+    for policy in by_policy:  # resume from the newest durable step (exactly-once after a crash)
+        try:
+            step_journal.restore_from_journal(ctx, policy)
+        except Exception as exc:
+            failures[policy] = exc
+    replayed, by_policy = step_journal.split_replayed(ctx, by_policy)
     for policy in by_policy:
+        if policy in failures:
+            continue
         try:
             _restore_trainer(ctx, policy)
         except Exception as exc:  # e.g. an unreadable checkpoint: only this policy fails
@@ -119,12 +127,14 @@ def update(ctx: StageContext, events: list[RolloutRewarded]) -> list[BaseModel]:
                             rewards=e.rewards) for e in evs]
         for policy, evs in by_policy.items() if policy not in failures
     }
-    outputs: list[BaseModel] = []
-    for policy, result in ctx.trainer.step_many(batches).items():
+    outputs: list[BaseModel] = list(replayed)
+    for policy, result in (ctx.trainer.step_many(batches) if batches else {}).items():
         try:
             if isinstance(result, Exception):
                 raise result
-            outputs.append(_updated(ctx, policy, by_policy[policy], result))
+            out = _updated(ctx, policy, by_policy[policy], result)
+            step_journal.commit_step(ctx, out, by_policy[policy])  # durable before it is sent
+            outputs.append(out)
         except Exception as exc:
             failures[policy] = exc
     if failures and not outputs and len(failures) == 1:

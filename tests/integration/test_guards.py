@@ -17,22 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from infra.settings import REPO_ROOT, Settings, settings_env
 from schemas.codec import encode_event
 from schemas.events import (
-    AdapterEvaluated,
     AdapterExported,
     Completion,
     InteractionLogged,
-    PolicyUpdated,
     RolloutGenerated,
     RolloutRewarded,
 )
 from tests.helpers import wait_for
+from tests.integration.stage_support import evaluate_with, export_step, promote_guarded
 from tests.integration.worker_support import produce_raw, read_topic, start_worker, stop_worker
-from workers import guards, stages
+from workers import guards
 from workers.catalog_index import CatalogIndex
 from workers.context import StageContext
 
@@ -103,53 +101,24 @@ def ctx(run: Settings) -> Iterator[StageContext]:
     c.catalog.close()
 
 
-def _export(ctx: StageContext, policy: str, step: int) -> AdapterExported:
-    staged = ctx.store.stage(policy, step, {"w": torch.full((2, 2), float(step))})
-    up = PolicyUpdated(policy_id=policy, step=step, loss=0.0, mean_reward=0.0, tokens=1,
-                       checkpoint=str(staged))
-    (exported,) = stages.export(ctx, up)
-    assert isinstance(exported, AdapterExported)
-    return exported
-
-
-def _evaluate(ctx: StageContext, exported: AdapterExported,
-              scores: dict[int, float]) -> AdapterEvaluated:
-    """Evaluate with known held-out scores (cached the way the evaluate stage caches them)."""
-    import hashlib
-
-    heldout = ctx.state.heldout(exported.policy_id)
-    fp = hashlib.sha256("".join(h.event_id for h in heldout).encode()).hexdigest()[:12]
-    for rev, score in scores.items():
-        ctx.state.cache_score(exported.policy_id, f"{rev}:{fp}", score)
-    (ev,) = stages.evaluate(ctx, exported)
-    assert isinstance(ev, AdapterEvaluated)
-    return ev
-
-
-def _promote(ctx: StageContext, ev: AdapterEvaluated) -> list[Any]:
-    """What the guarded promote agent does: admission, then the stage."""
-    guards.admit(ctx, "promote", ev)
-    return stages.promote(ctx, ev)
-
-
 def _three_revisions(ctx: StageContext) -> list[AdapterExported]:
     ctx.state.add_heldout(InteractionLogged(policy_id="p", prompt="held?", split="eval"))
-    return [_export(ctx, "p", step) for step in (2, 4, 6)]
+    return [export_step(ctx, "p", step) for step in (2, 4, 6)]
 
 
 def test_worse_than_serving_is_never_promoted(ctx: StageContext) -> None:
     r1, r2, r3 = _three_revisions(ctx)
     scores = {0: 0.2, 1: 0.6, 2: 0.5, 3: 0.4}
-    ev1, ev2 = (_evaluate(ctx, r, scores) for r in (r1, r2))
+    ev1, ev2 = (evaluate_with(ctx, r, scores) for r in (r1, r2))
     assert ev2.passed and ev2.baseline_revision == 0  # evaluated before r1 served
-    assert len(_promote(ctx, ev1)) == 1 and ctx.state.serving("p").revision == 1
+    assert len(promote_guarded(ctx, ev1)) == 1 and ctx.state.serving("p").revision == 1
     with pytest.raises(guards.NotBetterError, match="r1 serves now"):
-        _promote(ctx, ev2)  # beat r0 when evaluated, but r1 serves now and is better
-    worse = _evaluate(ctx, r3, scores)
-    assert not worse.passed and _promote(ctx, worse) == []
+        promote_guarded(ctx, ev2)  # beat r0 when evaluated, but r1 serves now and is better
+    worse = evaluate_with(ctx, r3, scores)
+    assert not worse.passed and promote_guarded(ctx, worse) == []
     forged = worse.model_copy(update={"passed": True})
     with pytest.raises(guards.NotBetterError, match="not above serving"):
-        _promote(ctx, forged)
+        promote_guarded(ctx, forged)
     assert ctx.state.serving("p").revision == 1
     entry = CatalogIndex(ctx.settings).get("p")
     assert entry is not None and entry.serving == 1
@@ -158,7 +127,7 @@ def test_worse_than_serving_is_never_promoted(ctx: StageContext) -> None:
 def test_low_online_reward_rolls_serving_back(ctx: StageContext) -> None:
     r1, r2, _ = _three_revisions(ctx)
     for exported, scores in ((r1, {0: 0.1, 1: 0.5}), (r2, {1: 0.5, 2: 0.9})):
-        assert len(_promote(ctx, _evaluate(ctx, exported, scores))) == 1
+        assert len(promote_guarded(ctx, evaluate_with(ctx, exported, scores))) == 1
     assert ctx.state.serving("p").revision == 2
     good = [_rewarded("p", [0.9, 0.8], revision=2) for _ in range(3)]
     assert guards.observe_rewards(ctx, good) == []

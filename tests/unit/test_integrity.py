@@ -50,6 +50,23 @@ def test_load_and_unload_require_the_admin_token(guarded: ServerThread, base_dir
     assert admin.unload_lora_adapter("a@1").success
 
 
+def test_the_sampler_refuses_an_adapter_that_fails_its_sha256(guarded: ServerThread,
+                                                               base_dir: Path,  # noqa: F811
+                                                               tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from workers.sampling import EngineSampler
+
+    adapter = make_adapter(base_dir, tmp_path / "b")
+    sampler = EngineSampler(SGLangClient(guarded.url, api_key=TOKEN),
+                            AutoTokenizer.from_pretrained(str(base_dir)))
+    with pytest.raises(PoisonEventError, match="sha256"):
+        sampler.ensure_adapter("b@1", adapter, verify=lambda: False)
+    assert "b@1" not in {m["id"] for m in SGLangClient(guarded.url).models()}
+    sampler.ensure_adapter("b@1", adapter, verify=lambda: True)
+    assert "b@1" in {m["id"] for m in SGLangClient(guarded.url).models()}
+
+
 # Anything that would unpickle (or pickle) on the wire or on disk.
 PICKLE = re.compile(
     r"\bimport (pickle|cPickle|dill|cloudpickle|joblib)\b|\bfrom (pickle|dill|cloudpickle|joblib)"

@@ -1,0 +1,40 @@
+"""Stage functions driven by hand with known scores (real Redis, real catalog topic): export a
+revision from given tensors, evaluate with cached held-out scores, promote through the guards."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from schemas.events import AdapterEvaluated, AdapterExported, PolicyUpdated
+from workers import guards, stages
+from workers.context import StageContext
+
+
+def export_step(ctx: StageContext, policy: str, step: int) -> AdapterExported:
+    staged = ctx.store.stage(policy, step, {"w": torch.full((2, 2), float(step))})
+    up = PolicyUpdated(policy_id=policy, step=step, loss=0.0, mean_reward=0.0, tokens=1,
+                       checkpoint=str(staged))
+    (exported,) = stages.export(ctx, up)
+    assert isinstance(exported, AdapterExported)
+    return exported
+
+
+def evaluate_with(ctx: StageContext, exported: AdapterExported,
+              scores: dict[int, float]) -> AdapterEvaluated:
+    """Evaluate with known held-out scores (cached the way the evaluate stage caches them)."""
+    heldout = ctx.state.heldout(exported.policy_id)
+    fp = hashlib.sha256("".join(h.event_id for h in heldout).encode()).hexdigest()[:12]
+    for rev, score in scores.items():
+        ctx.state.cache_score(exported.policy_id, f"{rev}:{fp}", score)
+    (ev,) = stages.evaluate(ctx, exported)
+    assert isinstance(ev, AdapterEvaluated)
+    return ev
+
+
+def promote_guarded(ctx: StageContext, ev: AdapterEvaluated) -> list[Any]:
+    """What the guarded promote agent does: admission, then the stage."""
+    guards.admit(ctx, "promote", ev)
+    return stages.promote(ctx, ev)

@@ -1,0 +1,146 @@
+"""Restarts on the real broker and Redis: Redis state wiped and rebuilt from the catalog, and a
+serving engine killed and brought back, reloading its assignment by itself.
+
+The "flush" deletes every key of this test's namespace (its Redis prefix), which is what a
+FLUSHDB means to one pipeline, without wiping the shared test Redis other suites use.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import safetensors.torch
+
+from infra.settings import REPO_ROOT, Settings, settings_env
+from schemas.events import InteractionLogged
+from tests.helpers import wait_for
+from tests.integration.stage_support import evaluate_with, export_step, promote_guarded
+from tests.serving_support import make_adapter
+from workers.artifacts import WEIGHTS_FILE, ArtifactStore, adapter_config
+from workers.catalog_index import CatalogIndex
+from workers.context import StageContext
+from workers.model import LoraSpec
+from workers.serving.client import SGLangClient, SGLangError
+from workers.state import PolicyState, RevisionPointer
+
+TOKEN = "engine-admin-token"
+
+
+def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **settings_env(settings)}
+    return subprocess.run([sys.executable, "-m", "streams.cli", *args], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _snapshot(ctx: StageContext) -> dict[str, Any]:
+    state, entry = ctx.state, CatalogIndex(ctx.settings).get("p")
+    assert entry is not None
+    return {"head": state.head("p").revision, "serving": state.serving("p").revision,
+            "hot": state.hot_set(),
+            "revisions": {n: state.revision("p", n).sha256 for n in (1, 2)},
+            "catalog": (entry.serving, entry.candidate, sorted(entry.revisions))}
+
+
+def test_redis_flushed_and_rebuilt_from_the_catalog(settings: Settings,
+                                                    redis_client: redis.Redis,
+                                                    tiny_model_dir: Path) -> None:
+    ctx = StageContext.create(settings.model_copy(update={"base_model": tiny_model_dir}))
+    ctx.state.add_heldout(InteractionLogged(policy_id="p", prompt="held?", split="eval"))
+    r1, r2 = export_step(ctx, "p", 2), export_step(ctx, "p", 4)
+    assert len(promote_guarded(ctx, evaluate_with(ctx, r1, {0: 0.1, 1: 0.5}))) == 1
+    before = _snapshot(ctx)
+    assert before["head"] == 2 and before["serving"] == 1 and before["hot"] == ["p@1"]
+
+    keys = list(redis_client.scan_iter(match=f"{settings.redis_prefix}*"))
+    redis_client.delete(*keys)  # the namespace's FLUSHDB
+    assert ctx.state.head("p").revision == 0 and CatalogIndex(settings).get("p") is None
+
+    done = _cli(settings, "catalog", "rebuild", "--json")
+    assert done.returncode == 0, done.stderr
+    assert _snapshot(ctx) == before
+    r3 = export_step(ctx, "p", 6)  # numbering continues without a gap or a reuse
+    assert r3.revision == 3 and ctx.state.head("p").revision == 3
+    del r2
+    ctx.catalog.close()
+
+
+@pytest.fixture
+def engine_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def served(settings: Settings, tiny_model_dir: Path, tmp_path: Path) -> Settings:
+    """alice@1 in the artifact store, recorded, serving: the hot set an engine must hold."""
+    run = settings.model_copy(update={"base_model": tiny_model_dir,
+                                      "engine_admin_token": TOKEN})
+    src = make_adapter(tiny_model_dir, tmp_path / "alice-1", seed=1, scale=0.5)
+    tensors = safetensors.torch.load_file(str(src / WEIGHTS_FILE))
+    ref = ArtifactStore(run.artifacts).put_adapter(
+        tensors, adapter_config(LoraSpec(), str(tiny_model_dir)))
+    state = PolicyState(run)
+    state.record_revision("alice", RevisionPointer(1, sha256=ref.sha256, path=str(ref.path)))
+    state.set_serving("alice", 1)
+    return run
+
+
+def _start_engine(run: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "engine", "--port", str(port),
+             "--engine-id", "e1", "--max-lora-rank", "4", "--max-loaded-loras", "4"],
+            env={**os.environ, **settings_env(run)}, cwd=REPO_ROOT, stdout=out,
+            stderr=subprocess.STDOUT)
+
+
+def _loaded(url: str) -> set[str]:
+    try:
+        return {m["id"] for m in SGLangClient(url, timeout=2).models()}
+    except OSError:
+        return set()
+
+
+@pytest.fixture
+def engine_log(tmp_path: Path) -> Iterator[Path]:
+    log = tmp_path / "engine.log"
+    yield log
+    if log.exists():
+        print(log.read_text(errors="replace")[-3000:])
+
+
+def test_killed_engine_comes_back_with_its_assignment(served: Settings, engine_port: int,
+                                                      engine_log: Path) -> None:
+    url = f"http://127.0.0.1:{engine_port}"
+    proc = _start_engine(served, engine_port, engine_log)
+    try:
+        wait_for(lambda: "alice@1" in _loaded(url), 120, interval=0.2,
+                 message="the engine loaded its share of the hot set")
+        with pytest.raises(SGLangError) as refused:
+            SGLangClient(url).unload_lora_adapter("alice@1")  # no token: refused
+        assert refused.value.status == 401
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        assert _loaded(url) == set()
+        proc = _start_engine(served, engine_port, engine_log)
+        wait_for(lambda: "alice@1" in _loaded(url), 120, interval=0.2,
+                 message="the restarted engine reloaded alice@1 by itself")
+        (out,) = SGLangClient(url).generate("hi", lora_path="alice@1",
+                                            sampling_params={"max_new_tokens": 2})
+        assert out.text is not None
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
