@@ -1,0 +1,119 @@
+"""Sustained ingest through the first stage (rollout) on one worker process.
+
+`python -m loadtests.pipeline --events 100000 --json`
+
+A producer pushes N interaction logs into `interactions` as fast as the SDK producer takes them
+while one `lorastream worker --stages rollout` process consumes them; the broker-side lag of the
+worker's group is sampled every 0.5 s. The events are held-out prompts (`split: "eval"`), which
+the rollout stage validates, deduplicates, admits and stores in Redis without sampling: this
+measures the stage machinery (decode, schema, seen-marks, guards, Redis, commit), not the
+model — sampling G completions per prompt on a CPU engine runs at tens of groups per second and
+would measure the model instead.
+
+`events_per_s` = N / (first send → the group's committed offsets reach the log end);
+`max_lag` = the largest lag sampled; `drain_s` = last send → lag 0. Runs in its own namespace
+(topic, group and Redis prefixes), removed afterwards. Progress on stderr; the last stdout line
+is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+import redis
+
+from infra import admin
+from infra.settings import REPO_ROOT, Settings, settings_env
+from streams.app import group_id
+from streams.producer import InteractionProducer
+
+
+def log(msg: str) -> None:
+    print(f"[pipeline-bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _lag(settings: Settings, group: str) -> int | None:
+    rows = [r for r in admin.consumer_lag(settings, group)
+            if r.topic == settings.topic("interactions")]
+    return sum(r.lag for r in rows) if rows else None
+
+
+def _produce(settings: Settings, n: int, done: dict[str, float]) -> None:
+    with InteractionProducer(settings, linger_ms=20, batch_size=512 * 1024) as producer:
+        for i in range(n):
+            producer.send({"policy_id": f"bench-{i % 64}", "prompt": f"held out prompt {i}?",
+                           "task": "length", "split": "eval"})
+            if i and i % 20000 == 0:
+                log(f"queued {i}/{n}")
+    done["sent"] = time.monotonic()
+
+
+def _measure(settings: Settings, n: int, timeout_s: float) -> dict[str, float | int]:
+    group = group_id(settings, ["rollout"])
+    done: dict[str, float] = {}
+    start = time.monotonic()
+    producer = threading.Thread(target=_produce, args=(settings, n, done), daemon=True)
+    producer.start()
+    max_lag, last_log = 0, start
+    while time.monotonic() - start < timeout_s:
+        lag = _lag(settings, group)
+        if lag is not None:
+            max_lag = max(max_lag, lag)
+            if "sent" in done and lag == 0:
+                end = time.monotonic()
+                return {"events": n, "events_per_s": round(n / (end - start), 1),
+                        "max_lag": max_lag, "drain_s": round(end - done["sent"], 2)}
+        if time.monotonic() - last_log > 5:
+            log(f"lag {lag} after {time.monotonic() - start:.0f} s")
+            last_log = time.monotonic()
+        time.sleep(0.5)
+    raise TimeoutError(f"not drained within {timeout_s} s (max lag {max_lag})")
+
+
+def _cleanup(settings: Settings) -> None:
+    admin.delete_topics(settings, admin.list_topics(settings, settings.topic_prefix))
+    admin.delete_groups(settings, settings.app_id)
+    r = redis.Redis.from_url(settings.redis_url)
+    keys = list(r.scan_iter(match=f"{settings.redis_prefix}*", count=5000))
+    for i in range(0, len(keys), 5000):
+        r.delete(*keys[i:i + 5000])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--json", action="store_true", help="(always on) end with JSON")
+    args = parser.parse_args(argv)
+    tag = f"bench{uuid.uuid4().hex[:8]}"
+    settings = Settings(**{**Settings().model_dump(), "topic_prefix": f"{tag}.", "app_id": tag,
+                           "redis_prefix": f"{tag}:", "partitions": args.partitions})
+    admin.create_topics(settings)
+    log_path = Path(f"/tmp/{tag}-worker.log")
+    with open(log_path, "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker", "--stages", "rollout"],
+            env={**os.environ, **settings_env(settings)}, cwd=REPO_ROOT, stdout=out,
+            stderr=subprocess.STDOUT)
+    try:
+        log(f"{args.events} events, {args.partitions} partitions, worker pid {worker.pid}")
+        result = _measure(settings, args.events, args.timeout)
+    finally:
+        worker.terminate()
+        worker.wait(60)
+        _cleanup(settings)
+    print(orjson.dumps(result).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
