@@ -54,8 +54,10 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
     from workers.multitrainer import MultiPolicyTrainer
 
     torch.manual_seed(0)
+    above = None if args.checkpoint_above < 0 else args.checkpoint_above
     trainer = MultiPolicyTrainer(Path(args.model), LoraSpec(rank=args.rank, alpha=2.0 * args.rank),
-                                 lr=1e-3, gradient_checkpointing=args.checkpointing)
+                                 lr=1e-3, gradient_checkpointing=args.checkpointing,
+                                 checkpoint_above_tokens=above)
     policies = [f"p{i}" for i in range(args.policies)]
     encode = trainer.tokenizer
     prompts = {p: [list(encode(PROMPTS[(i * args.prompts + j) % len(PROMPTS)])["input_ids"])
@@ -94,7 +96,8 @@ def _child(mode: str, model: Path, args: argparse.Namespace) -> tuple[dict[str, 
     """Run one mode in a fresh process; returns its result and its own peak RSS in MiB."""
     cmd = [sys.executable, "-m", "loadtests.multipolicy", "--child", mode, "--model", str(model),
            *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-             if k in {"policies", "steps", "group", "prompts", "max_new_tokens", "rank"}]]
+             if k in {"policies", "steps", "group", "prompts", "max_new_tokens", "rank",
+                      "checkpoint_above"}]]
     if args.checkpointing:
         cmd.append("--checkpointing")
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, env=os.environ.copy())
@@ -119,6 +122,7 @@ def _models(names: list[str]) -> list[tuple[str, Path]]:
 
 def main(argv: list[str] | None = None) -> None:
     from infra.settings import Settings
+    from workers.multitrainer import CHECKPOINT_ABOVE_TOKENS
 
     defaults = Settings()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -133,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank", type=int, default=defaults.lora_rank)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--checkpointing", action="store_true",
-                    help="gradient checkpointing in both modes")
+                    help="gradient checkpointing on every pass, in both modes")
+    ap.add_argument("--checkpoint-above", type=int, default=CHECKPOINT_ABOVE_TOKENS,
+                    help="checkpoint passes over this many tokens (-1: never), both modes")
     ap.add_argument("--child", choices=["sequential", "concurrent"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -143,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"workload: K={args.policies} policies x {args.prompts} prompts x G={args.group}, "
           f"{args.max_new_tokens} new tokens, {args.steps} steps, rank {args.rank}, "
-          f"checkpointing={args.checkpointing}", file=sys.stderr)
+          f"checkpointing={args.checkpointing}, checkpoint_above={args.checkpoint_above}",
+          file=sys.stderr)
     for name, path in _models(args.models.split(",")):
         runs: dict[str, list[tuple[float, float]]] = {"sequential": [], "concurrent": []}
         for _ in range(args.repeats):
