@@ -13,7 +13,9 @@ This subclass adds, at its seams and without changing it:
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,7 @@ from workers import faults, guards
 from workers.errors import PoisonEventError, TrainingRejected
 
 log = logging.getLogger(__name__)
+EXIT_UNHANDLED = 75  # EX_TEMPFAIL: a supervisor restarts the worker
 
 
 @dataclass
@@ -36,6 +39,19 @@ class GuardedStageRunner(StageRunner):
     """A `StageRunner` that also enforces the guards; `control` is where `PolicyPaused` goes."""
 
     control: faust.TopicT | None = None
+
+    async def process_many(self, items: list[Received]) -> list[BaseModel]:
+        """Crash-only on anything unhandled: Faust acks (and then commits) the event an agent
+        was on when it raises or is cancelled, so an output that failed to send (broker down)
+        or a Redis outage would lose the input. Exiting at once leaves it uncommitted: it is
+        redelivered to the restarted worker, and the seen-marks drop what was already done."""
+        try:
+            return await super().process_many(items)
+        except (Exception, asyncio.CancelledError) as exc:
+            log.critical("%s: unhandled %s while handling %d event(s); exiting so nothing is "
+                         "acked: %s", self.spec.name, type(exc).__name__, len(items), exc)
+            logging.shutdown()
+            os._exit(EXIT_UNHANDLED)
 
     def _units(self, fresh: list[Decoded]) -> list[list[Decoded]]:
         """Drop copies of one event within a batch: seen-marks only see handled units, and a
