@@ -24,6 +24,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable
+from typing import cast
 
 from pydantic import BaseModel
 
@@ -65,7 +66,7 @@ def is_paused(ctx: StageContext, policy_id: str) -> bool:
 
 
 def paused_reason(ctx: StageContext, policy_id: str) -> str | None:
-    raw = ctx.state.r.hget(_paused_key(ctx, policy_id), "reason")
+    raw = cast("bytes | None", ctx.state.r.hget(_paused_key(ctx, policy_id), "reason"))
     return raw.decode() if raw is not None else None
 
 
@@ -171,7 +172,7 @@ def paused_policies(ctx: StageContext) -> list[dict[str, str]]:
     prefix = ctx.settings.key("paused", "")
     rows = []
     for key in ctx.state.r.scan_iter(match=prefix + "*", count=1000):
-        raw = ctx.state.r.hgetall(key)
+        raw = cast("dict[bytes, bytes]", ctx.state.r.hgetall(key))
         rows.append({"policy_id": key.decode()[len(prefix):],
                      "stage": raw.get(b"stage", b"").decode(),
                      "reason": raw.get(b"reason", b"").decode()})
