@@ -3,10 +3,10 @@ place, so crash-safety tests can kill a worker exactly between two effects.
 
 `LORASTREAM_FAULT_POINT=update:after_fn#2` (the `fault_point` setting) arms one point, here
 for its second hit; a worker arms it at start (`arm`), code calls `hit(name)` at its crash
-windows. Unarmed, `hit` is one comparison. Points: `<stage>:after_fn` (the stage function's effects are done, nothing was
-sent), `<stage>:before_mark_seen` (outputs were sent, the input is not marked handled yet),
-`artifact:before_rename` (an adapter's files are written to the temporary directory, not yet
-renamed into the store).
+windows. Unarmed, `hit` is one comparison. Points: `<stage>:after_fn` (the stage function's
+effects are done, nothing was sent), `<stage>:before_mark_seen` (outputs were sent, the input
+is not marked handled yet), `artifact:before_rename` (an adapter's files are written to the
+temporary directory, not yet renamed into the store).
 """
 
 from __future__ import annotations

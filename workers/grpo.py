@@ -8,9 +8,7 @@ at step time would silently pick another policy's weights (training.md 2.2 pitfa
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,14 +17,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import peft
-import safetensors.torch
 import torch
 from peft.tuners.lora import LoraLayer
 
+from workers import checkpoint
 from workers.errors import PoisonEventError, TrainingRejected
 from workers.model import LoraSpec, load_base_model
-
-CHECKPOINT_FORMAT = 1
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -141,13 +137,6 @@ def _make_batch(groups: list[TrainGroup], pad_id: int) -> _Batch:
     return _Batch(ids, attention, cmask, old, adv, sum(rewards) / len(rewards))
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -312,43 +301,18 @@ class PolicyTrainer:
     def save_checkpoint(self, policy_id: str, directory: Path) -> None:
         """Adapter + AdamW moments as safetensors, hyper-params + step as JSON (no pickle)."""
         policy = self._require(policy_id)
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        opt = policy.optimizer.state_dict()
-        moments = {f"{i}.{name}": t.detach().cpu().contiguous()
-                   for i, state in opt["state"].items() for name, t in state.items()}
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
-        meta = {"format": CHECKPOINT_FORMAT, "policy_id": policy_id, "step": policy.steps,
-                "lora": {"rank": self.lora.rank, "alpha": self.lora.alpha,
-                         "target_modules": list(self.lora.target_modules)},
-                "keys": policy.keys, "param_groups": groups}
-        _atomic_write(directory / "adapter.safetensors",
-                      safetensors.torch.save(self.adapter_state(policy_id)))
-        _atomic_write(directory / "optimizer.safetensors", safetensors.torch.save(moments))
-        # Written last: its presence marks a complete checkpoint.
-        _atomic_write(directory / "trainer_state.json", json.dumps(meta, indent=1).encode())
+        checkpoint.save(directory, policy_id=policy_id, step=policy.steps, lora=self.lora,
+                        adapter=self.adapter_state(policy_id), optimizer=policy.optimizer,
+                        keys=policy.keys)
 
     @_locked
     def load_checkpoint(self, policy_id: str, directory: Path) -> None:
         """Resume exactly where save_checkpoint left off (weights, moments, step)."""
-        directory = Path(directory)
-        meta = json.loads((directory / "trainer_state.json").read_text())
-        lora = meta["lora"]
-        if (meta.get("format") != CHECKPOINT_FORMAT or lora["rank"] != self.lora.rank
-                or lora["alpha"] != self.lora.alpha
-                or tuple(lora["target_modules"]) != self.lora.target_modules):
-            raise PoisonEventError(f"checkpoint in {directory} does not match this trainer")
+        ckpt = checkpoint.load(directory, self.lora)
         policy = self._policy(policy_id)
-        if meta["keys"] != policy.keys:
+        if ckpt.meta["keys"] != policy.keys:
             raise PoisonEventError(f"checkpoint in {directory} has other adapter keys")
-        self._set_weights(policy, safetensors.torch.load_file(directory / "adapter.safetensors"))
-        moments = safetensors.torch.load_file(directory / "optimizer.safetensors")
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, tensor in moments.items():
-            index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = tensor
-        groups = [{**g, "betas": tuple(g["betas"]), "params": list(range(len(policy.params)))}
-                  for g in meta["param_groups"]]
+        self._set_weights(policy, ckpt.adapter)
         policy.optimizer = self._new_optimizer(policy.params)
-        policy.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        policy.steps = int(meta["step"])
+        ckpt.restore_optimizer(policy.optimizer, len(policy.params))
+        policy.steps = ckpt.step

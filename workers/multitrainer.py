@@ -12,7 +12,6 @@ a bad policy can never move (or poison through 0 * NaN) the others.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,16 +19,14 @@ from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
-import safetensors.torch
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from workers import checkpoint as ckpt_io
 from workers.errors import PoisonEventError, TrainingRejected
 from workers.grpo import (
-    CHECKPOINT_FORMAT,
     StepResult,
     TrainGroup,
-    _atomic_write,
     _Batch,
     _make_batch,
     _policy_seed,
@@ -350,45 +347,20 @@ class MultiPolicyTrainer:
     def save_checkpoint(self, policy_id: str, directory: Path) -> None:
         """Adapter + AdamW moments as safetensors, hyper-params + step as JSON (no pickle)."""
         policy = self._require(policy_id)
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        opt = policy.optimizer.state_dict()
-        moments = {f"{i}.{name}": t.detach().cpu().contiguous()
-                   for i, state in opt["state"].items() for name, t in state.items()}
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
-        meta = {"format": CHECKPOINT_FORMAT, "policy_id": policy_id, "step": policy.steps,
-                "lora": {"rank": self.lora.rank, "alpha": self.lora.alpha,
-                         "target_modules": list(self.lora.target_modules)},
-                "keys": list(self.multi.export(policy.slot)),
-                "shapes": [list(p.shape) for p in policy.params], "param_groups": groups}
-        _atomic_write(directory / "adapter.safetensors",
-                      safetensors.torch.save(self.adapter_state(policy_id)))
-        _atomic_write(directory / "optimizer.safetensors", safetensors.torch.save(moments))
-        # Written last: its presence marks a complete checkpoint.
-        _atomic_write(directory / "trainer_state.json", json.dumps(meta, indent=1).encode())
+        ckpt_io.save(directory, policy_id=policy_id, step=policy.steps, lora=self.lora,
+                        adapter=self.adapter_state(policy_id), optimizer=policy.optimizer,
+                        keys=list(self.multi.export(policy.slot)),
+                        shapes=[list(p.shape) for p in policy.params])
 
     @_locked
     def load_checkpoint(self, policy_id: str, directory: Path) -> None:
         """Resume exactly where save_checkpoint left off (weights, moments, step)."""
-        directory = Path(directory)
-        meta = json.loads((directory / "trainer_state.json").read_text())
-        lora = meta["lora"]
-        if (meta.get("format") != CHECKPOINT_FORMAT or lora["rank"] != self.lora.rank
-                or lora["alpha"] != self.lora.alpha
-                or tuple(lora["target_modules"]) != self.lora.target_modules):
-            raise PoisonEventError(f"checkpoint in {directory} does not match this trainer")
+        ckpt = ckpt_io.load(directory, self.lora)
         policy = self._policy(policy_id)
-        shapes = meta.get("shapes")
+        shapes = ckpt.meta.get("shapes")
         if shapes is not None and shapes != [list(p.shape) for p in policy.params]:
             raise PoisonEventError(f"checkpoint in {directory} has other parameter shapes")
-        self._set_weights(policy, safetensors.torch.load_file(directory / "adapter.safetensors"))
-        moments = safetensors.torch.load_file(directory / "optimizer.safetensors")
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, tensor in moments.items():
-            index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = tensor
-        groups = [{**g, "betas": tuple(g["betas"]), "params": list(range(len(policy.params)))}
-                  for g in meta["param_groups"]]
+        self._set_weights(policy, ckpt.adapter)
         policy.optimizer = self._new_optimizer(policy.params)
-        policy.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        policy.steps = int(meta["step"])
+        ckpt.restore_optimizer(policy.optimizer, len(policy.params))
+        policy.steps = ckpt.step
