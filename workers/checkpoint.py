@@ -1,4 +1,4 @@
-"""A policy's resumable trainer state on disk: adapter, AdamW moments, step. No pickle.
+"""A policy's resumable trainer state on disk: adapter, AdamW moments, step (safetensors, JSON).
 
 Both trainers (the per-policy peft one and the multi-policy one) write this one format, so a
 checkpoint taken by either resumes in either. `trainer_state.json` is written last: its presence
