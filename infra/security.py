@@ -24,8 +24,8 @@ def _password(settings: Settings) -> str | None:
     return pw.get_secret_value() if pw is not None else None
 
 
-def kafka_python_config(settings: Settings) -> dict[str, Any]:
-    """kwargs for kafka-python's KafkaProducer/KafkaConsumer/KafkaAdminClient."""
+def _connection(settings: Settings) -> dict[str, Any]:
+    """Bootstrap servers, protocol and SASL: the same keys for kafka-python and aiokafka."""
     cfg: dict[str, Any] = {
         "bootstrap_servers": settings.bootstrap_servers.split(","),
         "security_protocol": settings.kafka_security_protocol,
@@ -34,6 +34,12 @@ def kafka_python_config(settings: Settings) -> dict[str, Any]:
         cfg["sasl_mechanism"] = settings.kafka_sasl_mechanism
         cfg["sasl_plain_username"] = settings.kafka_sasl_username
         cfg["sasl_plain_password"] = _password(settings)
+    return cfg
+
+
+def kafka_python_config(settings: Settings) -> dict[str, Any]:
+    """kwargs for kafka-python's KafkaProducer/KafkaConsumer/KafkaAdminClient."""
+    cfg = _connection(settings)
     if settings.kafka_security_protocol in TLS_PROTOCOLS:
         cfg["ssl_check_hostname"] = True
         for name in ("cafile", "certfile", "keyfile"):
@@ -55,14 +61,7 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 def aiokafka_config(settings: Settings) -> dict[str, Any]:
     """kwargs for aiokafka's AIOKafkaConsumer/AIOKafkaProducer (TLS as an `ssl_context`)."""
-    cfg: dict[str, Any] = {
-        "bootstrap_servers": settings.bootstrap_servers.split(","),
-        "security_protocol": settings.kafka_security_protocol,
-    }
-    if settings.kafka_sasl_mechanism:
-        cfg["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        cfg["sasl_plain_username"] = settings.kafka_sasl_username
-        cfg["sasl_plain_password"] = _password(settings)
+    cfg = _connection(settings)
     context = ssl_context(settings)
     if context is not None:
         cfg["ssl_context"] = context
