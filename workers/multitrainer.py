@@ -348,9 +348,9 @@ class MultiPolicyTrainer:
         """Adapter + AdamW moments as safetensors, hyper-params + step as JSON (no pickle)."""
         policy = self._require(policy_id)
         ckpt_io.save(directory, policy_id=policy_id, step=policy.steps, lora=self.lora,
-                        adapter=self.adapter_state(policy_id), optimizer=policy.optimizer,
-                        keys=list(self.multi.export(policy.slot)),
-                        shapes=[list(p.shape) for p in policy.params])
+                     adapter=self.adapter_state(policy_id), optimizer=policy.optimizer,
+                     keys=list(self.multi.export(policy.slot)),
+                     shapes=[list(p.shape) for p in policy.params])
 
     @_locked
     def load_checkpoint(self, policy_id: str, directory: Path) -> None:
