@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="serve Prometheus /metrics on this port (0 = off)")
     p.add_argument("--lag-interval", type=float, default=15.0,
                    help="seconds between consumer-lag samples for /metrics")
+    p.add_argument("--supervise", action="store_true",
+                   help="run the worker as a child process and restart it whenever it exits "
+                        "without being asked to (crash, kill, exit 75), with backoff")
     p.set_defaults(handler=cmd_worker)
 
     p = sub.add_parser("produce", help="push interaction logs (JSON lines) to the pipeline")
@@ -67,6 +70,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from streams.app import group_id, run_worker
 
     stages = parse_stages(args.stages)
+    if getattr(args, "supervise", False):
+        from streams.supervisor import supervise
+
+        return supervise([sys.executable, "-m", "streams.cli", "worker", "--stages",
+                          ",".join(stages), "--loglevel", args.loglevel, "--metrics-port",
+                          str(args.metrics_port), "--lag-interval", str(args.lag_interval)])
     if getattr(args, "metrics_port", 0):
         from streams import metrics
 
