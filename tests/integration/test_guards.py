@@ -6,6 +6,7 @@
 - A revision that scores worse than the serving one is never promoted, also when a better one
   was promoted after it was evaluated, and also when its verdict is forged.
 - Serving is rolled back automatically when the online reward of its rollouts is too low.
+- Both serving guards also hold end to end, in promote and reward worker processes.
 """
 
 from __future__ import annotations
@@ -142,3 +143,35 @@ def test_low_online_reward_rolls_serving_back(ctx: StageContext) -> None:
     assert announced[0]["to_revision"] == 1
     entry = CatalogIndex(ctx.settings).get("p")
     assert entry is not None and entry.serving == 1
+
+
+def test_serving_guards_hold_in_a_worker_process(ctx: StageContext, tmp_path: Path) -> None:
+    """The same two guards end to end: a forged verdict arriving on `evaluations` is refused
+    by a promote worker, and poor rollouts of the serving revision arriving on `rollouts` make
+    a reward worker roll serving back."""
+    r1, r2, r3 = _three_revisions(ctx)
+    for exported, scores in ((r1, {0: 0.1, 1: 0.5}), (r2, {1: 0.5, 2: 0.9})):
+        assert len(promote_guarded(ctx, evaluate_with(ctx, exported, scores))) == 1
+    forged = evaluate_with(ctx, r3, {2: 0.9, 3: 0.2}).model_copy(update={"passed": True})
+    inter = InteractionLogged(policy_id="p", prompt="q?", task="length",
+                              task_params={"target_chars": 0})
+    poor = [RolloutGenerated(  # 40 chars against a target of 0: reward 8/48 < 0.5
+        policy_id="p", interaction=inter, revision=2, prompt_ids=[5, 6, 7],
+        completions=[Completion(text="x" * 40, token_ids=[8] * 40, logprobs=[-1.0] * 40)] * 2,
+        temperature=1.0) for _ in range(3)]
+    log = tmp_path / "worker.log"
+    proc = start_worker(ctx.settings, "reward,promote", log)
+    try:
+        produce_raw(ctx.settings, "evaluations", [(b"p", encode_event(forged))])
+        letter = wait_for(lambda: read_topic(ctx.settings, "dead-letters"), 120, interval=0.5,
+                          message="the forged promotion dead-lettered")
+        assert letter[0]["stage"] == "promote" and "not above serving" in letter[0]["error"]
+        assert ctx.state.serving("p").revision == 2
+        produce_raw(ctx.settings, "rollouts", [(b"p", encode_event(e)) for e in poor])
+        rolled = wait_for(lambda: _of(ctx.settings, "promotions", "policy_rolled_back"), 120,
+                          interval=0.5, message="serving rolled back by the reward worker")
+    finally:
+        stop_worker(proc, log)
+    assert (rolled[0]["from_revision"], rolled[0]["to_revision"]) == (2, 1)
+    assert ctx.state.serving("p").revision == 1
+    assert _of(ctx.settings, "promotions", "policy_promoted") == []  # the worker promoted none
