@@ -95,17 +95,17 @@ class StageContext:
                 from workers.sampling import EmbeddedEngine, EngineSampler
 
                 url = self.settings.engine_url
+                secret = self.settings.engine_admin_token
+                token = secret.get_secret_value() if secret else None
                 if url is None:
                     s = self.settings
                     self._embedded = EmbeddedEngine(
                         self.base_path, max_loaded_loras=s.engine_max_loaded,
                         max_lora_rank=max(8, s.lora_rank),
-                        target_modules=self.lora.target_modules,
+                        target_modules=self.lora.target_modules, admin_token=token,
                     )
-                    url = self._embedded.url
-                token = self.settings.engine_admin_token
-                self._engine = EngineSampler.connect(
-                    url, self.base_path, token.get_secret_value() if token else None)
+                    url, token = self._embedded.url, self._embedded.admin_token
+                self._engine = EngineSampler.connect(url, self.base_path, token)
             return self._engine
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ lorastream's CPU engine, which serves the same API on a loopback port.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import urllib.error
 from collections.abc import Callable, Sequence
@@ -106,17 +107,22 @@ def _sample(g: Generation) -> Sample:
 
 
 class EmbeddedEngine:
-    """lorastream's CPU engine on a loopback port inside this process (no engine URL set)."""
+    """lorastream's CPU engine on a loopback port inside this process (no engine URL set).
+
+    Its load/unload endpoints always require a token: the configured one, else a random one
+    only this process knows, since any local process can reach a loopback port.
+    """
 
     def __init__(self, base_path: Path, *, max_loaded_loras: int, max_lora_rank: int,
-                 target_modules: Sequence[str]) -> None:
+                 target_modules: Sequence[str], admin_token: str | None = None) -> None:
         from workers.serving.cpu_engine import CpuEngine, EngineConfig
         from workers.serving.server import ServerThread
 
         config = EngineConfig(base_path=base_path, max_loaded_loras=max_loaded_loras,
                               max_lora_rank=max_lora_rank,
                               lora_target_modules=tuple(target_modules))
-        self.server = ServerThread(CpuEngine(config)).start()
+        self.admin_token = admin_token or secrets.token_urlsafe(32)
+        self.server = ServerThread(CpuEngine(config), admin_token=self.admin_token).start()
         log.info("embedded CPU engine serving SGLang's API at %s", self.server.url)
 
     @property

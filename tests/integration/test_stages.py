@@ -103,3 +103,21 @@ def test_export_refuses_a_checkpoint_outside_the_store(ctx: StageContext) -> Non
                        checkpoint="/etc/passwd")
     with pytest.raises(PoisonEventError, match="outside the artifact store"):
         stages.export(ctx, up)
+
+
+def test_embedded_engine_loads_only_with_its_token(ctx: StageContext) -> None:
+    """With no token configured, the worker's loopback engine still guards load/unload with
+    a random one: another local process cannot swap what the worker samples from."""
+    from workers.serving.client import SGLangClient, SGLangError
+
+    engine = ctx.engine
+    url = engine.client.base_url
+    with pytest.raises(SGLangError) as refused:
+        SGLangClient(url).unload_lora_adapter("anything")
+    assert refused.value.status == 401
+    with pytest.raises(SGLangError) as wrong:
+        SGLangClient(url, api_key="guess").load_lora_adapter("x", "/tmp/x")
+    assert wrong.value.status == 401
+    with pytest.raises(SGLangError) as not_loaded:  # the worker's own client gets past auth
+        engine.client.unload_lora_adapter("anything")
+    assert not_loaded.value.status == 400 and "anything" in not_loaded.value.message
