@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     """Most rollout groups of one policy that one GRPO step trains on."""
     max_in_flight: int = Field(default=4, ge=1)
     """Rollout groups a policy may have sampled but not yet trained on (bounds staleness)."""
+    stream_batch: int = Field(default=500, ge=1)
+    """Most events an unbatched stage takes off its stream at once; seen-checks and marks go
+    to Redis once per batch, and the batch is acked when it is done."""
     seed: int = 0
 
     # Guards (see `workers/guards.py`). Unknown policy = a syntactically valid id that is not

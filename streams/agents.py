@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faust
@@ -43,8 +43,13 @@ BATCH_POLICIES = 8
 """A batched stage takes up to `update_batch` events for each of this many policies at once
 (the update stage trains them all in one multi-policy step)."""
 MAX_IN_FLIGHT_WAIT_S = 60.0
+STREAM_WINDOW_S = 0.05
+"""How long an unbatched stage waits to fill a batch (up to `stream_batch` events)."""
+MARK_FLUSH_S = 1.0
+"""Seen-marks of units without outputs wait at most this long (a crash redoes at most that)."""
 
 StageFn = Callable[[StageContext, Any], list[BaseModel]]
+BulkFn = Callable[[StageContext, list[Any]], list[str]]
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,8 @@ class StageSpec:
     A `batched` stage's function takes a list of events of several policies, at most
     `update_batch` per policy (the update stage trains every ready group of all of them in one
     multi-policy step) and may raise `PolicyFailures` to fail only some policies; the others
-    take one event.
+    take one event. A `bulk` function takes a whole batch first and returns the ids it handled
+    completely (no outputs); the rest go through `fn`.
     """
 
     name: str
@@ -63,12 +69,14 @@ class StageSpec:
     fn: StageFn
     sink: str
     batched: bool = False
+    bulk: BulkFn | None = None
 
 
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in (
-        StageSpec("rollout", "interactions", InteractionLogged, stages.rollout, "rollouts"),
+        StageSpec("rollout", "interactions", InteractionLogged, stages.rollout, "rollouts",
+                  bulk=stages.store_heldout),
         StageSpec("reward", "rollouts", RolloutGenerated, stages.reward, "rewards"),
         StageSpec("update", "rewards", RolloutRewarded, stages.update, "updates", batched=True),
         StageSpec("export", "updates", PolicyUpdated, stages.export, "exports"),
@@ -98,23 +106,28 @@ Decoded = tuple[Received, Event]
 
 @dataclass
 class StageRunner:
-    """Runs one stage's agent; kept as an object so tests can drive `process` directly."""
+    """Runs one stage's agent; kept as an object so tests can drive `process` directly.
+
+    The stream is taken in batches so the per-event Redis work (seen-checks, seen-marks) costs
+    one round trip per batch, not per event; units of work are still handled one at a time.
+    """
 
     spec: StageSpec
     ctx: StageContext
     sink: faust.TopicT
     dead_letters: faust.TopicT
     executor: Executor | None = None
+    _deferred: list[str] = field(default_factory=list, init=False, repr=False)
+    _deferred_since: float = field(default=0.0, init=False, repr=False)
 
     async def run(self, stream: faust.StreamT) -> AsyncIterator[None]:
-        if not self.spec.batched:
-            async for event in stream.events():
-                await self.process_many([Received.of(event)])
-                yield None
-            return
-        # Events are acked only after the batch is handled: at-least-once is kept.
-        limit = self.ctx.settings.update_batch * BATCH_POLICIES
-        async for events in stream.take_events(limit, within=BATCH_WINDOW_S):
+        settings = self.ctx.settings
+        if self.spec.batched:
+            limit, within = settings.update_batch * BATCH_POLICIES, BATCH_WINDOW_S
+        else:
+            limit, within = settings.stream_batch, STREAM_WINDOW_S
+        # Events are acked only after their batch is handled: at-least-once is kept.
+        async for events in stream.take_events(limit, within=within):
             await self.process_many([Received.of(e) for e in events])
             yield None
 
@@ -125,25 +138,60 @@ class StageRunner:
 
     async def process_many(self, items: list[Received]) -> list[BaseModel]:
         """Decode, drop what was handled before, then handle each unit of work in order."""
-        fresh: list[Decoded] = []
+        fresh = await self._fresh(items)
+        sent: list[BaseModel] = []
+        try:
+            await self._prepare(fresh)
+            for unit in self._units(await self._bulk(fresh)):
+                sent += await self._handle(unit)
+                if self._deferred and time.monotonic() - self._deferred_since > MARK_FLUSH_S:
+                    await self._flush_marks()
+            await self._flush_marks()
+        finally:
+            self._deferred.clear()  # unflushed marks only cost a redo: every effect is idempotent
+            self.ctx.forget_sources(e.event_id for _, e in fresh)
+        return sent
+
+    async def _fresh(self, items: list[Received]) -> list[Decoded]:
+        """Decode (dead-lettering what does not decode) and drop events already handled."""
+        decoded: list[Decoded] = []
         for item in items:
             try:
-                event = decode_event(self.spec.model, item.raw)
+                decoded.append((item, decode_event(self.spec.model, item.raw)))
             except PoisonEventError as exc:
                 await self._dead_letter(item, exc, None)
-                continue
-            if await self._call(self.ctx.state.seen, self.spec.name, event.event_id):
+        if not decoded:
+            return []
+        ids = [event.event_id for _, event in decoded]
+        seen = await self._call(self.ctx.state.seen_many, self.spec.name, ids)
+        fresh: list[Decoded] = []
+        for (item, event), was_seen in zip(decoded, seen, strict=True):
+            if was_seen:
                 metrics.EVENTS.labels(stage=self.spec.name, outcome="duplicate").inc()
                 continue
             fresh.append((item, event))
             self.ctx.note_source(event.event_id, item.topic, item.partition, item.offset)
-        sent: list[BaseModel] = []
-        try:
-            for unit in self._units(fresh):
-                sent += await self._handle(unit)
-        finally:
-            self.ctx.forget_sources(e.event_id for _, e in fresh)
-        return sent
+        return fresh
+
+    async def _prepare(self, fresh: list[Decoded]) -> None:
+        """Hook: per-batch work before any unit is handled (the guards prefetch admission)."""
+
+    async def _admit(self, unit: list[Decoded]) -> list[Decoded]:
+        """Hook: the events of `unit` this stage may handle (the guards refuse some)."""
+        return unit
+
+    async def _bulk(self, fresh: list[Decoded]) -> list[Decoded]:
+        """Give what the stage's bulk function takes to it in one call; return the rest."""
+        if self.spec.bulk is None or not fresh:
+            return fresh
+        admitted = await self._admit(fresh)
+        if not admitted:
+            return []
+        handled = set(await self._call(self.spec.bulk, self.ctx, [e for _, e in admitted]))
+        if handled:
+            await self._mark(sorted(handled), now=False)
+            metrics.EVENTS.labels(stage=self.spec.name, outcome="ok").inc(len(handled))
+        return [d for d in admitted if d[1].event_id not in handled]
 
     def _units(self, fresh: list[Decoded]) -> list[list[Decoded]]:
         """One event per unit, or (batched) up to `update_batch` events of EACH policy per unit;
@@ -180,16 +228,43 @@ class StageRunner:
             if event.policy_id in failed:
                 await self._dead_letter(item, failed[event.policy_id], event.policy_id)
         events = [e for e in events if e.policy_id not in failed]
-        for out in outputs:
-            key = getattr(out, "policy_id", None) or unit[0][1].policy_id
-            fut = await self.sink.send(key=key.encode(), value=encode_event(out), force=True)
-            await fut
-            metrics.record_output(out)
-        for event in events:
-            await self._call(self.ctx.state.mark_seen, name, event.event_id)
+        await self._send(outputs, unit[0][1].policy_id)
+        await self._mark([e.event_id for e in events], now=bool(outputs))
         metrics.EVENTS.labels(stage=name, outcome="ok").inc(len(events))
         metrics.LATENCY.labels(stage=name).observe(time.perf_counter() - started)
         return outputs
+
+    async def _send(self, outputs: list[BaseModel], default_key: str) -> None:
+        """Send every output, then wait until the broker has them all (they travel together)."""
+        pending = []
+        for out in outputs:
+            key = getattr(out, "policy_id", None) or default_key
+            pending.append(await self.sink.send(key=key.encode(), value=encode_event(out),
+                                                force=True))
+        for fut, out in zip(pending, outputs, strict=True):
+            await fut
+            metrics.record_output(out)
+
+    def _before_mark(self) -> None:
+        """Hook: the crash window between "outputs sent" and "input marked handled"."""
+
+    async def _mark(self, event_ids: list[str], *, now: bool) -> None:
+        """Mark events handled: at once when they produced outputs (a redelivery must not redo
+        that work), else at the end of the batch, all in one round trip."""
+        if not event_ids:
+            return
+        self._before_mark()
+        if now:
+            await self._call(self.ctx.state.mark_seen_many, self.spec.name, event_ids)
+            return
+        if not self._deferred:
+            self._deferred_since = time.monotonic()
+        self._deferred.extend(event_ids)
+
+    async def _flush_marks(self) -> None:
+        if self._deferred:
+            ids, self._deferred = self._deferred, []
+            await self._call(self.ctx.state.mark_seen_many, self.spec.name, ids)
 
     async def _with_retries(self, events: list[Event]) -> list[BaseModel]:
         first = events[0]

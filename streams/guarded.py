@@ -3,8 +3,9 @@
 `StageRunner` (streams/agents.py) is the one agent body: decode, dedup, call, send, dead-letter.
 This subclass adds, at its seams and without changing it:
 
-- admission before a stage function runs (`workers.guards.admit`: paused or unknown policies
-  are dead-lettered; in a batched unit only the refused policies' events are);
+- admission before a stage function runs (`workers.guards.refusals`, looked up once per batch:
+  paused or unknown policies are dead-lettered; in a batched unit only the refused policies'
+  events are);
 - pausing a policy whose training step was rejected, announced once with `PolicyPaused` on
   `promotions`;
 - online-reward tracking of what the reward stage scored (automatic rollback);
@@ -16,9 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+import time
+from dataclasses import dataclass, field
 
 import faust
 from pydantic import BaseModel
@@ -32,6 +32,7 @@ from workers.errors import PoisonEventError, TrainingRejected
 
 log = logging.getLogger(__name__)
 EXIT_UNHANDLED = 75  # EX_TEMPFAIL: a supervisor restarts the worker
+ADMISSION_TTL_S = 1.0
 
 
 @dataclass
@@ -39,6 +40,9 @@ class GuardedStageRunner(StageRunner):
     """A `StageRunner` that also enforces the guards; `control` is where `PolicyPaused` goes."""
 
     control: faust.TopicT | None = None
+    _admission: dict[str, PoisonEventError | None] = field(default_factory=dict, init=False,
+                                                           repr=False)
+    _admission_at: float = field(default=0.0, init=False, repr=False)
 
     async def process_many(self, items: list[Received]) -> list[BaseModel]:
         """Crash-only on anything unhandled: Faust acks (and then commits) the event an agent
@@ -77,25 +81,39 @@ class GuardedStageRunner(StageRunner):
                 log.exception("online-reward rollback check failed")
         return outputs
 
+    async def _prepare(self, fresh: list[Decoded]) -> None:
+        """Look up the whole batch's admission in one round trip."""
+        self._admission.clear()
+        await self._refresh_admission(list(dict.fromkeys(e.policy_id for _, e in fresh)))
+
+    async def _refresh_admission(self, policies: list[str]) -> None:
+        if policies:
+            refused = await self._call(guards.refusals, self.ctx, self.spec.name, policies)
+            self._admission.update(refused)
+            self._admission_at = time.monotonic()
+
     async def _admit(self, unit: list[Decoded]) -> list[Decoded]:
-        """Dead-letter the events of refused policies; return the rest, in order."""
-        refused: dict[str, PoisonEventError | None] = {}
+        """Dead-letter the events of refused policies; return the rest, in order. Admission is
+        looked up per batch and refreshed when older than `ADMISSION_TTL_S`, so a pause set by
+        another process during a long batch still stops it."""
+        policies = list(dict.fromkeys(e.policy_id for _, e in unit))
+        stale = time.monotonic() - self._admission_at > ADMISSION_TTL_S
+        await self._refresh_admission(
+            policies if stale else [p for p in policies if p not in self._admission])
         admitted: list[Decoded] = []
         for item, event in unit:
-            policy = event.policy_id
-            if policy not in refused:
+            error = self._admission[event.policy_id]
+            if error is None and self.spec.name in guards.EVENT_CHECKED_STAGES:
                 try:
-                    await self._call(guards.admit, self.ctx, self.spec.name, event)
-                    refused[policy] = None
+                    await self._call(guards.admit_event, self.ctx, self.spec.name, event)
                 except PoisonEventError as exc:
-                    refused[policy] = exc
-            error = refused[policy]
+                    error = exc
             if error is None:
                 admitted.append((item, event))
                 continue
-            await self._dead_letter(item, error, policy)
+            await self._dead_letter(item, error, event.policy_id)
             if self.spec.name == "update":  # consumed: its in-flight slot is free
-                await self._call(self.ctx.state.note_trained, policy)
+                await self._call(self.ctx.state.note_trained, event.policy_id)
         return admitted
 
     async def _with_retries(self, events: list[Event]) -> list[BaseModel]:
@@ -103,10 +121,8 @@ class GuardedStageRunner(StageRunner):
         faults.hit(f"{self.spec.name}:after_fn")
         return outputs
 
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if fn == self.ctx.state.mark_seen:
-            faults.hit(f"{self.spec.name}:before_mark_seen")
-        return await super()._call(fn, *args)
+    def _before_mark(self) -> None:
+        faults.hit(f"{self.spec.name}:before_mark_seen")
 
     async def _dead_letter(self, item: Received, exc: BaseException,
                            policy_id: str | None) -> None:
@@ -118,3 +134,4 @@ class GuardedStageRunner(StageRunner):
                 fut = await self.control.send(key=policy_id.encode(),
                                               value=encode_event(paused), force=True)
                 await fut
+            self._admission.pop(policy_id, None)  # its next event sees the pause

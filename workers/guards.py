@@ -43,6 +43,8 @@ from workers.ids import derive_id
 log = logging.getLogger(__name__)
 
 PAUSABLE_STAGES = ("rollout", "update")
+EVENT_CHECKED_STAGES = ("promote",)
+"""Stages whose admission also looks at each event (`admit_event`), not just its policy."""
 
 
 class PolicyPausedError(PoisonEventError):
@@ -61,25 +63,41 @@ def _paused_key(ctx: StageContext, policy_id: str) -> str:
     return ctx.settings.key("paused", policy_id)
 
 
-def is_paused(ctx: StageContext, policy_id: str) -> bool:
-    return bool(ctx.state.r.exists(_paused_key(ctx, policy_id)))
-
-
-def paused_reason(ctx: StageContext, policy_id: str) -> str | None:
-    raw = cast("bytes | None", ctx.state.r.hget(_paused_key(ctx, policy_id), "reason"))
-    return raw.decode() if raw is not None else None
-
-
 def admit(ctx: StageContext, stage: str, event: Event) -> None:
     """Raise a poison error if this stage must not handle the event's policy now."""
-    policy = event.policy_id
-    if stage in PAUSABLE_STAGES and is_paused(ctx, policy):
-        raise PolicyPausedError(f"policy paused: {policy!r} ({paused_reason(ctx, policy)})")
+    refused = refusals(ctx, stage, [event.policy_id])[event.policy_id]
+    if refused is not None:
+        raise refused
+    admit_event(ctx, stage, event)
+
+
+def refusals(ctx: StageContext, stage: str,
+             policies: list[str]) -> dict[str, PoisonEventError | None]:
+    """For each policy, why this stage must refuse its events now (None: admitted), in one
+    Redis round trip for the whole batch: the per-event cost matters at ingest rates."""
+    unique = list(dict.fromkeys(policies))
+    refused: dict[str, PoisonEventError | None] = dict.fromkeys(unique)
+    if stage in PAUSABLE_STAGES and unique:
+        pipe = ctx.state.r.pipeline(transaction=False)
+        for policy in unique:
+            pipe.hget(_paused_key(ctx, policy), "reason")
+        for policy, reason in zip(unique, pipe.execute(), strict=True):
+            if reason is not None:
+                refused[policy] = PolicyPausedError(
+                    f"policy paused: {policy!r} ({cast(bytes, reason).decode()})")
+    if stage == "rollout" and ctx.settings.require_registered_policies:
+        index = CatalogIndex(ctx.settings, ctx.state.r)
+        for policy in unique:
+            if refused[policy] is None and not index.exists(policy):
+                refused[policy] = UnknownPolicyError(
+                    f"unknown policy {policy!r}: not registered in the catalog")
+    return refused
+
+
+def admit_event(ctx: StageContext, stage: str, event: Event) -> None:
+    """The per-event part of admission: a promotion must beat what serves now."""
     if stage == "promote" and isinstance(event, AdapterEvaluated) and event.passed:
         check_promotion(ctx, event)
-    if (stage == "rollout" and ctx.settings.require_registered_policies
-            and not CatalogIndex(ctx.settings, ctx.state.r).exists(policy)):
-        raise UnknownPolicyError(f"unknown policy {policy!r}: not registered in the catalog")
 
 
 def check_promotion(ctx: StageContext, event: AdapterEvaluated) -> None:

@@ -73,6 +73,22 @@ def rollout(ctx: StageContext, interaction: InteractionLogged) -> list[BaseModel
     ]
 
 
+def store_heldout(ctx: StageContext, interactions: list[InteractionLogged]) -> list[str]:
+    """The rollout stage's bulk path: store a batch's held-out prompts in one Redis round trip.
+
+    Held-out prompts are only stored, never sampled, so they need none of the per-event
+    machinery (throttle, engine, outputs); at ingest rates that machinery is the cost. Returns
+    the ids handled; anything else (training prompts, an unknown reward function) takes the
+    per-event path, which samples or dead-letters it.
+    """
+    from workers.rewards import REWARD_FUNCTIONS
+
+    held = [i for i in interactions if i.split == "eval" and i.task in REWARD_FUNCTIONS]
+    if held:
+        ctx.state.add_heldout_many(held)
+    return [i.event_id for i in held]
+
+
 def reward(ctx: StageContext, event: RolloutGenerated) -> list[BaseModel]:
     """Score every completion with the reward function the interaction's task names."""
     from workers.rewards import score_completions

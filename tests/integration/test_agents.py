@@ -101,3 +101,46 @@ async def test_redelivered_event_is_processed_once(reward_agent: AgentUnderTest)
         outs = [orjson.loads(x) for x in await _drain(sink, 2)]
     assert [o["rollout"]["event_id"] for o in outs] == [ro.event_id, other.event_id]
     assert sink.empty()  # type: ignore[attr-defined]
+
+
+async def test_held_out_batch_is_stored_in_bulk_and_only_once(settings: Settings) -> None:
+    """The rollout stage's bulk path (the ingest hot path): a batch of held-out prompts is
+    stored with one seen-check and one mark for the batch, yet still dead-letters what it
+    must (bad bytes, an unknown reward function, a paused policy), drops in-batch copies, and
+    a redelivered batch changes nothing."""
+    from streams.agents import Received
+    from workers import guards
+
+    app = create_app(settings, ["rollout"])
+    app.finalize()
+    agent = app.agents["stage.rollout"]
+    runner: StageRunner = agent.fun.__self__
+    runner.executor = None
+    runner.sink, runner.dead_letters = app.channel(), app.channel()
+    dlq = runner.dead_letters.__aiter__()
+    guards.pause(runner.ctx, "frozen", "update", "test")
+
+    def held(policy: str, i: int, task: str = "length") -> InteractionLogged:
+        return InteractionLogged(policy_id=policy, prompt=f"q{i}?", task=task, split="eval")
+
+    good = [held("alice", i) for i in range(3)] + [held("bob", 9)]
+    refused = [held("alice", 7, task="no-such-reward"), held("frozen", 8)]
+    raws = [encode_event(e) for e in good] + [encode_event(good[0]), b"{nope"] + [
+        encode_event(e) for e in refused]
+    batch = [Received(raw, "interactions", 0, i) for i, raw in enumerate(raws)]
+    async with agent.test_context():
+        assert await runner.process_many(batch) == []
+        letters = [decode_event(DeadLetter, (await dlq.get(timeout=10)).value) for _ in range(3)]
+        assert await runner.process_many(batch) == []  # redelivered: all seen, or bad again
+        again = [decode_event(DeadLetter, (await dlq.get(timeout=10)).value) for _ in range(3)]
+    state = runner.ctx.state
+    assert sorted(h.event_id for h in state.heldout("alice")) == sorted(
+        e.event_id for e in good[:3])
+    assert [h.event_id for h in state.heldout("bob")] == [good[3].event_id]
+    assert state.heldout("frozen") == []
+    assert sorted(d.offset or 0 for d in letters) == [5, 6, 7]
+    assert "unknown reward function" in next(d.error for d in letters if d.offset == 6)
+    assert "policy paused" in next(d.error for d in letters if d.offset == 7)
+    assert sorted(d.offset or 0 for d in again) == [5, 6, 7]  # refused events are never marked
+    assert all(state.seen_many("rollout", [e.event_id for e in good]))
+    assert not any(state.seen_many("rollout", [e.event_id for e in refused]))
