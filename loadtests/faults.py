@@ -16,7 +16,9 @@ Audit, by event id: `lost` = inputs with neither an output (`derive_id("reward",
 dead letter; `duplicated` = outputs beyond one per input that a consumer deduplicating by event
 id would still see as new effects (an output id no input derives, or a second distinct id for
 one input); `redelivered_copies` = raw records repeating an id (at-least-once re-sends, which
-every stage drops by id). Progress on stderr; last stdout line is one JSON object.
+every stage drops by id); `mismatched` = outputs whose content differs from what a run without
+faults produces (the reward stage is a pure function of its input, so that reference is computed
+in-process). Progress on stderr; last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from schemas.codec import encode_event
 from schemas.events import Completion, InteractionLogged, RolloutGenerated
 from streams.app import group_id
 from workers.ids import derive_id
+from workers.rewards import score_completions
 
 CHUNK = 2000
 SCHEDULE = ((0.2, "worker"), (0.4, "broker"), (0.6, "redis"), (0.8, "worker"))
@@ -58,7 +61,7 @@ def make_events(n: int) -> list[tuple[str, bytes, bytes]]:
     for i in range(n):
         policy = f"user-{i % 64}"
         inter = InteractionLogged(policy_id=policy, prompt=f"q{i}?", task="length",
-                                  task_params={"target_chars": 3})
+                                  task_params={"target_chars": i % 11})
         ro = RolloutGenerated(policy_id=policy, interaction=inter, revision=0, prompt_ids=[1],
                               completions=completions, temperature=1.0)
         out.append((ro.event_id, policy.encode(), encode_event(ro)))
@@ -135,16 +138,28 @@ def read_ids(settings: Settings, topic: str) -> list[dict[str, Any]]:
     return out
 
 
-def audit(settings: Settings, input_ids: list[str]) -> dict[str, int]:
+def fault_free(events: list[tuple[str, bytes, bytes]]) -> dict[str, list[float]]:
+    """What a run without faults produces: each output id with its rewards (the stage is a
+    pure function of its input, so this is computed here, not by a second run)."""
+    out = {}
+    for event_id, _, raw in events:
+        ro = RolloutGenerated.model_validate_json(raw)
+        rewards, _, _ = score_completions(ro.interaction, [c.text for c in ro.completions])
+        out[derive_id("reward", event_id)] = rewards
+    return out
+
+
+def audit(settings: Settings, expected: dict[str, list[float]]) -> dict[str, int]:
     outputs = read_ids(settings, "rewards")
     letters = read_ids(settings, "dead-letters")
-    expected = {derive_id("reward", i): i for i in input_ids}
     counts = Counter(o["event_id"] for o in outputs)
     lettered = len(letters)
     lost = sum(1 for out_id in expected if out_id not in counts) - lettered
     unexpected = sum(1 for out_id in counts if out_id not in expected)
+    mismatched = len({o["event_id"] for o in outputs
+                      if o["event_id"] in expected and o["rewards"] != expected[o["event_id"]]})
     return {"lost": max(lost, 0), "duplicated": unexpected, "dead_lettered": lettered,
-            "redelivered_copies": sum(counts.values()) - len(counts)}
+            "mismatched": mismatched, "redelivered_copies": sum(counts.values()) - len(counts)}
 
 
 def inject(stack: FaultStack, kind: str) -> None:
@@ -214,7 +229,7 @@ def run(n: int, root: Path, schedule: tuple[tuple[float, str], ...] = SCHEDULE,
             _supervise(stack)
             time.sleep(1.0)
         seconds = time.monotonic() - started
-        result = audit(s, [e[0] for e in events])
+        result = audit(s, fault_free(events))
         return {"events": n, "faults_injected": len(schedule), **result,
                 "recovery_s_max": round(max(recoveries), 2),
                 "resent_chunks": producer.resent_chunks, "seconds": round(seconds, 1)}
