@@ -11,9 +11,14 @@ model — sampling G completions per prompt on a CPU engine runs at tens of grou
 would measure the model instead.
 
 `events_per_s` = N / (first send → the group's committed offsets reach the log end);
-`max_lag` = the largest lag sampled; `drain_s` = last send → lag 0. Runs in its own namespace
-(topic, group and Redis prefixes), removed afterwards. Progress on stderr; the last stdout line
-is one JSON object.
+`max_lag` = the largest lag sampled; `drain_s` = last send → lag 0; `produce_per_s` = how fast
+the producer queued them (the load generator's own ceiling).
+
+Side by side in the same run, the same N events go through a bare Faust agent on the same app
+settings that only takes its batches and acks them (`--bare-worker`): `floor_events_per_s` is
+Faust's own ceiling on this machine, and `ratio_to_floor` how much of it the stage keeps. Each
+phase runs in its own namespace (topic, group and Redis prefixes), removed afterwards. Progress
+on stderr; the last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -47,12 +53,14 @@ def _lag(settings: Settings, group: str) -> int | None:
 
 
 def _produce(settings: Settings, n: int, done: dict[str, float]) -> None:
+    started = time.monotonic()
     with InteractionProducer(settings, linger_ms=20, batch_size=512 * 1024) as producer:
         for i in range(n):
             producer.send({"policy_id": f"bench-{i % 64}", "prompt": f"held out prompt {i}?",
                            "task": "length", "split": "eval"})
             if i and i % 20000 == 0:
                 log(f"queued {i}/{n}")
+        done["queued"] = time.monotonic() - started
     done["sent"] = time.monotonic()
 
 
@@ -70,7 +78,8 @@ def _measure(settings: Settings, n: int, timeout_s: float) -> dict[str, float | 
             if "sent" in done and lag == 0:
                 end = time.monotonic()
                 return {"events": n, "events_per_s": round(n / (end - start), 1),
-                        "max_lag": max_lag, "drain_s": round(end - done["sent"], 2)}
+                        "max_lag": max_lag, "drain_s": round(end - done["sent"], 2),
+                        "produce_per_s": round(n / done["queued"], 1)}
         if time.monotonic() - last_log > 5:
             log(f"lag {lag} after {time.monotonic() - start:.0f} s")
             last_log = time.monotonic()
@@ -87,30 +96,65 @@ def _cleanup(settings: Settings) -> None:
         r.delete(*keys[i:i + 5000])
 
 
+def _phase(n: int, partitions: int, timeout_s: float, bare: bool) -> dict[str, float | int]:
+    """One measured run in a fresh namespace: the rollout stage, or the bare Faust floor."""
+    tag = f"bench{uuid.uuid4().hex[:8]}"
+    settings = Settings(**{**Settings().model_dump(), "topic_prefix": f"{tag}.", "app_id": tag,
+                           "redis_prefix": f"{tag}:", "partitions": partitions})
+    admin.create_topics(settings)
+    command = (["-m", "loadtests.pipeline", "--bare-worker"] if bare
+               else ["-m", "streams.cli", "worker", "--stages", "rollout"])
+    log_path = Path(f"/tmp/{tag}-worker.log")
+    with open(log_path, "wb") as out:
+        worker = subprocess.Popen([sys.executable, *command],
+                                  env={**os.environ, **settings_env(settings)}, cwd=REPO_ROOT,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        log(f"{'bare Faust agent' if bare else 'rollout stage'}: {n} events, {partitions} "
+            f"partitions, worker pid {worker.pid}")
+        return _measure(settings, n, timeout_s)
+    finally:
+        worker.terminate()
+        worker.wait(60)
+        _cleanup(settings)
+
+
+def bare_worker() -> None:
+    """Faust's floor: the stage's app settings and batching, and nothing else per batch."""
+    import faust
+
+    from streams.agents import STREAM_WINDOW_S
+    from streams.app import faust_app, topic
+
+    settings = Settings()
+    app = faust_app(settings, group_id(settings, ["rollout"]))
+
+    async def drain(stream: faust.StreamT) -> AsyncIterator[None]:
+        async for _events in stream.take_events(settings.stream_batch,  # type: ignore[attr-defined]
+                                                within=STREAM_WINDOW_S):
+            yield None
+
+    app.agent(topic(app, settings, "interactions"), name="bare")(drain)
+    faust.Worker(app, loglevel="WARNING", redirect_stdouts=False).execute_from_commandline()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--bare-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="(always on) end with JSON")
     args = parser.parse_args(argv)
-    tag = f"bench{uuid.uuid4().hex[:8]}"
-    settings = Settings(**{**Settings().model_dump(), "topic_prefix": f"{tag}.", "app_id": tag,
-                           "redis_prefix": f"{tag}:", "partitions": args.partitions})
-    admin.create_topics(settings)
-    log_path = Path(f"/tmp/{tag}-worker.log")
-    with open(log_path, "wb") as out:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker", "--stages", "rollout"],
-            env={**os.environ, **settings_env(settings)}, cwd=REPO_ROOT, stdout=out,
-            stderr=subprocess.STDOUT)
-    try:
-        log(f"{args.events} events, {args.partitions} partitions, worker pid {worker.pid}")
-        result = _measure(settings, args.events, args.timeout)
-    finally:
-        worker.terminate()
-        worker.wait(60)
-        _cleanup(settings)
+    if args.bare_worker:
+        bare_worker()
+        return 0
+    floor = _phase(args.events, args.partitions, args.timeout, bare=True)
+    log(f"floor: {floor}")
+    result = _phase(args.events, args.partitions, args.timeout, bare=False)
+    result.update({"floor_events_per_s": floor["events_per_s"],
+                   "ratio_to_floor": round(float(result["events_per_s"])
+                                           / float(floor["events_per_s"]), 3)})
     print(orjson.dumps(result).decode())
     return 0
 

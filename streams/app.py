@@ -35,8 +35,32 @@ def create_app(
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
-    app = faust.App(
-        group_id(settings, stages),
+    app = faust_app(settings, group_id(settings, stages))
+    ctx = ctx or StageContext.create(settings)
+    # One thread for all model work in this process: torch already uses every core for one
+    # op, and the event loop must stay free to heartbeat and commit.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastream-ml")
+    dead_letters = topic(app, settings, "dead-letters")
+    control = topic(app, settings, "promotions")  # PolicyPaused announcements
+    faults.arm(settings.fault_point)
+    for name in stages:
+        spec = STAGES[name]
+        runner = GuardedStageRunner(
+            spec=spec,
+            ctx=ctx,
+            sink=topic(app, settings, spec.sink),
+            dead_letters=dead_letters,
+            executor=executor,
+            control=control,
+        )
+        app.agent(topic(app, settings, spec.source), name=f"stage.{name}")(runner.run)
+    return app
+
+
+def faust_app(settings: Settings, app_id: str) -> faust.App:
+    """The Faust app every stage process runs on (also the ingest benchmark's bare baseline)."""
+    return faust.App(
+        app_id,
         broker=f"kafka://{settings.bootstrap_servers.replace(',', ';')}",
         store="memory://",
         key_serializer="raw",
@@ -54,28 +78,9 @@ def create_app(
         producer_acks=-1,
         broker_credentials=faust_credentials(settings),
     )
-    ctx = ctx or StageContext.create(settings)
-    # One thread for all model work in this process: torch already uses every core for one
-    # op, and the event loop must stay free to heartbeat and commit.
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastream-ml")
-    dead_letters = _topic(app, settings, "dead-letters")
-    control = _topic(app, settings, "promotions")  # PolicyPaused announcements
-    faults.arm(settings.fault_point)
-    for name in stages:
-        spec = STAGES[name]
-        runner = GuardedStageRunner(
-            spec=spec,
-            ctx=ctx,
-            sink=_topic(app, settings, spec.sink),
-            dead_letters=dead_letters,
-            executor=executor,
-            control=control,
-        )
-        app.agent(_topic(app, settings, spec.source), name=f"stage.{name}")(runner.run)
-    return app
 
 
-def _topic(app: faust.App, settings: Settings, name: str) -> faust.TopicT:
+def topic(app: faust.App, settings: Settings, name: str) -> faust.TopicT:
     return app.topic(
         settings.topic(name),
         key_type=bytes,
