@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -84,6 +85,19 @@ def stop_pid(pid: int, timeout: float) -> None:
         return
     if not wait_until(lambda: read_pid_state(pid) in ("", "Z"), timeout, lambda: True):
         os.kill(pid, signal.SIGKILL)
+
+
+def stop_child(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    """Stop a child we started: SIGTERM (a worker commits on the way out), then SIGKILL if it
+    hangs; its exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
 
 
 def read_pid_state(pid: int) -> str:

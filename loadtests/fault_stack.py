@@ -21,6 +21,7 @@ from pathlib import Path
 import redis
 
 from infra import admin, services
+from infra.process import stop_child
 from infra.settings import REPO_ROOT, Settings, settings_env
 
 
@@ -118,12 +119,7 @@ class FaultStack:
 
     def close(self) -> None:
         for proc in self.workers.values():
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_child(proc)
         self.stop_kafka()
         if self.redis_proc is not None and self.redis_proc.poll() is None:
             self.redis_proc.terminate()

@@ -8,7 +8,6 @@ consumer group and key prefix, so it never mixes with earlier runs or a running 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import orjson
 
+from infra.process import stop_child
 from infra.settings import Settings, settings_env
 from schemas.events import InteractionLogged
 from streams.follow import PipelineFollower
@@ -82,15 +82,8 @@ def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen:
         )
 
 
-def stop_worker(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def stop_worker(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    stop_child(proc, timeout)
 
 
 def run_demo(settings: Settings, *, steps: int, as_json: bool, keep: bool) -> int:

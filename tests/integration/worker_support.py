@@ -10,6 +10,7 @@ from typing import Any
 
 from kafka import KafkaProducer
 
+from infra.process import stop_child
 from infra.security import kafka_python_config
 from infra.settings import REPO_ROOT, Settings, settings_env
 from streams.watch import tail
@@ -27,14 +28,7 @@ def start_worker(settings: Settings, stages: str, log: Path) -> subprocess.Popen
 
 def stop_worker(proc: subprocess.Popen[bytes], log: Path) -> None:
     """SIGTERM (Faust commits on the way out), then SIGKILL if it hangs; print a failed log."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    if proc.returncode not in (0, -15, 137) and log.exists():
+    if stop_child(proc) not in (0, -15, 137) and log.exists():
         print(log.read_text(errors="replace")[-4000:])
 
 
