@@ -127,7 +127,8 @@ class StageRunner:
         else:
             limit, within = settings.stream_batch, STREAM_WINDOW_S
         # Events are acked only after their batch is handled: at-least-once is kept.
-        async for events in stream.take_events(limit, within=within):
+        # `take_events` is on faust-streaming's Stream, not on its StreamT protocol.
+        async for events in stream.take_events(limit, within=within):  # type: ignore[attr-defined]
             await self.process_many([Received.of(e) for e in events])
             yield None
 

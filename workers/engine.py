@@ -144,7 +144,7 @@ class LocalEngine:
             length = row.index(eos) + 1 if eos in row else len(row)
             ids = row[:length]
             samples.append(Sample(
-                text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                text=str(self.tokenizer.decode(ids, skip_special_tokens=True)),
                 token_ids=ids,
                 logprobs=row_lp[:length],
                 finished=eos in ids,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import peft
 import torch
@@ -187,10 +187,12 @@ class PolicyTrainer:
         else:
             self.model.add_adapter(adapter, self.lora.peft_config())
         gen = torch.Generator().manual_seed(_policy_seed(self.seed, policy_id))
-        keys, params = [], []
+        keys: list[str] = []
+        params: list[torch.nn.Parameter] = []
         for name, module in self.model.named_modules():
             if isinstance(module, LoraLayer) and adapter in module.lora_A:
-                a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+                a = cast(torch.nn.Parameter, module.lora_A[adapter].weight)
+                b = cast(torch.nn.Parameter, module.lora_B[adapter].weight)
                 with torch.no_grad():
                     torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
                     b.zero_()

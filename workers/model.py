@@ -159,7 +159,7 @@ class LoraSpec:
         # dropout 0: sampler and trainer must compute the same log-probs.
         return peft.LoraConfig(
             r=self.rank,
-            lora_alpha=self.alpha,
+            lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft accepts floats; its hint says int
             target_modules=list(self.target_modules),
             lora_dropout=0.0,
             bias="none",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 
@@ -114,7 +115,7 @@ class PolicyState:
     def revision(self, policy_id: str, revision: int) -> RevisionPointer:
         if revision == 0:
             return BASE
-        raw = self.r.hgetall(self._k("revision", policy_id, revision))
+        raw = cast("dict[bytes, bytes]", self.r.hgetall(self._k("revision", policy_id, revision)))
         if not raw:
             raise KeyError(f"policy {policy_id!r} has no revision {revision}")
         score = raw.get(b"score")
@@ -165,7 +166,7 @@ class PolicyState:
         pipe.execute()
 
     def hot_set(self) -> list[str]:
-        return [m.decode() for m in self.r.zrange(self._k("hot"), 0, -1)]
+        return [m.decode() for m in cast("list[bytes]", self.r.zrange(self._k("hot"), 0, -1))]
 
     # -- flow control ----------------------------------------------------------------------
     def note_sampled(self, policy_id: str) -> int:
@@ -180,4 +181,4 @@ class PolicyState:
         return int(sampled or 0) - int(trained or 0)
 
     def policies(self) -> list[str]:
-        return sorted(m.decode() for m in self.r.smembers(self._k("policies")))
+        return sorted(m.decode() for m in cast("set[bytes]", self.r.smembers(self._k("policies"))))
