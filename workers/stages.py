@@ -81,12 +81,17 @@ def store_heldout(ctx: StageContext, interactions: list[InteractionLogged]) -> l
     the ids handled; anything else (training prompts, an unknown reward function) takes the
     per-event path, which samples or dead-letters it.
     """
-    from workers.rewards import REWARD_FUNCTIONS
-
-    held = [i for i in interactions if i.split == "eval" and i.task in REWARD_FUNCTIONS]
+    held = storable_heldout(interactions)
     if held:
         ctx.state.add_heldout_many(held)
     return [i.event_id for i in held]
+
+
+def storable_heldout(interactions: list[InteractionLogged]) -> list[InteractionLogged]:
+    """The held-out prompts the evaluate stage can score (its reward function exists)."""
+    from workers.rewards import REWARD_FUNCTIONS
+
+    return [i for i in interactions if i.split == "eval" and i.task in REWARD_FUNCTIONS]
 
 
 def reward(ctx: StageContext, event: RolloutGenerated) -> list[BaseModel]:

@@ -1,5 +1,6 @@
-"""Restarts on the real broker and Redis: Redis state wiped and rebuilt from the catalog, and a
-serving engine killed and brought back, reloading its assignment by itself.
+"""Restarts on the real broker and Redis: Redis state wiped and rebuilt from the catalog (and
+the held-out prompts from the `interactions` topic), and a serving engine killed and brought
+back, reloading its assignment by itself.
 
 The "flush" deletes every key of this test's namespace (its Redis prefix), which is what a
 FLUSHDB means to one pipeline, without wiping the shared test Redis other suites use.
@@ -21,10 +22,13 @@ import redis
 import safetensors.torch
 
 from infra.settings import REPO_ROOT, Settings, settings_env
+from schemas.codec import encode_event
 from schemas.events import InteractionLogged
 from tests.helpers import wait_for
 from tests.integration.stage_support import evaluate_with, export_step, promote_guarded
+from tests.integration.worker_support import produce_raw
 from tests.serving_support import make_adapter
+from workers import stages
 from workers.artifacts import WEIGHTS_FILE, ArtifactStore, adapter_config
 from workers.catalog_index import CatalogIndex
 from workers.context import StageContext
@@ -47,6 +51,7 @@ def _snapshot(ctx: StageContext) -> dict[str, Any]:
     return {"head": state.head("p").revision, "serving": state.serving("p").revision,
             "hot": state.hot_set(),
             "revisions": {n: state.revision("p", n).sha256 for n in (1, 2)},
+            "heldout": sorted(h.event_id for h in state.heldout("p")),
             "catalog": (entry.serving, entry.candidate, sorted(entry.revisions))}
 
 
@@ -54,11 +59,16 @@ def test_redis_flushed_and_rebuilt_from_the_catalog(settings: Settings,
                                                     redis_client: redis.Redis,
                                                     tiny_model_dir: Path) -> None:
     ctx = StageContext.create(settings.model_copy(update={"base_model": tiny_model_dir}))
-    ctx.state.add_heldout(InteractionLogged(policy_id="p", prompt="held?", split="eval"))
+    held = [InteractionLogged(policy_id="p", prompt=f"held {i}?", split="eval") for i in range(3)]
+    train = InteractionLogged(policy_id="p", prompt="train?")
+    produce_raw(settings, "interactions", [(b"p", encode_event(e)) for e in [*held, train]]
+                + [(b"p", b"{not json")])
+    stages.store_heldout(ctx, held)  # what the rollout stage did with them
     r1, r2 = export_step(ctx, "p", 2), export_step(ctx, "p", 4)
     assert len(promote_guarded(ctx, evaluate_with(ctx, r1, {0: 0.1, 1: 0.5}))) == 1
     before = _snapshot(ctx)
     assert before["head"] == 2 and before["serving"] == 1 and before["hot"] == ["p@1"]
+    assert len(before["heldout"]) == 3
 
     keys = list(redis_client.scan_iter(match=f"{settings.redis_prefix}*"))
     redis_client.delete(*keys)  # the namespace's FLUSHDB
@@ -66,7 +76,7 @@ def test_redis_flushed_and_rebuilt_from_the_catalog(settings: Settings,
 
     done = _cli(settings, "catalog", "rebuild", "--json")
     assert done.returncode == 0, done.stderr
-    assert _snapshot(ctx) == before
+    assert _snapshot(ctx) == before  # held-out prompts too: replayed from `interactions`
     r3 = export_step(ctx, "p", 6)  # numbering continues without a gap or a reuse
     assert r3.revision == 3 and ctx.state.head("p").revision == 3
     del r2
