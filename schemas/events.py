@@ -183,6 +183,15 @@ class PolicyPaused(Event):
     reason: str
 
 
+class PolicyResumed(Event):
+    """An operator lifted a pause (`lorastream resume`). Published on `promotions` after the
+    pause it ends, so replaying that topic in order (a Redis rebuild does) gives the current
+    pause state: the last of a policy's pause and resume events wins."""
+
+    kind: Literal["policy_resumed"] = "policy_resumed"
+    paused_reason: str | None = None
+
+
 class DeadLetter(BaseModel):
     """An event a stage could not process: why, where, and the original bytes.
 
@@ -217,6 +226,7 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
     "policy_promoted": PolicyPromoted,
     "policy_rolled_back": PolicyRolledBack,
     "policy_paused": PolicyPaused,
+    "policy_resumed": PolicyResumed,
     "dead_letter": DeadLetter,
 }
 

@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
     ctx = StageContext.create(settings)
-    if guards.resume(ctx, args.policy_id):
+    event = guards.resume(ctx, args.policy_id)
+    if event is not None:
+        ctx.catalog.announce(event)  # a Redis rebuild replays it: the pause stays lifted
         print(f"{args.policy_id}: resumed")
         return 0
     print(f"{args.policy_id}: was not paused", file=sys.stderr)

@@ -65,6 +65,7 @@ class RebuildReport:
     seconds: float = 0.0
     skipped: int = 0
     heldout: int = 0
+    paused: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -74,17 +75,19 @@ def rebuild(settings: Settings, index: CatalogIndex | None = None, *, working_se
             progress: Callable[[str], None] | None = None) -> RebuildReport:
     """Drop the catalog index and refold it from the compacted topic; returns counts and time.
     With `working_set`, also restore the pipeline's Redis working set: the serving aliases and
-    hot set from the catalog, the held-out prompts from the `interactions` topic."""
+    hot set from the catalog, the held-out prompts and pauses from their topics
+    (`workers/topic_replay.py`)."""
     index = index or CatalogIndex(settings)
     started = time.perf_counter()
     report = RebuildReport(deleted_keys=index.delete_all())
     asyncio.run(_refold(settings, index, report, progress or _stderr))
     if working_set:
         from workers.catalog_service import restore_working_set
-        from workers.heldout_replay import replay_heldout
+        from workers.topic_replay import replay_heldout, replay_pauses
 
         report.policies = restore_working_set(settings, index)
         report.heldout = replay_heldout(settings, progress=progress or _stderr)
+        report.paused = len(replay_pauses(settings))
     report.seconds = time.perf_counter() - started
     return report
 

@@ -33,7 +33,7 @@ from schemas.catalog import (
     RollbackRecorded,
 )
 from schemas.codec import encode_event
-from schemas.events import PolicyRolledBack
+from schemas.events import Event, PolicyRolledBack
 from workers.catalog import (
     IllegalTransitionError,
     RevisionState,
@@ -249,10 +249,15 @@ class Catalog:
             self.publish(records)
         self.state.set_serving(policy_id, target)
         event = PolicyRolledBack(**records[-1].model_dump(exclude={"kind"}))
-        fut = self.producer.send(self.settings.topic("promotions"), key=policy_id.encode(),
-                                 value=encode_event(event))
-        fut.get(timeout=30)
+        self.announce(event)
         return event
+
+    def announce(self, event: Event) -> None:
+        """Publish a control event on `promotions`, keyed by its policy (so one policy's
+        announcements stay in order), and wait until the broker has it."""
+        fut = self.producer.send(self.settings.topic("promotions"),
+                                 key=event.policy_id.encode(), value=encode_event(event))
+        fut.get(timeout=30)
 
     def _rollback_records(self, entry: PolicyEntry, cur: int, target: int,
                           reason: str) -> list[CatalogRecord]:

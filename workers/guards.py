@@ -6,7 +6,8 @@
   a schema violation long before this.
 - Pause (`pause`/`resume`): a rejected training step (non-finite loss or gradient, or a pre-clip
   gradient norm above `max_grad_norm_reject`) pauses the policy, so it cannot keep burning
-  interactions on a diverged adapter; the first pause publishes a `PolicyPaused` event.
+  interactions on a diverged adapter; the first pause publishes a `PolicyPaused` event, a
+  resume a `PolicyResumed` (a Redis rebuild replays them: `workers/topic_replay.py`).
 - Promotion (`check_promotion`): a passed verdict must beat what serves now (a better revision
   may have been promoted since the evaluation), else the promotion is dead-lettered.
 - Online rollback (`observe_rewards`): the mean reward of the last `online_rollback_window`
@@ -32,6 +33,7 @@ from schemas.events import (
     AdapterEvaluated,
     Event,
     PolicyPaused,
+    PolicyResumed,
     PolicyRolledBack,
     RolloutRewarded,
 )
@@ -39,6 +41,7 @@ from workers.catalog_index import CatalogIndex
 from workers.context import StageContext
 from workers.errors import PoisonEventError
 from workers.ids import derive_id
+from workers.state import PolicyState
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +138,25 @@ def pause(ctx: StageContext, policy_id: str, stage: str, reason: str) -> PolicyP
                         policy_id=policy_id, stage=stage, reason=reason[:500])
 
 
-def resume(ctx: StageContext, policy_id: str) -> bool:
-    """Lift a pause (operator action); True if the policy was paused."""
-    return bool(ctx.state.r.delete(_paused_key(ctx, policy_id)))
+def resume(ctx: StageContext, policy_id: str) -> PolicyResumed | None:
+    """Lift a pause (operator action); the event to publish, or None if it was not paused."""
+    key = _paused_key(ctx, policy_id)
+    reason = cast("bytes | None", ctx.state.r.hget(key, "reason"))
+    if not ctx.state.r.delete(key):
+        return None
+    return PolicyResumed(event_id=derive_id("resume", policy_id, time.time_ns()),
+                         policy_id=policy_id,
+                         paused_reason=reason.decode() if reason is not None else None)
+
+
+def restore_pause(state: PolicyState, event: PolicyPaused | PolicyResumed) -> None:
+    """Make Redis say what a replayed pause or resume event says (a rebuild after a flush)."""
+    key = state.settings.key("paused", event.policy_id)
+    if isinstance(event, PolicyResumed):
+        state.r.delete(key)
+        return
+    state.r.hset(key, mapping={"reason": event.reason[:500], "stage": event.stage,
+                               "ts": event.ts})
 
 
 # -- online rollback ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis
 import safetensors.torch
@@ -28,7 +29,7 @@ from tests.helpers import wait_for
 from tests.integration.stage_support import evaluate_with, export_step, promote_guarded
 from tests.integration.worker_support import produce_raw
 from tests.serving_support import make_adapter
-from workers import stages
+from workers import guards, stages
 from workers.artifacts import WEIGHTS_FILE, ArtifactStore, adapter_config
 from workers.catalog_index import CatalogIndex
 from workers.context import StageContext
@@ -154,3 +155,26 @@ def test_killed_engine_comes_back_with_its_assignment(served: Settings, engine_p
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_pauses_and_resumes_survive_a_flush(settings: Settings, redis_client: redis.Redis,
+                                            tiny_model_dir: Path) -> None:
+    """A paused policy must stay paused when Redis is lost (its adapter diverged), and one an
+    operator resumed must stay resumed: the rebuild replays both from `promotions`."""
+    ctx = StageContext.create(settings.model_copy(update={"base_model": tiny_model_dir}))
+    for policy in ("a", "b"):
+        paused = guards.pause(ctx, policy, "update", "non-finite loss")
+        assert paused is not None
+        ctx.catalog.announce(paused)  # what the guarded update agent sends
+    resumed = _cli(settings, "resume", "b")
+    assert resumed.returncode == 0, resumed.stderr
+    keys = list(redis_client.scan_iter(match=f"{settings.redis_prefix}*"))
+    redis_client.delete(*keys)
+    assert guards.paused_policies(ctx) == []
+
+    done = _cli(settings, "catalog", "rebuild", "--json")
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout.splitlines()[-1])["paused"] == 1
+    assert guards.paused_policies(ctx) == [
+        {"policy_id": "a", "stage": "update", "reason": "non-finite loss"}]
+    ctx.catalog.close()
