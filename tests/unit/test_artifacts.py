@@ -7,9 +7,16 @@ from pathlib import Path
 
 import peft
 import pytest
+import safetensors.torch
 import torch
 
-from workers.artifacts import CONFIG_FILE, WEIGHTS_FILE, ArtifactStore, adapter_config
+from workers.artifacts import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ArtifactStore,
+    adapter_config,
+    serialize_tensors,
+)
 from workers.errors import PoisonEventError
 from workers.grpo import PolicyTrainer, TrainGroup
 from workers.model import LoraSpec, load_base_model
@@ -104,3 +111,22 @@ def test_export_loads_in_peft_with_same_logits(tiny_model_dir: Path, tmp_path: P
     trained = trainer.logits("p", ids)
     assert (peft_logits - trained).abs().max().item() < 1e-5
     assert (base_logits - trained).abs().max().item() > 1e-3  # the adapter matters
+
+
+@pytest.mark.parametrize("case", [
+    {"b.lora_B.weight": torch.randn(8, 2), "a.lora_A.weight": torch.randn(2, 8)},
+    {"layers.1.q": torch.randn(3, 3).double(), "layers.10.q": torch.randn(2).bfloat16(),
+     "layers.1-x": torch.ones(2), "layers.1_x": torch.ones(2, 1), "x": torch.tensor(3.0),
+     "empty": torch.zeros(0), "strided": torch.randn(4, 4).T},
+    {"ünicode key": torch.ones(2), 'quo"te': torch.ones(1)},
+    {},
+])
+def test_export_bytes_are_safetensors_own(case: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    """The fast writer must give the exact bytes safetensors does: they are the content id."""
+    want = safetensors.torch.save({k: v.float().contiguous() for k, v in case.items()},
+                                  metadata={"format": "pt"})
+    assert serialize_tensors(case) == want
+    if case:
+        ref = ArtifactStore(tmp_path).put_adapter(case, {})
+        assert (ref.path / WEIGHTS_FILE).read_bytes() == want
+        assert ref.sha256 == hashlib.sha256(want).hexdigest() and ref.size_bytes == len(want)
