@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import peft
 import pytest
+import safetensors.torch
 import torch
 
 from tests.serving_support import base_dir, make_adapter
 from workers.model import load_base_model
 from workers.serving.sampler import RowRequest, SlotSampler
-from workers.serving.slots import AdapterFormatError, SlotLora
+from workers.serving.slots import WEIGHTS_FILE, AdapterFormatError, SlotLora
 
 __all__ = ["base_dir"]
 
@@ -136,3 +138,45 @@ def test_sampled_logprobs_equal_teacher_forced_peft_logprobs(base_dir: Path,
         logps = torch.log_softmax(logits / 0.7, dim=-1)
         want = logps.gather(-1, torch.tensor(res.output_ids)[:, None]).squeeze(-1)
         torch.testing.assert_close(torch.tensor(res.logprobs), want, atol=1e-4, rtol=1e-4)
+
+
+def test_two_adapters_and_base_in_one_batch_match_peft(base_dir: Path, tmp_path: Path) -> None:
+    """A mixed batch gathers only its distinct adapters; each row must still get its own."""
+    a = make_adapter(base_dir, tmp_path / "a", rank=4, seed=11)
+    b = make_adapter(base_dir, tmp_path / "b", rank=2, seed=12, targets=("q_proj", "v_proj"))
+    sampler = SlotSampler(base_dir, num_slots=4, max_rank=4)
+    sampler.load(3, a)
+    sampler.load(1, b)
+    prompts = ["hello there", "a", "hi you", "b"]
+    enc = sampler.tokenizer(prompts, return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    got = _slot_logits(sampler, [1, None, 3, 1], ids, mask)
+    wants = [_peft_logits(base_dir, b, ids, mask), _peft_logits(base_dir, None, ids, mask),
+             _peft_logits(base_dir, a, ids, mask), _peft_logits(base_dir, b, ids, mask)]
+    for row, want in enumerate(wants):
+        torch.testing.assert_close(got[row], want[row], atol=1e-5, rtol=1e-5)
+
+
+def test_full_rank_float32_file_is_read_straight_into_the_slot(
+        base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct read fills the same slot bytes as the per-tensor path, and never builds
+    tensors (safetensors' loader is not called); a truncated file leaves the slot empty."""
+    full = make_adapter(base_dir, tmp_path / "full", rank=4, seed=13)
+    sampler = SlotSampler(base_dir, num_slots=2, max_rank=4)
+    tensors = safetensors.torch.load_file(str(full / WEIGHTS_FILE))
+    sampler.slots.load_tensors(0, tensors, 2.0)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the direct path must not build tensors")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    sampler.load(1, full)
+    assert torch.equal(sampler.slots.storage[0], sampler.slots.storage[1])
+    assert sampler.slots.ctx.scales[1] == 2.0
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    data = (cut / WEIGHTS_FILE).read_bytes()
+    (cut / WEIGHTS_FILE).write_bytes(data[: len(data) - 100])
+    with pytest.raises(AdapterFormatError, match="truncated"):
+        sampler.load(1, cut)
+    assert not sampler.slots.storage[1].any() and sampler.slots.ctx.scales[1] == 0.0

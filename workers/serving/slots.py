@@ -2,11 +2,15 @@
 
 peft's `load_adapter` builds new modules and parameters for every adapter it attaches, which
 costs far more than the few MB an adapter weighs. Here every target linear is wrapped once, at
-engine start, by a `SlotLinear` whose A/B weights for all slots are views into one flat buffer
-per slot. Loading an adapter is then a safetensors read plus `copy_` into a free slot (one
-`copy_` for a packed adapter), and a batch can mix adapters: each row names its slot.
+engine start, by a `SlotLinear` whose A/B weights for all slots are views into one flat float32
+buffer per slot. Loading an adapter is then a read into a free slot, and a batch can mix
+adapters: each row names its slot (the math is in `slot_linear`).
 
-Adapters of rank < `max_rank` are zero-padded (exact: the extra rank components contribute 0);
+The slot layout orders the modules as a safetensors file orders its tensors (by name, A before
+B), so a float32 PEFT file at full rank that targets every wrapped module has a data section
+that *is* a slot row byte for byte: it is validated from its header and read straight into the
+slot (one `readinto`, no tensor objects). Any other adapter takes the per-tensor path:
+adapters of rank < `max_rank` are zero-padded (exact: the extra rank components contribute 0);
 modules an adapter does not target stay zero in its slot.
 """
 
@@ -18,17 +22,22 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import safetensors.torch
 import torch
 from torch import nn
+
+from workers.serving.slot_linear import SlotContext, SlotLinear
 
 PEFT_PREFIX = "base_model.model."
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PACKED_FILE = "adapter_model.packed.safetensors"
 PACKED_KEY = "packed"
+SLOT_DTYPE = torch.float32
+"""LoRA factors stay float32 whatever the base dtype: see `slot_linear`."""
+_MAX_HEADER = 64 * 1024 * 1024
 
 
 class AdapterFormatError(ValueError):
@@ -56,8 +65,9 @@ class SlotLayout:
 
     @classmethod
     def build(cls, modules: Iterable[tuple[str, nn.Linear]], max_rank: int) -> SlotLayout:
+        """Spans in the order safetensors stores an adapter's tensors (sorted by key)."""
         spans, offset = [], 0
-        for name, linear in modules:
+        for name, linear in sorted(modules, key=lambda m: weight_key(m[0], "A")):
             a_off, b_off = offset, offset + max_rank * linear.in_features
             offset = b_off + linear.out_features * max_rank
             spans.append(ModuleSpan(name, linear.in_features, linear.out_features, a_off, b_off))
@@ -68,56 +78,6 @@ class SlotLayout:
         text = json.dumps([self.max_rank, [(s.name, s.in_features, s.out_features)
                                            for s in self.spans]])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-class SlotContext:
-    """Which slot each batch row uses; shared by every SlotLinear of one model."""
-
-    def __init__(self, scales: torch.Tensor) -> None:
-        self.scales = scales
-        self.single: int | None = None  # every row uses this slot
-        self.rows: torch.Tensor | None = None  # per-row slot (mixed batch)
-        self.row_scales: torch.Tensor | None = None
-
-    def set_rows(self, slots: list[int | None]) -> None:
-        """Rows with None use the bare base model (their LoRA delta is scaled by 0)."""
-        distinct = set(slots)
-        self.rows = self.row_scales = None
-        self.single = None
-        if distinct == {None}:
-            return
-        if len(distinct) == 1:
-            self.single = next(iter(distinct))
-            return
-        idx = torch.tensor([s if s is not None else 0 for s in slots], dtype=torch.long)
-        scale = self.scales[idx].clone()
-        scale[torch.tensor([s is None for s in slots])] = 0.0
-        self.rows, self.row_scales = idx, scale
-
-    def clear(self) -> None:
-        self.set_rows([None])
-
-
-class SlotLinear(nn.Module):
-    """A frozen base linear plus the LoRA delta of the slot(s) the current batch uses."""
-
-    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, ctx: SlotContext):
-        super().__init__()
-        self.base = base
-        self.a, self.b, self.ctx = a, b, ctx  # views into the slot storage, not parameters
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        ctx = self.ctx
-        if ctx.single is not None:
-            s = ctx.single
-            return y + (x @ self.a[s].T) @ self.b[s].T * ctx.scales[s]
-        if ctx.rows is None or ctx.row_scales is None:
-            return y
-        a, b = self.a[ctx.rows], self.b[ctx.rows]  # [B, R, in], [B, out, R]
-        xa = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), a.transpose(1, 2))
-        delta = torch.bmm(xa, b.transpose(1, 2)) * ctx.row_scales[:, None, None]
-        return y + delta.reshape(y.shape)
 
 
 def _targets(model: nn.Module, target_modules: Iterable[str]) -> list[tuple[str, nn.Linear]]:
@@ -132,12 +92,14 @@ def _targets(model: nn.Module, target_modules: Iterable[str]) -> list[tuple[str,
 class SlotLora:
     """Owns the slot storage of one model; `install` wraps its target linears once."""
 
-    def __init__(self, layout: SlotLayout, num_slots: int, dtype: torch.dtype) -> None:
+    def __init__(self, layout: SlotLayout, num_slots: int,
+                 dtype: torch.dtype = SLOT_DTYPE) -> None:
         self.layout = layout
         self.num_slots = num_slots
         self.storage = torch.zeros(num_slots, layout.numel, dtype=dtype)
-        self.ctx = SlotContext(torch.zeros(num_slots, dtype=dtype))
+        self.ctx = SlotContext(torch.zeros(num_slots, dtype=dtype), layout.max_rank)
         self._spans = {s.name: s for s in layout.spans}
+        self._direct_header = self._expected_header() if dtype == torch.float32 else None
 
     @classmethod
     def install(cls, model: nn.Module, target_modules: Iterable[str], *, num_slots: int,
@@ -145,10 +107,9 @@ class SlotLora:
         if num_slots < 1 or max_rank < 1:
             raise ValueError("num_slots and max_rank must be >= 1")
         targets = _targets(model, target_modules)
-        dtype = targets[0][1].weight.dtype
-        self = cls(SlotLayout.build(targets, max_rank), num_slots, dtype)
-        for (name, linear), span in zip(targets, self.layout.spans, strict=True):
-            a, b = self.views(span)
+        self = cls(SlotLayout.build(targets, max_rank), num_slots)
+        for name, linear in targets:
+            a, b = self.views(self._spans[name])
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, SlotLinear(linear, a, b, self.ctx))
@@ -170,8 +131,45 @@ class SlotLora:
         if packed.is_file() and self._load_packed(slot, packed):
             self.ctx.scales[slot] = scale
             return
-        tensors = safetensors.torch.load_file(str(adapter_dir / WEIGHTS_FILE), device="cpu")
+        weights = adapter_dir / WEIGHTS_FILE
+        if self._load_direct(slot, weights):
+            self.ctx.scales[slot] = scale
+            return
+        tensors = safetensors.torch.load_file(str(weights), device="cpu")
         self.load_tensors(slot, tensors, scale)
+
+    def _expected_header(self) -> dict[str, dict[str, Any]]:
+        """The safetensors header entries of a file whose data section is one slot row."""
+        r, out = self.layout.max_rank, {}
+        for s in self.layout.spans:
+            b_end = s.b_offset + s.out_features * r
+            out[weight_key(s.name, "A")] = {"dtype": "F32", "shape": [r, s.in_features],
+                                            "data_offsets": [4 * s.a_offset, 4 * s.b_offset]}
+            out[weight_key(s.name, "B")] = {"dtype": "F32", "shape": [s.out_features, r],
+                                            "data_offsets": [4 * s.b_offset, 4 * b_end]}
+        return out
+
+    def _load_direct(self, slot: int, path: Path) -> bool:
+        """Read the file's data section straight into the slot when its header says the data
+        is exactly a slot row (checked entry by entry before a byte of the slot changes);
+        False, untouched, for any other adapter."""
+        if self._direct_header is None:
+            return False
+        self._check_slot(slot)
+        with path.open("rb", buffering=0) as fh:
+            header = read_header(fh, path)
+            header.pop("__metadata__", None)
+            if header != self._direct_header:
+                return False
+            row = self.storage[slot].numpy().data.cast("B")
+            done = 0
+            while done < len(row):
+                n = fh.readinto(row[done:])
+                if not n:
+                    self.clear(slot)
+                    raise AdapterFormatError(f"{path}: truncated after {done} data bytes")
+                done += n
+        return True
 
     def load_tensors(self, slot: int, tensors: dict[str, torch.Tensor], scale: float) -> None:
         """Validate every tensor first, so a bad adapter never leaves a half-written slot."""
@@ -236,6 +234,24 @@ class SlotLora:
         safetensors.torch.save_file({PACKED_KEY: scratch.storage[0].contiguous()}, str(out),
                                     metadata={"layout": self.layout.signature()})
         return out
+
+
+def weight_key(module: str, kind: str) -> str:
+    """PEFT's key of a module's LoRA factor (`kind` is "A" or "B") in adapter_model.*."""
+    return f"{PEFT_PREFIX}{module}.lora_{kind}.weight"
+
+
+def read_header(fh: BinaryIO, path: Path) -> dict[str, Any]:
+    """A safetensors header (8-byte little-endian length, then JSON); leaves `fh` at the data."""
+    size = int.from_bytes(fh.read(8), "little")
+    raw = fh.read(size) if 0 < size <= _MAX_HEADER else b""
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise AdapterFormatError(f"{path} is not a safetensors file: {exc}") from exc
+    if len(raw) != size or not isinstance(header, dict):
+        raise AdapterFormatError(f"{path} is not a safetensors file")
+    return header
 
 
 def read_config(adapter_dir: Path) -> dict[str, Any]:
