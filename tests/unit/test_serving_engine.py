@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from tests.serving_support import base_dir, make_adapter
 from workers.serving.client import SGLangClient, SGLangError
@@ -165,3 +166,14 @@ def test_openai_routes_name_the_adapter_in_model(server: ServerThread,
                           "logprobs": 0})
     assert status == 200 and len(comp["choices"]) == 2
     assert len(comp["choices"][0]["logprobs"]["token_logprobs"]) >= 1
+
+
+def test_num_threads_applies_to_the_engine_threads_only(base_dir: Path) -> None:
+    """OpenMP's thread count is per thread: the engine's setting must not change the caller's."""
+    before = torch.get_num_threads()
+    engine = CpuEngine(EngineConfig(base_path=base_dir, max_lora_rank=4, num_threads=1))
+    try:
+        assert engine._executor.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == before
+    finally:
+        engine._executor.shutdown()

@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-concurrent-loads", type=int, default=2)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="serving dtype (float32 keeps rollout log-probs exact for the trainer)")
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="intra-op threads of the model work (default: one per core)")
     p.add_argument("--no-controller", action="store_true", help="serve only; ignore Redis")
     p.add_argument("--no-server", action="store_true",
                    help="run only the controller, for an engine at --engine-url")
@@ -88,7 +90,7 @@ async def _start_server(args: argparse.Namespace, settings: Settings) -> web.App
     config = EngineConfig(base_path=Path(base), max_loaded_loras=args.max_loaded_loras,
                           max_loras_per_batch=args.max_loras_per_batch,
                           max_lora_rank=args.max_lora_rank or settings.lora_rank,
-                          dtype=args.dtype)
+                          dtype=args.dtype, num_threads=args.num_threads)
     engine = await asyncio.to_thread(CpuEngine, config)
     token = args.admin_token or (settings.engine_admin_token.get_secret_value()
                                  if settings.engine_admin_token else None)

@@ -43,7 +43,15 @@ class EngineConfig:
     max_running_requests: int = 64
     served_model_name: str | None = None
     dtype: str = "float32"
-    """`float32` or `bfloat16` (SGLang's `--dtype`); adapters are cast into the slots' dtype."""
+    """`float32` or `bfloat16` (SGLang's `--dtype`) for the base; LoRA slots stay float32."""
+    num_threads: int | None = None
+    """Intra-op threads of the engine's model work (None: torch's default, one per core).
+
+    Set in the engine's worker threads only (OpenMP's count is per thread), so the caller's
+    threads keep theirs; threads created later that never set a count start from the last one
+    set (torch keeps one process-wide default). On a CPU shared with other jobs, 1 avoids
+    OpenMP barriers waiting on a descheduled sibling: a forward of a few tokens is ~200 oneDNN
+    matmuls, each a barrier with 2 threads."""
 
 
 @dataclass
@@ -52,6 +60,11 @@ class _Pending:
     adapter: str | None
     ref: AdapterRef | None
     future: asyncio.Future[RowResult] = field(repr=False)
+
+
+def _set_threads(num_threads: int | None) -> None:
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
 
 
 def update_output(success: bool, error: str, loaded: dict[str, str] | None) -> dict[str, Any]:
@@ -71,7 +84,9 @@ class CpuEngine:
                                    target_modules=config.lora_target_modules,
                                    dtype=_DTYPES[config.dtype])
         self.model_name = config.served_model_name or str(config.base_path)
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cpu-engine")
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cpu-engine",
+                                            initializer=_set_threads,
+                                            initargs=(config.num_threads,))
         self._update_lock: asyncio.Lock | None = None
         self._pending: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None

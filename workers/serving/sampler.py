@@ -69,7 +69,7 @@ class SlotSampler:
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, rows: list[RowRequest]) -> list[RowResult]:
         """Left-padded batched decoding with a KV cache; rows stop independently."""
         if not rows:
@@ -89,25 +89,27 @@ class SlotSampler:
             ids[i, width - len(r.input_ids):] = torch.tensor(r.input_ids, dtype=torch.long)
             mask[i, width - len(r.input_ids):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        steps = max(r.max_new_tokens for r in rows)
+        cache = DynamicCache() if steps > 1 else None  # one token: no later step reads it
         gens = [_generator(r.seed) for r in rows]
         results = [RowResult() for _ in rows]
         done = [False] * len(rows)
         logits = self._forward(ids, mask, pos, cache)
-        for step in range(max(r.max_new_tokens for r in rows)):
+        for step in range(steps):
             tokens = self._sample_step(logits, rows, gens, results, done, step)
             if all(done):
                 break
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
             pos = pos[:, -1:] + 1
+            assert cache is not None
             logits = self._forward(tokens[:, None], mask, pos, cache)
         return results
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-                 cache: DynamicCache) -> torch.Tensor:
+                 cache: DynamicCache | None) -> torch.Tensor:
         # Only the last position's logits are sampled: skip the LM head everywhere else.
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
         return out.logits[:, -1].float()
 
     def _sample_step(self, logits: torch.Tensor, rows: list[RowRequest],
