@@ -8,9 +8,12 @@ the clock runs from "the trainer has new weights" to "the engine answered a requ
 (b) adapter-only: export the adapter into the content-addressed store (fsynced), POST
     /load_lora_adapter (a safetensors read + copy into a preallocated slot), first answer.
 
-Each path is timed `--repeats` times; the medians are reported. Progress goes to stderr; the
-last stdout line is one JSON object: `{"results": [{"rank", "merged_s", "adapter_s", "ratio",
-"merged_bytes", "adapter_bytes"}, ...]}` (or just that object with `--rank N`).
+Both engines are configured alike (bfloat16; `--engine-threads` sets the intra-op threads of
+their model work, default torch's, see `EngineConfig.num_threads`), and the merge itself runs on
+the process's default threads. Each path is timed `--repeats` times; the medians are reported.
+Progress goes to stderr; the last stdout line is one JSON object: `{"results": [{"rank",
+"merged_s", "adapter_s", "ratio", "merged_bytes", "adapter_bytes", ...}, ...]}` (or just that
+object with `--rank N`).
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ DTYPE = "bfloat16"
 """Both paths serve in bfloat16, as SGLang does by default."""
 
 
-def engine(base: Path, max_rank: int) -> ServerThread:
+def engine(base: Path, max_rank: int, threads: int | None) -> ServerThread:
     config = EngineConfig(base_path=base, max_loaded_loras=8, max_loras_per_batch=4,
-                          max_lora_rank=max_rank, dtype=DTYPE)
+                          max_lora_rank=max_rank, dtype=DTYPE, num_threads=threads)
     return ServerThread(CpuEngine(config))
 
 
@@ -79,7 +82,7 @@ def adapter_path(store: ArtifactStore, tensors: dict[str, torch.Tensor], lora: L
 
 
 def merged_path(tensors: dict[str, torch.Tensor], lora: LoraSpec, base: Path,
-                out: Path) -> tuple[float, int, list[int]]:
+                out: Path, threads: int | None) -> tuple[float, int, list[int]]:
     model, tokenizer = load_base_model(base)  # the copy to merge into (not timed: resident)
     started = time.perf_counter()
     peft_model = peft.get_peft_model(model, lora.peft_config())
@@ -88,7 +91,7 @@ def merged_path(tensors: dict[str, torch.Tensor], lora: LoraSpec, base: Path,
     merged.save_pretrained(out)  # type: ignore[operator]  # safetensors, full weights
     tokenizer.save_pretrained(out)
     saved = time.perf_counter()
-    with engine(out, lora.rank) as server:
+    with engine(out, lora.rank, threads) as server:
         ready = time.perf_counter()
         (gen,) = SGLangClient(server.url).generate(PROMPT, sampling_params=FIRST_ANSWER)
         elapsed = time.perf_counter() - started
@@ -97,12 +100,13 @@ def merged_path(tensors: dict[str, torch.Tensor], lora: LoraSpec, base: Path,
     return elapsed, sum(p.stat().st_size for p in out.glob("*.safetensors")), gen.token_ids
 
 
-def run(rank: int, repeats: int, base: Path, work: Path) -> dict[str, float | int | str]:
+def run(rank: int, repeats: int, base: Path, work: Path,
+        threads: int | None) -> dict[str, float | int | str | None]:
     """Alternate the two paths, so both see the same machine load (it drifts on shared CPUs)."""
     lora = LoraSpec(rank=rank, alpha=2.0 * rank)
     store = ArtifactStore(work / f"artifacts-r{rank}")
     adapter_runs, merged_runs = [], []
-    with engine(base, rank) as server:
+    with engine(base, rank, threads) as server:
         client = SGLangClient(server.url)
         tensors = train_once(base, lora, client)
         for i in range(repeats):
@@ -111,14 +115,16 @@ def run(rank: int, repeats: int, base: Path, work: Path) -> dict[str, float | in
                  for k, v in tensors.items()}
             adapter_runs.append(adapter_path(store, t, lora, base, client, f"bench@{rank}-{i}"))
             log(f"rank {rank}: adapter-only {adapter_runs[-1][0]:.3f} s")
-            merged_runs.append(merged_path(tensors, lora, base, work / f"merged-r{rank}-{i}"))
+            merged_runs.append(merged_path(tensors, lora, base, work / f"merged-r{rank}-{i}",
+                                           threads))
             log(f"rank {rank}: merged {merged_runs[-1][0]:.3f} s")
     if merged_runs[0][2] != adapter_runs[0][2]:
         log(f"rank {rank}: note: first tokens differ {merged_runs[0][2]} vs "
             f"{adapter_runs[0][2]} (merging rounds differently)")
     merged_s = statistics.median(r[0] for r in merged_runs)
     adapter_s = statistics.median(r[0] for r in adapter_runs)
-    return {"rank": rank, "dtype": DTYPE, "merged_s": round(merged_s, 4),
+    return {"rank": rank, "dtype": DTYPE, "engine_threads": threads,
+            "merged_s": round(merged_s, 4),
             "adapter_s": round(adapter_s, 4),
             "ratio": round(merged_s / adapter_s, 2), "merged_bytes": merged_runs[0][1],
             "adapter_bytes": adapter_runs[0][1]}
@@ -129,11 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="(always on) end with JSON")
     parser.add_argument("--rank", type=int, action="append", help="default: 8 and 1")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--engine-threads", type=int, default=None,
+                        help="intra-op threads of both engines' model work (default: torch's)")
     args = parser.parse_args(argv)
     base = smollm2_dir()
     ranks = args.rank or [8, 1]
     with tempfile.TemporaryDirectory(prefix="handoff-") as tmp:
-        results = [run(rank, args.repeats, base, Path(tmp)) for rank in ranks]
+        results = [run(rank, args.repeats, base, Path(tmp), args.engine_threads)
+                   for rank in ranks]
     for r in results:
         log(json.dumps(r))
     print(json.dumps(results[0] if len(results) == 1 else {"results": results}))
