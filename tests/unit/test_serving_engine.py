@@ -148,7 +148,7 @@ def test_openai_routes_name_the_adapter_in_model(server: ServerThread,
                                                  adapters: dict[str, Path]) -> None:
     client = SGLangClient(server.url)
     client.load_lora_adapter("p1@1", str(adapters["p1@1"]))
-    params = {"max_tokens": 5, "temperature": 0.0}
+    params: dict[str, Any] = {"max_tokens": 5, "temperature": 0.0}
     messages = [{"role": "user", "content": "hi"}]
     via_model = client.chat_completion(messages, base_model="tiny", adapter="p1@1", **params)
     via_body = client.chat_completion(messages, base_model="tiny", lora_path="p1@1", **params)

@@ -22,9 +22,10 @@ PROMPTS = ["hello there", "a"]
 
 def _peft_logits(base: Path, adapter: Path | None, ids: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:
-    model, _ = load_base_model(base)
+    base_model, _ = load_base_model(base)
+    model: torch.nn.Module = base_model
     if adapter is not None:
-        model = peft.PeftModel.from_pretrained(model, str(adapter))
+        model = peft.PeftModel.from_pretrained(base_model, str(adapter))
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask).logits
 

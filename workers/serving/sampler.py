@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
 from workers.model import LoraSpec, load_base_model
@@ -48,7 +49,7 @@ class SlotSampler:
         self.model, self.tokenizer = load_base_model(Path(base_path))
         # float32 by default: rollout log-probs must match the float32 trainer's. bfloat16
         # serves (as SGLang does) about twice as fast on CPUs with AVX512-BF16 or AMX.
-        self.model.to(dtype)
+        nn.Module.to(self.model, dtype)  # in place (transformers' `to` is typed narrower)
         self.slots = SlotLora.install(self.model, target_modules, num_slots=num_slots,
                                       max_rank=max_rank)
         self.eos_id: int | None = self.tokenizer.eos_token_id
