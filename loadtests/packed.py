@@ -7,8 +7,10 @@ own load path, `SlotLora.load_dir`, into a preallocated slot:
   its place in the slot;
 - packed: `adapter_model.packed.safetensors`, one block already in the slot's layout (ranks
   padded, a layout digest in the metadata), read and copied with a single `copy_`.
-Medians over `--repeats` loads. Last stdout line: `{"tensors", "per_tensor_s", "packed_s",
-"ratio"}`.
+A per-tensor file of a float32 adapter at the slots' full rank is laid out like a slot row, so
+`load_dir` reads it straight into the slot too (see `slots`): packing pays off for adapters
+that need padding, e.g. rank 8 into `--max-rank 16` slots. Medians over `--repeats` loads.
+Last stdout line: `{"tensors", "per_tensor_s", "packed_s", "ratio"}`.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--inter", type=int, default=128)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--max-rank", type=int, default=None,
+                        help="the slots' max rank (default: --rank)")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args(argv)
     if args.experts < 32:
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         per_tensor, packed = Path(tmp) / "per-tensor", Path(tmp) / "packed"
         count = write_adapter(model, per_tensor, args.rank)
         write_adapter(model, packed, args.rank)
-        slots = SlotLora.install(model, TARGETS, num_slots=4, max_rank=args.rank)
+        slots = SlotLora.install(model, TARGETS, num_slots=4,
+                                 max_rank=args.max_rank or args.rank)
         slots.pack(packed)
         print(f"[packed] {count} tensors, {slots.layout.numel * 4 / 1e6:.1f} MB per slot",
               file=sys.stderr)
