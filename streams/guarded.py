@@ -97,9 +97,10 @@ class GuardedStageRunner(StageRunner):
         looked up per batch and refreshed when older than `ADMISSION_TTL_S`, so a pause set by
         another process during a long batch still stops it."""
         policies = list(dict.fromkeys(e.policy_id for _, e in unit))
-        stale = time.monotonic() - self._admission_at > ADMISSION_TTL_S
-        await self._refresh_admission(
-            policies if stale else [p for p in policies if p not in self._admission])
+        if time.monotonic() - self._admission_at > ADMISSION_TTL_S:  # all of it, at once
+            await self._refresh_admission(list(dict.fromkeys([*self._admission, *policies])))
+        else:
+            await self._refresh_admission([p for p in policies if p not in self._admission])
         admitted: list[Decoded] = []
         for item, event in unit:
             error = self._admission[event.policy_id]
