@@ -11,7 +11,7 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,7 +60,12 @@ class StageSpec:
     `update_batch` per policy (the update stage trains every ready group of all of them in one
     multi-policy step) and may raise `PolicyFailures` to fail only some policies; the others
     take one event. A `bulk` function takes a whole batch first and returns the ids it handled
-    completely (no outputs); the rest go through `fn`.
+    completely (no outputs); the rest go through `fn`. A `pipelined` stage does not wait for
+    the broker after each unit: its outputs are confirmed together, then its inputs marked, at
+    the end of the batch (or after `MARK_FLUSH_S`); for a cheap pure stage a crash only re-sends
+    outputs under the same derived ids, and the next stage drops them. An `inline` stage's
+    function is called on the event loop, not in the model thread: for microseconds of pure
+    Python the thread hand-off costs more than the work, and it must not queue behind a model.
     """
 
     name: str
@@ -70,6 +75,8 @@ class StageSpec:
     sink: str
     batched: bool = False
     bulk: BulkFn | None = None
+    pipelined: bool = False
+    inline: bool = False
 
 
 STAGES: dict[str, StageSpec] = {
@@ -77,7 +84,8 @@ STAGES: dict[str, StageSpec] = {
     for s in (
         StageSpec("rollout", "interactions", InteractionLogged, stages.rollout, "rollouts",
                   bulk=stages.store_heldout),
-        StageSpec("reward", "rollouts", RolloutGenerated, stages.reward, "rewards"),
+        StageSpec("reward", "rollouts", RolloutGenerated, stages.reward, "rewards",
+                  pipelined=True, inline=True),
         StageSpec("update", "rewards", RolloutRewarded, stages.update, "updates", batched=True),
         StageSpec("export", "updates", PolicyUpdated, stages.export, "exports"),
         StageSpec("evaluate", "exports", AdapterExported, stages.evaluate, "evaluations"),
@@ -119,6 +127,8 @@ class StageRunner:
     executor: Executor | None = None
     _deferred: list[str] = field(default_factory=list, init=False, repr=False)
     _deferred_since: float = field(default=0.0, init=False, repr=False)
+    _sending: list[tuple[Awaitable[Any], BaseModel]] = field(default_factory=list, init=False,
+                                                              repr=False)
 
     async def run(self, stream: faust.StreamT) -> AsyncIterator[None]:
         settings = self.ctx.settings
@@ -150,6 +160,7 @@ class StageRunner:
             await self._flush_marks()
         finally:
             self._deferred.clear()  # unflushed marks only cost a redo: every effect is idempotent
+            self._sending.clear()
             self.ctx.forget_sources(e.event_id for _, e in fresh)
         return sent
 
@@ -229,20 +240,26 @@ class StageRunner:
             if event.policy_id in failed:
                 await self._dead_letter(item, failed[event.policy_id], event.policy_id)
         events = [e for e in events if e.policy_id not in failed]
-        await self._send(outputs, unit[0][1].policy_id)
-        await self._mark([e.event_id for e in events], now=bool(outputs))
+        pipelined = self.spec.pipelined
+        await self._send(outputs, unit[0][1].policy_id, wait=not pipelined)
+        await self._mark([e.event_id for e in events], now=bool(outputs) and not pipelined)
         metrics.EVENTS.labels(stage=name, outcome="ok").inc(len(events))
         metrics.LATENCY.labels(stage=name).observe(time.perf_counter() - started)
         return outputs
 
-    async def _send(self, outputs: list[BaseModel], default_key: str) -> None:
-        """Send every output, then wait until the broker has them all (they travel together)."""
-        pending = []
+    async def _send(self, outputs: list[BaseModel], default_key: str, *, wait: bool) -> None:
+        """Send every output; with `wait`, return once the broker has them all (they travel
+        together), else leave that to the flush before the inputs are marked."""
         for out in outputs:
             key = getattr(out, "policy_id", None) or default_key
-            pending.append(await self.sink.send(key=key.encode(), value=encode_event(out),
-                                                force=True))
-        for fut, out in zip(pending, outputs, strict=True):
+            fut = await self.sink.send(key=key.encode(), value=encode_event(out), force=True)
+            self._sending.append((fut, out))
+        if wait:
+            await self._confirm_sends()
+
+    async def _confirm_sends(self) -> None:
+        sending, self._sending = self._sending, []
+        for fut, out in sending:
             await fut
             metrics.record_output(out)
 
@@ -263,6 +280,8 @@ class StageRunner:
         self._deferred.extend(event_ids)
 
     async def _flush_marks(self) -> None:
+        """Marks go after the outputs they stand for are on the broker, never before."""
+        await self._confirm_sends()
         if self._deferred:
             ids, self._deferred = self._deferred, []
             await self._call(self.ctx.state.mark_seen_many, self.spec.name, ids)
@@ -276,6 +295,8 @@ class StageRunner:
         try:
             for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
                 try:
+                    if self.spec.inline:
+                        return self.spec.fn(self.ctx, arg)
                     return await self._call(self.spec.fn, self.ctx, arg)
                 except RetryableError:
                     if delay is None:

@@ -74,7 +74,8 @@ class GuardedStageRunner(StageRunner):
         if not admitted:
             return []
         outputs = await super()._handle(admitted)
-        if self.spec.name == "reward" and outputs:
+        watching = self.ctx.settings.online_rollback_threshold is not None
+        if self.spec.name == "reward" and outputs and watching:
             try:
                 await self._call(guards.observe_rewards, self.ctx, outputs)
             except Exception:  # a failed rollback must not stop the reward stream
