@@ -3,8 +3,9 @@
 After one GRPO update on SmolLM2-135M (rollouts sampled from the CPU engine over SGLang's API),
 the clock runs from "the trainer has new weights" to "the engine answered a request with them":
 
-(a) merged: merge the LoRA into a copy of the base, save the full weights (safetensors), start
-    a new engine on them, first answer;
+(a) merged: merge the LoRA into a copy of the base, save the full weights (safetensors,
+    fsynced: a checkpoint that serves must survive a crash, the rule (b) follows too), start a
+    new engine on them, first answer;
 (b) adapter-only: export the adapter into the content-addressed store (fsynced), POST
     /load_lora_adapter (a safetensors read + copy into a preallocated slot), first answer.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -90,6 +92,7 @@ def merged_path(tensors: dict[str, torch.Tensor], lora: LoraSpec, base: Path,
     merged = peft_model.merge_and_unload().to(getattr(torch, DTYPE))
     merged.save_pretrained(out)  # type: ignore[operator]  # safetensors, full weights
     tokenizer.save_pretrained(out)
+    _fsync_tree(out)  # durable before it serves, as the artifact store makes the adapter
     saved = time.perf_counter()
     with engine(out, lora.rank, threads) as server:
         ready = time.perf_counter()
@@ -98,6 +101,22 @@ def merged_path(tensors: dict[str, torch.Tensor], lora: LoraSpec, base: Path,
     log(f"  merge+save {saved - started:.3f} s, engine reload {ready - saved:.3f} s, "
         f"first answer {started + elapsed - ready:.3f} s")
     return elapsed, sum(p.stat().st_size for p in out.glob("*.safetensors")), gen.token_ids
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file, then the directory: the same durability the adapter export has."""
+    for path in sorted(root.iterdir()):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def run(rank: int, repeats: int, base: Path, work: Path,
