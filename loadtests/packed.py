@@ -9,8 +9,11 @@ own load path, `SlotLora.load_dir`, into a preallocated slot:
   padded, a layout digest in the metadata), read and copied with a single `copy_`.
 A per-tensor file of a float32 adapter at the slots' full rank is laid out like a slot row, so
 `load_dir` reads it straight into the slot too (see `slots`): packing pays off for adapters
-that need padding, e.g. rank 8 into `--max-rank 16` slots. Medians over `--repeats` loads.
-Last stdout line: `{"tensors", "per_tensor_s", "packed_s", "ratio"}`.
+that need padding, which is the usual case: an engine's slots are sized for the largest rank
+it serves (lorastream's worker engine: rank 8 slots for the default rank-4 policies; SGLang:
+`--max-lora-rank`), so by default a rank-8 adapter loads into rank-16 slots (`--max-rank 8`
+gives the no-padding case, where the two forms load alike). Medians over `--repeats` loads.
+Last stdout line: `{"tensors", "rank", "max_rank", "per_tensor_s", "packed_s", "ratio"}`.
 """
 
 from __future__ import annotations
@@ -86,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--inter", type=int, default=128)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--max-rank", type=int, default=None,
-                        help="the slots' max rank (default: --rank)")
+    parser.add_argument("--max-rank", type=int, default=16,
+                        help="the slots' max rank (an engine serves every rank up to it)")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args(argv)
     if args.experts < 32:
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         count = write_adapter(model, per_tensor, args.rank)
         write_adapter(model, packed, args.rank)
         slots = SlotLora.install(model, TARGETS, num_slots=4,
-                                 max_rank=args.max_rank or args.rank)
+                                 max_rank=args.max_rank)
         slots.pack(packed)
         print(f"[packed] {count} tensors, {slots.layout.numel * 4 / 1e6:.1f} MB per slot",
               file=sys.stderr)
@@ -110,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[packed] per tensor: {per_tensor_s * 1e3:.2f} ms", file=sys.stderr)
         packed_s = time_loads(slots, packed, args.repeats)
         print(f"[packed] packed: {packed_s * 1e3:.2f} ms", file=sys.stderr)
-    print(json.dumps({"tensors": count, "per_tensor_s": round(per_tensor_s, 5),
-                      "packed_s": round(packed_s, 5),
+    print(json.dumps({"tensors": count, "rank": args.rank, "max_rank": args.max_rank,
+                      "per_tensor_s": round(per_tensor_s, 5), "packed_s": round(packed_s, 5),
                       "ratio": round(per_tensor_s / packed_s, 2)}))
     return 0
 
