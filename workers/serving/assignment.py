@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable
+from typing import cast
 
 import redis
 
@@ -61,7 +62,8 @@ def deregister_engine(settings: Settings, r: redis.Redis, engine_id: str) -> Non
 
 def live_engines(settings: Settings, r: redis.Redis) -> dict[str, str]:
     """engine id -> URL of engines whose controller refreshed `alive` recently."""
-    raw = {k.decode(): v.decode() for k, v in r.hgetall(settings.key("engines")).items()}
+    stored = cast("dict[bytes, bytes]", r.hgetall(settings.key("engines")))
+    raw = {k.decode(): v.decode() for k, v in stored.items()}
     if not raw:
         return {}
     ids = sorted(raw)
@@ -79,7 +81,8 @@ def assign_hot_set(settings: Settings, r: redis.Redis, capacity: int) -> dict[st
     engines = sorted(live_engines(settings, r))
     if not engines:
         return {}
-    hot = r.zrevrange(settings.key("hot"), 0, capacity * len(engines) - 1, withscores=True)
+    hot = cast("list[tuple[bytes, float]]", r.zrevrange(
+        settings.key("hot"), 0, capacity * len(engines) - 1, withscores=True))
     shares: dict[str, dict[str, float]] = {e: {} for e in engines}
     for member, score in hot:
         name = member.decode()

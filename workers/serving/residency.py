@@ -270,9 +270,10 @@ class ResidencyController:
         errors = {n: self.tracked[n].error for n in self._dirty if self.tracked[n].error}
         self._dirty.clear()
         pipe = self.r.pipeline(transaction=False)
-        pipe.hset(self._key("states"), mapping=states)
+        # redis-py's stub wants a Mapping keyed by its full union (invariant keys): str is fine.
+        pipe.hset(self._key("states"), mapping=states)  # type: ignore[arg-type]
         if errors:
-            pipe.hset(self._key("errors"), mapping=errors)
+            pipe.hset(self._key("errors"), mapping=errors)  # type: ignore[arg-type]
         pipe.execute()
 
     def _export_metrics(self) -> None:

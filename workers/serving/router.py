@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -160,12 +160,13 @@ class Router:
         deadline = time.monotonic() + self.cold_timeout_s
         interval = self.poll_s
         while True:
-            state = self.r.hget(key, name)
-            state = state.decode() if state is not None else None
+            raw = cast("bytes | None", self.r.hget(key, name))
+            state = raw.decode() if raw is not None else None
             if state == Residency.ACTIVE:
                 return
             if state == Residency.FAILED:  # the controller retries later; this request fails now
-                error = self.r.hget(engine_key(self.settings, engine, "errors"), name)
+                error = cast("bytes | None",
+                             self.r.hget(engine_key(self.settings, engine, "errors"), name))
                 raise AdapterLoadFailed(f"{name} failed to load on {engine}: "
                                         f"{error.decode() if error else 'unknown error'}")
             if time.monotonic() >= deadline:
