@@ -10,9 +10,12 @@ Identical work in both: the same prompts per policy, G, steps, LoRA rank, and ex
 depend on what was sampled). The default workload is the pipeline's own update unit: one ready
 group per policy per step, with the pipeline's default G, max_new_tokens and rank (`Settings`).
 Rollout sampling is part of the timed work; model load and one small warm-up step (the same in
-both modes) are not. The trainer's memory policy is the same in both modes (a pass over more
-than `CHECKPOINT_ABOVE_TOKENS` tokens recomputes activations). Peak RSS is the child's own
-`ru_maxrss` from `os.wait4` (per process; RUSAGE_CHILDREN would fold earlier children in).
+both modes) are not. The trainer's memory policy is the same in both modes: a step packs its
+policies into passes under `PASS_ACTIVATION_MB` of estimated activations (`workers.multipass`;
+one policy per pass for SmolLM2 at the default workload, all eight for the tiny model), and a
+pass over more than `CHECKPOINT_ABOVE_TOKENS` tokens recomputes activations. Peak RSS is the
+child's own `ru_maxrss` from `os.wait4` (per process; RUSAGE_CHILDREN would fold earlier children
+in).
 With `--repeats N` the modes alternate N times (the machine may be shared) and the medians are
 reported.
 
@@ -57,7 +60,8 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
     above = None if args.checkpoint_above < 0 else args.checkpoint_above
     trainer = MultiPolicyTrainer(Path(args.model), LoraSpec(rank=args.rank, alpha=2.0 * args.rank),
                                  lr=1e-3, gradient_checkpointing=args.checkpointing,
-                                 checkpoint_above_tokens=above)
+                                 checkpoint_above_tokens=above,
+                                 pass_activation_mb=None if args.pass_mb < 0 else args.pass_mb)
     policies = [f"p{i}" for i in range(args.policies)]
     encode = trainer.tokenizer
     prompts = {p: [list(encode(PROMPTS[(i * args.prompts + j) % len(PROMPTS)])["input_ids"])
@@ -97,7 +101,7 @@ def _child(mode: str, model: Path, args: argparse.Namespace) -> tuple[dict[str, 
     cmd = [sys.executable, "-m", "loadtests.multipolicy", "--child", mode, "--model", str(model),
            *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
              if k in {"policies", "steps", "group", "prompts", "max_new_tokens", "rank",
-                      "checkpoint_above"}]]
+                      "checkpoint_above", "pass_mb"}]]
     if args.checkpointing:
         cmd.append("--checkpointing")
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, env=os.environ.copy())
@@ -122,6 +126,7 @@ def _models(names: list[str]) -> list[tuple[str, Path]]:
 
 def main(argv: list[str] | None = None) -> None:
     from infra.settings import Settings
+    from workers.multipass import PASS_ACTIVATION_MB
     from workers.multitrainer import CHECKPOINT_ABOVE_TOKENS
 
     defaults = Settings()
@@ -140,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="gradient checkpointing on every pass, in both modes")
     ap.add_argument("--checkpoint-above", type=int, default=CHECKPOINT_ABOVE_TOKENS,
                     help="checkpoint passes over this many tokens (-1: never), both modes")
+    ap.add_argument("--pass-mb", type=float, default=PASS_ACTIVATION_MB,
+                    help="a joint step's activation budget per pass (-1: one pass), both modes")
     ap.add_argument("--child", choices=["sequential", "concurrent"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -149,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"workload: K={args.policies} policies x {args.prompts} prompts x G={args.group}, "
           f"{args.max_new_tokens} new tokens, {args.steps} steps, rank {args.rank}, "
-          f"checkpointing={args.checkpointing}, checkpoint_above={args.checkpoint_above}",
+          f"checkpointing={args.checkpointing}, checkpoint_above={args.checkpoint_above}, "
+          f"pass_mb={args.pass_mb}",
           file=sys.stderr)
     for name, path in _models(args.models.split(",")):
         runs: dict[str, list[tuple[float, float]]] = {"sequential": [], "concurrent": []}

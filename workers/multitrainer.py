@@ -1,13 +1,15 @@
-"""GRPO for many policies in shared steps: one forward/backward over every present policy's rows.
+"""GRPO for many policies in shared steps: batched forward/backward passes over their rows.
 
 Same public API as `PolicyTrainer` (step, steps_done, has_policy, adapter_state, checkpoints),
-plus `step_many`, which trains several policies in ONE batched pass over the resident base
-through `workers.multilora`. Isolation follows training.md 5.2: each policy's loss is normalised
-by its own token count and the losses are summed (parameters are disjoint, so each adapter gets
-exactly its own gradient); gradient norms are clipped per policy; each policy has its own AdamW,
-stepped only when that policy was in the step. A policy whose loss or gradient is not finite is
-rejected; if anything in a joint step is not finite the step is redone one policy at a time, so
-a bad policy can never move (or poison through 0 * NaN) the others.
+plus `step_many`, which trains several policies in one step: their rows go through batched
+passes over the resident base (`workers.multilora`), packed under an activation-memory budget
+(`workers.multipass`), and each policy steps once. Isolation follows training.md 5.2: each
+policy's loss is normalised by its own token count and the losses are summed (parameters are
+disjoint, so each adapter gets exactly its own gradient); gradient norms are clipped per policy;
+each policy has its own AdamW, stepped only when that policy was in the step. A policy whose
+loss or gradient is not finite is rejected; if anything in a multi-policy pass is not finite the
+pass is redone one policy at a time, so a bad policy can never move (or poison through 0 * NaN)
+the others.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from workers.grpo import (
 )
 from workers.model import LoraSpec, load_base_model
 from workers.multilora import MultiLora
+from workers.multipass import PASS_ACTIVATION_MB, concat, pack, token_activation_mb
 from workers.multisample import Completion, SampleRequest, sample_many
 
 HEAD_CHUNK = 256
@@ -74,23 +77,6 @@ def _locked(method: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-def _concat(batches: list[_Batch], pad_id: int) -> _Batch:
-    """Stack per-policy batches (right-padded to one width) in the given order."""
-    width = max(b.ids.shape[1] for b in batches)
-
-    def pad(t: torch.Tensor, w: int, value: float) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, w - t.shape[1]), value=value)
-
-    return _Batch(
-        ids=torch.cat([pad(b.ids, width, pad_id) for b in batches]),
-        attention=torch.cat([pad(b.attention, width, 0) for b in batches]),
-        cmask=torch.cat([pad(b.cmask, width, 0) for b in batches]),
-        old=torch.cat([pad(b.old, width - 1, 0) for b in batches]),
-        adv=torch.cat([b.adv for b in batches]),
-        mean_reward=0.0,
-    )
-
-
 class MultiPolicyTrainer:
     """Many policies' LoRA slots on one frozen base; one AdamW and step count per policy."""
 
@@ -100,6 +86,7 @@ class MultiPolicyTrainer:
         seed: int = 0, dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
         checkpoint_above_tokens: int | None = CHECKPOINT_ABOVE_TOKENS,
         max_grad_norm_reject: float | None = None,
+        pass_activation_mb: float | None = PASS_ACTIVATION_MB,
     ) -> None:
         base, self.tokenizer = load_base_model(Path(base_path))
         self.base = base.to(dtype=dtype)  # type: ignore[call-arg]
@@ -110,6 +97,7 @@ class MultiPolicyTrainer:
         self.checkpoint_above_tokens = checkpoint_above_tokens
         # A pre-clip gradient norm above this rejects the step (clipping would hide a blow-up).
         self.max_grad_norm_reject = max_grad_norm_reject
+        self.pass_activation_mb = pass_activation_mb  # None: every policy of a step in one pass
         # HF checkpoints a layer only in train mode, so `_pass` picks per pass with .train().
         self.base.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -120,6 +108,7 @@ class MultiPolicyTrainer:
         pad = self.tokenizer.pad_token_id
         self._pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
         self._vocab = int(self.base.get_output_embeddings().weight.shape[0])
+        self._token_mb = token_activation_mb(self.base.config, dtype)
 
     def has_policy(self, policy_id: str) -> bool:
         return policy_id in self._policies
@@ -186,7 +175,7 @@ class MultiPolicyTrainer:
     def _pass(self, items: list[_Item]) -> dict[str, tuple[float, float, float] | None]:
         """Forward + backward over all items' rows; per policy (loss, kl, clipped grad norm),
         or None when something of that policy is not finite. Grads are left in place."""
-        batch = _concat([it.batch for it in items], self._pad_id)
+        batch = concat([it.batch for it in items], self._pad_id)
         ref = self._ref_logps(batch)
         bounds, start = [], 0
         for it in items:
@@ -240,7 +229,8 @@ class MultiPolicyTrainer:
 
     @_locked
     def step_many(self, batches: dict[str, list[TrainGroup]]) -> dict[str, StepOutcome]:
-        """ONE forward/backward over every policy's groups; each valid policy steps once.
+        """Every policy's groups in batched passes (packed under `pass_activation_mb`); each
+        valid policy steps once, exactly as it would alone.
 
         Returns, per policy, its StepResult or the exception that rejected it (poison input,
         non-finite reward/loss/gradient); a rejected policy's adapter and optimizer are untouched.
@@ -255,20 +245,23 @@ class MultiPolicyTrainer:
                 continue
             items.append(_Item(policy_id, self._policy(policy_id),
                                _make_batch(groups, self._pad_id)))
-        if not items:
-            return results
+        shapes = [(it.batch.ids.shape[0], it.batch.ids.shape[1]) for it in items]
+        for chunk in pack(shapes, self._token_mb, self.pass_activation_mb):
+            self._train([items[i] for i in chunk], results)
+        return {policy_id: results[policy_id] for policy_id in batches}
+
+    def _train(self, items: list[_Item], results: dict[str, StepOutcome]) -> None:
+        """One pass over `items`, then each valid policy steps; if anything in a multi-policy
+        pass is not finite, the pass is redone one policy at a time (no 0 * NaN poisoning)."""
         self._clear(items)
         outcome = self._pass(items)
         if len(items) > 1 and any(v is None for v in outcome.values()):
-            self._clear(items)  # isolate: redo each policy alone
+            self._clear(items)
             outcome = {}
             for it in items:
                 outcome.update(self._pass([it]))
-                self._apply(it, outcome[it.policy_id], results)
-        else:
-            for it in items:
-                self._apply(it, outcome[it.policy_id], results)
-        return {policy_id: results[policy_id] for policy_id in batches}
+        for it in items:
+            self._apply(it, outcome[it.policy_id], results)
 
     def _apply(self, it: _Item, done: tuple[float, float, float] | None,
                results: dict[str, StepOutcome]) -> None:

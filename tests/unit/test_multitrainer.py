@@ -50,10 +50,13 @@ def _close(a: StepResult, b: StepResult, rel: float) -> None:
         assert getattr(a, f) == pytest.approx(getattr(b, f), rel=rel, abs=1e-12)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_joint_step_equals_separate_steps(tiny_model_dir: Path, checkpointing: bool) -> None:
+@pytest.mark.parametrize(("checkpointing", "budget"),
+                         [(False, None), (True, None), (False, 0.0), (True, 0.0)])
+def test_joint_step_equals_separate_steps(tiny_model_dir: Path, checkpointing: bool,
+                                          budget: float | None) -> None:
+    """budget None: all policies in one mixed pass; 0.0: a pass per policy (accumulated)."""
     joint = _trainer(tiny_model_dir, dtype=torch.float64, kl_beta=0.05,
-                     gradient_checkpointing=checkpointing)
+                     gradient_checkpointing=checkpointing, pass_activation_mb=budget)
     alone = _trainer(tiny_model_dir, dtype=torch.float64, kl_beta=0.05)
     work = _work(alone)
     assert len({sum(len(c) for g in w for c in g.completions) for w in work.values()}) == 3
@@ -77,8 +80,8 @@ def test_matches_the_peft_policy_trainer(tiny_model_dir: Path) -> None:
     results = multi.step_many({p: w[:1] for p, w in work.items()})
     for policy in work:
         _same_state(multi.adapter_state(policy), peft_trainer.adapter_state(policy), atol=2e-6)
-        assert isinstance(results[policy], StepResult)
-        assert results[policy].step == 1
+        got = results[policy]
+        assert isinstance(got, StepResult) and got.step == 1
 
 
 def test_absent_policy_does_not_move(tiny_model_dir: Path) -> None:
@@ -98,8 +101,10 @@ def test_absent_policy_does_not_move(tiny_model_dir: Path) -> None:
     assert any(not torch.equal(a_before[k], v) for k, v in trainer.adapter_state("a").items())
 
 
-def test_non_finite_policy_is_rejected_without_moving_others(tiny_model_dir: Path) -> None:
-    joint = _trainer(tiny_model_dir, dtype=torch.float64)
+@pytest.mark.parametrize("budget", [None, 0.0])
+def test_non_finite_policy_is_rejected_without_moving_others(tiny_model_dir: Path,
+                                                             budget: float | None) -> None:
+    joint = _trainer(tiny_model_dir, dtype=torch.float64, pass_activation_mb=budget)
     alone = _trainer(tiny_model_dir, dtype=torch.float64)
     work = _work(alone)
     for trainer in (joint, alone):
