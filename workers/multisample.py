@@ -2,8 +2,10 @@
 
 Every row names its policy slot (or None for the bare base) through `MultiLora.route`, so K
 policies' G completions come out of one prefill and one decode loop over the shared base. The
-log-prob of each chosen token is log_softmax(logits / T), exactly GRPO's `old` term as the
-trainer computes it (no top-k/top-p or other logit processing).
+prefill runs once per request (the G completions of one prompt and policy share its KV cache,
+which is then repeated per row): a group's prompt is not recomputed G times. The log-prob of
+each chosen token is log_softmax(logits / T), exactly GRPO's `old` term as the trainer computes
+it (no top-k/top-p or other logit processing).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
 
 from workers.multilora import MultiLora
 
@@ -31,6 +34,16 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]
     finished: bool
+
+
+@dataclass
+class _State:
+    """The rows' decode state after the prefill: next-token logits, KV cache, mask, positions."""
+
+    logits: torch.Tensor  # [rows, vocab]
+    cache: Cache
+    attention: torch.Tensor  # [rows, length]
+    positions: torch.Tensor  # [rows, 1]: the last position so far
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,30 +65,44 @@ def _draw(logp: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
 
 
 @torch.no_grad()
-def _decode(model: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor, *,
-            max_new_tokens: int, temperature: float, eos_id: int, pad_id: int,
-            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill, then one token per step for every row; rows stop at EOS (then emit pad)."""
+def _prefill(model: PreTrainedModel, multi: MultiLora, requests: Sequence[SampleRequest],
+             pad_id: int) -> _State:
+    """One row per request, then every tensor repeated to one row per completion."""
+    ids, attention = _left_pad([r.prompt_ids for r in requests], pad_id)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                use_cache=True, logits_to_keep=1)
+    with multi.route([r.slot for r in requests]):
+        out = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                    use_cache=True, logits_to_keep=1)
+    rows = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(
+        [r.n for r in requests]))
     cache = out.past_key_values
-    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    cache.reorder_cache(rows)
+    return _State(out.logits[rows, -1], cache, attention[rows], positions[rows, -1:])
+
+
+@torch.no_grad()
+def _decode(model: PreTrainedModel, state: _State, *, max_new_tokens: int, temperature: float,
+            eos_id: int, pad_id: int,
+            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per step for every row; rows stop at EOS (then emit pad). No forward runs
+    after the last token is drawn."""
+    logits, attention, positions = state.logits, state.attention, state.positions
+    done = torch.zeros(logits.shape[0], dtype=torch.bool)
     tokens, logps = [], []
-    for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].to(torch.promote_types(out.logits.dtype, torch.float32))
-        lp = torch.log_softmax(logits / temperature, dim=-1)
-        tok = _draw(lp, generator)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+    for step in range(max_new_tokens):
+        lp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32))
+                               / temperature, dim=-1)
+        tok = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long),
+                          _draw(lp, generator))
         tokens.append(tok)
         logps.append(lp.gather(-1, tok[:, None])[:, 0])
         done |= tok == eos_id
-        if bool(done.all()):
+        if step == max_new_tokens - 1 or bool(done.all()):
             break
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(input_ids=tok[:, None], attention_mask=attention, position_ids=positions,
-                    past_key_values=cache, use_cache=True)
+        positions = positions + 1
+        logits = model(input_ids=tok[:, None], attention_mask=attention, position_ids=positions,
+                       past_key_values=state.cache, use_cache=True).logits[:, -1]
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
@@ -91,15 +118,13 @@ def sample_many(
         raise ValueError("every request needs a non-empty prompt")
     if not requests:
         return []
-    prompts = [r.prompt_ids for r in requests for _ in range(r.n)]
-    slots = [r.slot for r in requests for _ in range(r.n)]
-    ids, attention = _left_pad(prompts, pad_id)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
     try:
-        with multi.route(slots):
-            tokens, logps = _decode(model, ids, attention, max_new_tokens=max_new_tokens,
+        state = _prefill(model, multi, requests, pad_id)
+        with multi.route([r.slot for r in requests for _ in range(r.n)]):
+            tokens, logps = _decode(model, state, max_new_tokens=max_new_tokens,
                                     temperature=temperature, eos_id=eos_id, pad_id=pad_id,
                                     generator=generator)
     finally:

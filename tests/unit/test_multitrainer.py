@@ -170,7 +170,8 @@ def test_each_slot_exports_to_peft_with_the_same_logits(tiny_model_dir: Path,
 
 
 def test_mixed_sampling_uses_each_rows_own_policy(tiny_model_dir: Path) -> None:
-    """One pass samples a, b and the base; each row's log-probs are its own policy's."""
+    """One pass samples a, b and the base; each row's log-probs are its own policy's (the rows
+    of a request share its prefill's KV cache)."""
     trainer = _trainer(tiny_model_dir, dtype=torch.float64, temperature=0.8, lr=0.1)
     work = _work(trainer)
     for _ in range(3):
@@ -179,6 +180,7 @@ def test_mixed_sampling_uses_each_rows_own_policy(tiny_model_dir: Path) -> None:
     out = trainer.sample_many([(prompt, "a", 3), ([prompt[0]], "b", 2), (prompt, None, 2)],
                               max_new_tokens=6, seed=0)
     assert [len(x) for x in out] == [3, 2, 2]
+    assert len({tuple(c.token_ids) for c in out[0]}) > 1  # one shared prefill, own draws per row
     for (p, policy), completions in zip([(prompt, "a"), ([prompt[0]], "b"), (prompt, None)],
                                         out, strict=True):
         for c in completions:
