@@ -89,7 +89,7 @@ class GuardedStageRunner(StageRunner):
 
     async def _refresh_admission(self, policies: list[str]) -> None:
         if policies:
-            refused = await self._call(guards.refusals, self.ctx, self.spec.name, policies)
+            refused = self._io(guards.refusals, self.ctx, self.spec.name, policies)
             self._admission.update(refused)
             self._admission_at = time.monotonic()
 
