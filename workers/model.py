@@ -11,6 +11,7 @@ import os
 import shutil
 import string
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,21 +96,26 @@ def is_complete_model_dir(path: Path) -> bool:
 def build_tiny_model(
     out_dir: Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2
 ) -> Path:
-    """Build (once) a tiny random Llama and its char tokenizer in `out_dir`.
+    """Build (once) a tiny random Llama and its char tokenizer in `out_dir`."""
 
-    Built in a sibling temp dir and renamed into place, so a concurrent reader never sees half
-    a model and a crashed build leaves nothing that looks complete.
-    """
+    def write(tmp: Path) -> None:
+        tokenizer = _char_tokenizer()
+        _tiny_model(len(tokenizer), tokenizer, seed, hidden_size, num_layers).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return build_model_dir(out_dir, write)
+
+
+def build_model_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write` into a sibling temp dir and rename it into place, once: a concurrent reader
+    never sees half a model, and a crashed build leaves nothing that looks complete."""
     out_dir = Path(out_dir)
     if is_complete_model_dir(out_dir):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        tokenizer = _char_tokenizer()
-        model = _tiny_model(len(tokenizer), tokenizer, seed, hidden_size, num_layers)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         try:
             os.replace(tmp, out_dir)  # replaces a missing or empty out_dir atomically
         except OSError:

@@ -8,9 +8,6 @@ in exactly that format. Built from code like the tiny Llama, so tests never down
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +15,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from workers.artifacts import adapter_config
-from workers.model import LoraSpec, _char_tokenizer, is_complete_model_dir
+from workers.model import LoraSpec, _char_tokenizer, build_model_dir
 from workers.multilora import MultiLora
 
 
@@ -40,22 +37,12 @@ def _tiny_moe(seed: int, hidden_size: int, num_layers: int, experts: int) -> Mix
 def build_tiny_moe_model(out_dir: Path, *, seed: int = 0, hidden_size: int = 32,
                          num_layers: int = 2, experts: int = 4) -> Path:
     """Build (once) a tiny random Mixtral with the char tokenizer in `out_dir` (atomic rename)."""
-    out_dir = Path(out_dir)
-    if is_complete_model_dir(out_dir):
-        return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         _tiny_moe(seed, hidden_size, num_layers, experts).save_pretrained(tmp)
         _char_tokenizer().save_pretrained(tmp)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if not is_complete_model_dir(out_dir):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    return build_model_dir(out_dir, write)
 
 
 def multilora_adapter_config(lora: LoraSpec, base_model: str, multi: MultiLora) -> dict[str, Any]:
