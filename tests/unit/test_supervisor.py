@@ -18,14 +18,14 @@ FAST = RestartPolicy(base_s=0.01, max_s=0.05, stable_s=60.0, max_crashes=50, win
 # Counts its starts in a file; exits 75 (the worker's crash-only exit) the first `crashes`
 # times, then runs until it gets SIGTERM, like a healthy worker.
 CHILD = """
-import pathlib, signal, sys, time
+import pathlib, signal, sys
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 runs = pathlib.Path(sys.argv[1]); n = int(runs.read_text() or 0) + 1 if runs.exists() else 1
 runs.write_text(str(n))
 if n <= int(sys.argv[2]):
     sys.exit(75)
 while True:
-    time.sleep(1)
+    signal.pause()
 """
 
 
