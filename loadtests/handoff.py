@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import peft
 import torch
 
 from loadtests._smollm2 import smollm2_dir
-from workers.artifacts import ArtifactStore, adapter_config
+from workers.artifacts import ArtifactStore, adapter_config, fsync_path
 from workers.grpo import PolicyTrainer, TrainGroup
 from workers.model import LoraSpec, load_base_model
 from workers.serving.client import SGLangClient
@@ -107,16 +106,8 @@ def _fsync_tree(root: Path) -> None:
     """fsync every file, then the directory: the same durability the adapter export has."""
     for path in sorted(root.iterdir()):
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_path(path)
+    fsync_path(root)
 
 
 def run(rank: int, repeats: int, base: Path, work: Path,

@@ -94,7 +94,8 @@ def serialize_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
     return b"".join(safetensors_parts(tensors))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes renames into it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -185,14 +186,14 @@ class ArtifactStore:
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """Make a complete, fsynced temporary dir the revision's dir, by rename only."""
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         faults.hit("artifact:before_rename")  # test-only crash window
         try:
             os.rename(tmp, final)
         except OSError:
             if not (final / CONFIG_FILE).is_file():  # not a lost race: a real error
                 raise
-        _fsync_dir(self.adapters)
+        fsync_path(self.adapters)
 
     def adapter_path(self, sha256: str) -> Path:
         """The revision's PEFT dir; a malformed id is refused before it touches the filesystem."""
@@ -228,7 +229,7 @@ class ArtifactStore:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(directory)
+        fsync_path(directory)
         return path
 
     def load_tensors(self, path: Path) -> dict[str, torch.Tensor]:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from schemas.events import Event, PolicyUpdated
+from workers.artifacts import fsync_path
 
 if TYPE_CHECKING:
     from workers.context import StageContext
@@ -56,14 +57,6 @@ class JournalEntry:
     step: int
     event_ids: frozenset[str]
     output: PolicyUpdated
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StepJournal:
@@ -105,12 +98,12 @@ class StepJournal:
                 f.write(json.dumps(body).encode())
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_path(tmp)
             final = parent / f"{output.step:012d}"
             if final.exists():  # the same step again (a replay that still trained): replace
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(parent)
+            fsync_path(parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self._prune(policy_id)
