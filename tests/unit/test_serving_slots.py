@@ -181,3 +181,34 @@ def test_full_rank_float32_file_is_read_straight_into_the_slot(
     with pytest.raises(AdapterFormatError, match="truncated"):
         sampler.load(1, cut)
     assert not sampler.slots.storage[1].any() and sampler.slots.ctx.scales[1] == 0.0
+
+
+def test_lora_delta_runs_on_one_thread_and_restores_the_forwards_count(
+        base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank-R matmuls are too small to split: the delta runs on one intra-op thread while the
+    base matmuls keep the forward's count, and the logits are the same either way."""
+    from workers.serving.slot_linear import SlotLinear
+
+    sampler = SlotSampler(base_dir, num_slots=2, max_rank=4)
+    sampler.load(0, make_adapter(base_dir, tmp_path / "a", seed=5))
+    ids, mask = _batch(sampler)
+    seen: list[int] = []
+    add_delta = SlotLinear._add_delta
+
+    def spy(self: SlotLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return add_delta(self, x, y)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = _slot_logits(sampler, [0, None], ids, mask)
+        torch.set_num_threads(2)
+        sampler.slots.ctx.threads = 2
+        monkeypatch.setattr(SlotLinear, "_add_delta", spy)
+        two_threads = _slot_logits(sampler, [0, None], ids, mask)
+        assert torch.get_num_threads() == 2  # restored after every delta
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
+    torch.testing.assert_close(two_threads, one_thread, atol=1e-5, rtol=1e-5)

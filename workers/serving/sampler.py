@@ -77,6 +77,7 @@ class SlotSampler:
             return []
         with self.lock:
             self.slots.ctx.set_rows([r.slot for r in rows])
+            self.slots.ctx.threads = torch.get_num_threads()
             try:
                 return self._decode(rows)
             finally:
