@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import torch
 from tests.serving_support import base_dir, make_adapter
 from workers.serving.client import SGLangClient, SGLangError
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
+from workers.serving.sampler import RowRequest, RowResult
 from workers.serving.server import ServerThread
 
 __all__ = ["base_dir"]
@@ -169,11 +171,27 @@ def test_openai_routes_name_the_adapter_in_model(server: ServerThread,
 
 
 def test_num_threads_applies_to_the_engine_threads_only(base_dir: Path) -> None:
-    """OpenMP's thread count is per thread: the engine's setting must not change the caller's."""
+    """OpenMP's thread count is per thread: the engine's setting must not change the caller's.
+    (`torch.get_num_threads()` reports torch's process-wide default, so the per-thread count
+    is read from the OpenMP runtime torch itself loaded.)"""
+    omp = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libgomp.so.1"))
     before = torch.get_num_threads()
+    torch.set_num_threads(2)
     engine = CpuEngine(EngineConfig(base_path=base_dir, max_lora_rank=4, num_threads=1))
+    sampler = engine.sampler
+    seen: list[int] = []
+    decode = sampler._decode
+
+    def spy(rows: list[RowRequest]) -> list[RowResult]:
+        seen.append(omp.omp_get_max_threads())
+        return decode(rows)
+
+    sampler._decode = spy  # type: ignore[method-assign]
     try:
-        assert engine._executor.submit(torch.get_num_threads).result() == 1
-        assert torch.get_num_threads() == before
+        rows = [RowRequest(sampler.encode("hi"), None, max_new_tokens=1)]
+        engine._executor.submit(sampler.generate, rows).result()
+        assert seen == [1]
+        assert omp.omp_get_max_threads() == 2
     finally:
         engine._executor.shutdown()
+        torch.set_num_threads(before)

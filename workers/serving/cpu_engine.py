@@ -47,11 +47,12 @@ class EngineConfig:
     num_threads: int | None = None
     """Intra-op threads of the engine's model work (None: torch's default, one per core).
 
-    Set in the engine's worker threads only (OpenMP's count is per thread), so the caller's
-    threads keep theirs; threads created later that never set a count start from the last one
-    set (torch keeps one process-wide default). On a CPU shared with other jobs, 1 avoids
-    OpenMP barriers waiting on a descheduled sibling: a forward of a few tokens is ~200 oneDNN
-    matmuls, each a barrier with 2 threads."""
+    Set by the sampler in the engine's worker threads on each call (OpenMP's and MKL's counts
+    are per thread), so the caller's threads keep theirs; torch's process-wide default (what
+    threads that never set a count start from) becomes this value too. On a CPU shared with
+    other jobs, 1 avoids OpenMP barriers waiting on a descheduled sibling: a forward of a few
+    tokens is ~200 oneDNN matmuls, each a barrier with 2 threads. LoRA deltas always run on
+    one thread (`slot_linear`)."""
 
 
 @dataclass
@@ -60,11 +61,6 @@ class _Pending:
     adapter: str | None
     ref: AdapterRef | None
     future: asyncio.Future[RowResult] = field(repr=False)
-
-
-def _set_threads(num_threads: int | None) -> None:
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
 
 
 def update_output(success: bool, error: str, loaded: dict[str, str] | None) -> dict[str, Any]:
@@ -82,11 +78,9 @@ class CpuEngine:
         self.sampler = SlotSampler(config.base_path, num_slots=self.registry.num_slots,
                                    max_rank=config.max_lora_rank,
                                    target_modules=config.lora_target_modules,
-                                   dtype=_DTYPES[config.dtype])
+                                   dtype=_DTYPES[config.dtype], num_threads=config.num_threads)
         self.model_name = config.served_model_name or str(config.base_path)
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cpu-engine",
-                                            initializer=_set_threads,
-                                            initargs=(config.num_threads,))
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cpu-engine")
         self._update_lock: asyncio.Lock | None = None
         self._pending: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None

@@ -45,8 +45,12 @@ class SlotSampler:
 
     def __init__(self, base_path: Path, *, num_slots: int, max_rank: int,
                  target_modules: Iterable[str] = LoraSpec().target_modules,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, num_threads: int | None = None) -> None:
         self.model, self.tokenizer = load_base_model(Path(base_path))
+        # Set on every call, in whichever thread makes it: OpenMP's and MKL's counts are per
+        # thread, and `torch.get_num_threads()` reports the process-wide default, which any
+        # thread may have changed since, not the calling thread's own count.
+        self.num_threads = num_threads or torch.get_num_threads()
         # float32 by default: rollout log-probs must match the float32 trainer's. bfloat16
         # serves (as SGLang does) about twice as fast on CPUs with AVX512-BF16 or AMX.
         nn.Module.to(self.model, dtype)  # in place (transformers' `to` is typed narrower)
@@ -58,6 +62,7 @@ class SlotSampler:
 
     def load(self, slot: int, adapter_dir: Path) -> None:
         with self.lock:
+            torch.set_num_threads(self.num_threads)
             self.slots.load_dir(slot, adapter_dir)
 
     def clear(self, slot: int) -> None:
@@ -76,8 +81,9 @@ class SlotSampler:
         if not rows:
             return []
         with self.lock:
+            torch.set_num_threads(self.num_threads)
             self.slots.ctx.set_rows([r.slot for r in rows])
-            self.slots.ctx.threads = torch.get_num_threads()
+            self.slots.ctx.threads = self.num_threads
             try:
                 return self._decode(rows)
             finally:

@@ -17,7 +17,8 @@ Why it looks like this (measured on a 2-core AVX512-BF16 CPU, SmolLM2-135M, 7-to
   the math, and much more when a sibling thread is descheduled on a shared CPU). Measured on a
   7-token SmolLM2 forward in an engine thread with 2 threads: 85 ms with the delta threaded,
   73 ms on one thread, 81 ms with no adapter at all. `torch.set_num_threads` is thread-local
-  for OpenMP and MKL and costs ~0.1 us.
+  for OpenMP and MKL and costs ~0.1 us (torch's process-wide default flips with it, which only
+  threads that never set their own count read).
 """
 
 from __future__ import annotations
