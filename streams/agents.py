@@ -30,10 +30,10 @@ from schemas.events import (
     RolloutGenerated,
     RolloutRewarded,
 )
-from streams import metrics
+from streams import metrics, rollout_units
 from workers import stages
 from workers.context import StageContext
-from workers.errors import PoisonEventError, PolicyFailures, RetryableError
+from workers.errors import EventFailures, PoisonEventError, PolicyFailures, RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ BATCH_WINDOW_S = 0.2
 BATCH_POLICIES = 8
 """A batched stage takes up to `update_batch` events for each of this many policies at once
 (the update stage trains them all in one multi-policy step)."""
-MAX_IN_FLIGHT_WAIT_S = 60.0
 STREAM_WINDOW_S = 0.05
 """How long an unbatched stage waits to fill a batch (up to `stream_batch` events)."""
 MARK_FLUSH_S = 1.0
@@ -66,6 +65,11 @@ class StageSpec:
     outputs under the same derived ids, and the next stage drops them. An `inline` stage's
     function is called on the event loop, not in the model thread: for microseconds of pure
     Python the thread hand-off costs more than the work, and it must not queue behind a model.
+    A `sampling` stage's function takes a unit of interactions of several policies and samples
+    them all in one engine call (rows of different adapters share its forwards); units are
+    formed within each policy's in-flight room (streams/rollout_units.py), each training
+    interaction holds a slot until the trainer consumes its group, and the function may raise
+    `EventFailures` to fail only some events.
     """
 
     name: str
@@ -77,13 +81,14 @@ class StageSpec:
     bulk: BulkFn | None = None
     pipelined: bool = False
     inline: bool = False
+    sampling: bool = False
 
 
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in (
-        StageSpec("rollout", "interactions", InteractionLogged, stages.rollout, "rollouts",
-                  bulk=stages.store_heldout),
+        StageSpec("rollout", "interactions", InteractionLogged, stages.rollout_many, "rollouts",
+                  bulk=stages.store_heldout, sampling=True),
         StageSpec("reward", "rollouts", RolloutGenerated, stages.reward, "rewards",
                   pipelined=True, inline=True),
         StageSpec("update", "rewards", RolloutRewarded, stages.update, "updates", batched=True),
@@ -117,7 +122,8 @@ class StageRunner:
     """Runs one stage's agent; kept as an object so tests can drive `process` directly.
 
     The stream is taken in batches so the per-event Redis work (seen-checks, seen-marks) costs
-    one round trip per batch, not per event; units of work are still handled one at a time.
+    one round trip per batch, not per event; units of work (one event, a batched stage's
+    policies' groups, or a sampling stage's interactions) are still handled one at a time.
     """
 
     spec: StageSpec
@@ -153,7 +159,7 @@ class StageRunner:
         sent: list[BaseModel] = []
         try:
             await self._prepare(fresh)
-            for unit in self._units(await self._bulk(fresh)):
+            async for unit in self._schedule(self._units(await self._bulk(fresh))):
                 sent += await self._handle(unit)
                 if self._deferred and time.monotonic() - self._deferred_since > MARK_FLUSH_S:
                     await self._flush_marks()
@@ -218,16 +224,30 @@ class StageRunner:
         return [[d for ds in by_policy.values() for d in ds[k * size:(k + 1) * size]]
                 for k in range(rounds)]
 
+    async def _schedule(self, units: list[list[Decoded]]) -> AsyncIterator[list[Decoded]]:
+        """The units in the order they are handled. A sampling stage's one-event units are
+        regrouped as it goes: each unit is formed once the one before it has been handled,
+        within the in-flight room of its policies at that moment."""
+        if not self.spec.sampling:
+            for unit in units:
+                yield unit
+            return
+        s, state = self.ctx.settings, self.ctx.state
+        async for unit in rollout_units.units(
+                [d for u in units for d in u], capacity=rollout_units.unit_capacity(s.group_size),
+                limit=s.max_in_flight, in_flight=lambda p: int(self._io(state.in_flight, p))):
+            yield unit
+
     async def _handle(self, unit: list[Decoded]) -> list[BaseModel]:
         name = self.spec.name
         started = time.perf_counter()
         events = [e for _, e in unit]
-        failed: dict[str, Exception] = {}
+        failed: dict[str, Exception] = {}  # by event id
         try:
             outputs = await self._with_retries(events)
-        except PolicyFailures as exc:  # a batched step failed for some policies only
+        except (PolicyFailures, EventFailures) as exc:  # a batched call failed for some only
             outputs = [o for o in exc.outputs if isinstance(o, BaseModel)]
-            failed = exc.failures
+            failed = _failed_events(events, exc)
         except Exception as exc:  # one bad event must never stop the stream
             for item, event in unit:
                 await self._dead_letter(item, exc, event.policy_id)
@@ -237,9 +257,9 @@ class StageRunner:
                 for event in events:
                     await self._call(self.ctx.state.note_trained, event.policy_id)
         for item, event in unit:
-            if event.policy_id in failed:
-                await self._dead_letter(item, failed[event.policy_id], event.policy_id)
-        events = [e for e in events if e.policy_id not in failed]
+            if event.event_id in failed:
+                await self._dead_letter(item, failed[event.event_id], event.policy_id)
+        events = [e for e in events if e.event_id not in failed]
         pipelined = self.spec.pipelined
         await self._send(outputs, unit[0][1].policy_id, wait=not pipelined)
         await self._mark([e.event_id for e in events], now=bool(outputs) and not pipelined)
@@ -288,10 +308,12 @@ class StageRunner:
 
     async def _with_retries(self, events: list[Event]) -> list[BaseModel]:
         first = events[0]
-        throttled = isinstance(first, InteractionLogged) and first.split == "train"
-        if throttled:
-            await self._wait_for_trainer(first.policy_id)
-        arg: Any = events if self.spec.batched else first
+        sampling = self.spec.sampling
+        # A training interaction holds an in-flight slot until the trainer consumes its group.
+        held = [e for e in events if sampling and rollout_units.throttled(e)]
+        for event in held:
+            self._io(self.ctx.state.note_sampled, event.policy_id)
+        arg: Any = events if self.spec.batched or sampling else first
         try:
             for attempt, delay in enumerate((*RETRY_DELAYS_S, None)):
                 try:
@@ -305,20 +327,12 @@ class StageRunner:
                                 self.spec.name, first.event_id, attempt + 1, delay)
                     await asyncio.sleep(delay)
             raise AssertionError("unreachable")
-        except BaseException:
-            if throttled:  # nothing was sampled: give the slot back
-                await self._call(self.ctx.state.note_trained, first.policy_id)
+        except BaseException as exc:  # give back the slots of what was not sampled
+            unsampled = exc.failures if isinstance(exc, EventFailures) else None
+            for event in held:
+                if unsampled is None or event.event_id in unsampled:
+                    self._io(self.ctx.state.note_trained, event.policy_id)
             raise
-
-    async def _wait_for_trainer(self, policy_id: str) -> None:
-        """Bound off-policy staleness: don't sample far ahead of what the trainer consumed."""
-        limit = self.ctx.settings.max_in_flight
-        deadline = time.monotonic() + MAX_IN_FLIGHT_WAIT_S
-        while time.monotonic() < deadline:
-            if await self._call(self.ctx.state.in_flight, policy_id) < limit:
-                break
-            await asyncio.sleep(0.05)
-        await self._call(self.ctx.state.note_sampled, policy_id)
 
     @staticmethod
     def _io(fn: Callable[..., Any], *args: Any) -> Any:
@@ -355,3 +369,11 @@ class StageRunner:
         if policy_id and stage == "reward":
             # The trainer will never see this group: release its in-flight slot.
             await self._call(self.ctx.state.note_trained, policy_id)
+
+
+def _failed_events(events: list[Event], exc: PolicyFailures | EventFailures
+                   ) -> dict[str, Exception]:
+    """Which events of a unit failed, by event id, and with which error."""
+    if isinstance(exc, EventFailures):
+        return dict(exc.failures)
+    return {e.event_id: exc.failures[e.policy_id] for e in events if e.policy_id in exc.failures}

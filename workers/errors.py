@@ -33,3 +33,18 @@ class PolicyFailures(LorastreamError):
         super().__init__("; ".join(f"{p}: {e}" for p, e in failures.items()))
         self.outputs = list(outputs)
         self.failures = failures
+
+
+class EventFailures(LorastreamError):
+    """A batched stage call failed for some events only (keyed by event id).
+
+    Like `PolicyFailures`, but finer: the rollout stage samples interactions of many policies
+    in one engine pass, and one bad interaction (an unknown reward function) must cost neither
+    its batch-mates nor the other interactions of its own policy their rollouts. `outputs` are
+    valid and must be sent; each event in `failures` is dead-lettered with its own error.
+    """
+
+    def __init__(self, outputs: Sequence[object], failures: dict[str, Exception]) -> None:
+        super().__init__("; ".join(f"{e}: {x}" for e, x in failures.items()))
+        self.outputs = list(outputs)
+        self.failures = failures

@@ -15,12 +15,12 @@ import urllib.error
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from workers.errors import PoisonEventError, RetryableError
-from workers.serving.client import Generation, SGLangClient, SGLangError
+from workers.serving.client import Generation, SGLangClient, SGLangError, sample_params
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,15 @@ class Sample:
     token_ids: list[int]
     logprobs: list[float]
     finished: bool
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One prompt to sample a group from: its adapter (None = the base) and its own seed."""
+
+    prompt: str
+    adapter: str | None
+    seed: int | None = None
 
 
 class Sampler(Protocol):
@@ -88,6 +97,32 @@ class EngineSampler:
         groups = self._call(self.client.sample, prompts, adapter, n=n,
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         return [[_sample(g) for g in group] for group in groups]
+
+    def generate_many(self, requests: Sequence[SampleRequest], *, n: int, max_new_tokens: int,
+                      temperature: float = 1.0) -> list[list[Sample]]:
+        """n samples of every request, each with its own adapter and seed, in ONE /generate.
+
+        Rows name their adapter one by one (`lora_path` per row), so the engine batches the
+        rows of different policies into shared forwards (SGLang's multi-LoRA batching, and the
+        CPU engine's slots): k policies cost one request and one queue wait, not k. A request's
+        rows get exactly the seeds `generate([prompt], adapter, n=n, seed=seed)` gives them, so
+        its samples do not depend on its batch-mates (up to the float rounding of a differently
+        shaped batch). Groups come back in the order of `requests`.
+        """
+        if not requests:
+            return []
+        rows: list[str] = []
+        adapters: list[str | None] = []
+        params: list[dict[str, Any]] = []
+        for r in requests:
+            rows += [r.prompt] * n
+            adapters += [r.adapter] * n
+            params += sample_params(1, n, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, seed=r.seed)
+        out = self._call(self.client.generate, rows, lora_path=adapters, sampling_params=params)
+        if len(out) != len(rows):
+            raise RuntimeError(f"engine answered {len(out)} rows for {len(rows)} requested")
+        return [[_sample(g) for g in out[k * n:(k + 1) * n]] for k in range(len(requests))]
 
     @staticmethod
     def _call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]

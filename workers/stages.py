@@ -15,7 +15,6 @@ from pydantic import BaseModel
 from schemas.events import (
     AdapterEvaluated,
     AdapterExported,
-    Completion,
     InteractionLogged,
     PolicyPromoted,
     PolicyUpdated,
@@ -25,7 +24,9 @@ from schemas.events import (
 from workers import catalog_stages, step_journal
 from workers.context import StageContext
 from workers.errors import PoisonEventError, PolicyFailures
-from workers.ids import derive_id, derive_seed
+from workers.ids import derive_id
+from workers.rollout_stage import rollout as rollout
+from workers.rollout_stage import rollout_many as rollout_many
 from workers.state import RevisionPointer, serve_name
 
 if TYPE_CHECKING:
@@ -33,44 +34,6 @@ if TYPE_CHECKING:
 
 EVAL_SEED = 1234
 EVAL_SAMPLES = 4
-
-
-def rollout(ctx: StageContext, interaction: InteractionLogged) -> list[BaseModel]:
-    """Sample G completions from the policy's training head; held-out prompts are only stored."""
-    from workers.rewards import REWARD_FUNCTIONS
-
-    if interaction.task not in REWARD_FUNCTIONS:
-        known = ", ".join(sorted(REWARD_FUNCTIONS))
-        raise PoisonEventError(f"unknown reward function {interaction.task!r}; known: {known}")
-    if interaction.split == "eval":
-        ctx.state.add_heldout(interaction)
-        return []
-    s = ctx.settings
-    head = ctx.state.head(interaction.policy_id)
-    adapter = ctx.adapter_for(interaction.policy_id, head)
-    samples = ctx.engine.generate(
-        [interaction.prompt],
-        adapter,
-        n=s.group_size,
-        max_new_tokens=s.max_new_tokens,
-        temperature=s.temperature,
-        seed=derive_seed(interaction.event_id),
-    )[0]
-    completions = [
-        Completion(text=x.text, token_ids=x.token_ids, logprobs=x.logprobs, finished=x.finished)
-        for x in samples
-    ]
-    return [
-        RolloutGenerated(
-            event_id=derive_id("rollout", interaction.event_id),
-            policy_id=interaction.policy_id,
-            interaction=interaction,
-            revision=head.revision,
-            prompt_ids=ctx.engine.encode(interaction.prompt),
-            completions=completions,
-            temperature=s.temperature,
-        )
-    ]
 
 
 def store_heldout(ctx: StageContext, interactions: list[InteractionLogged]) -> list[str]:

@@ -1,0 +1,180 @@
+"""The rollout stage answers the interactions of many policies with ONE engine call per unit.
+
+Two levels, both with real Redis and the real tiny model:
+
+- the rollout agent's runner (Faust test context, in-memory sink and dead letters, as in
+  test_agents): the /generate calls are counted, and the in-flight throttle is driven by hand;
+- a real worker process on the real broker, sampling from an engine this test serves (so the
+  test can read the engine's batch counters).
+
+Three of the four policies sample from exported adapters, one from the base, so a unit mixes
+adapters in one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.settings import Settings
+from schemas import DeadLetter, InteractionLogged, RolloutGenerated, decode_event
+from schemas.codec import encode_event
+from streams.agents import Received, StageRunner
+from streams.app import create_app
+from tests.helpers import wait_for
+from tests.integration.worker_support import produce_raw, read_topic, start_worker, stop_worker
+from tests.rollout_support import Calls, stored_revision
+from tests.serving_support import make_adapter
+from workers import stages
+from workers.artifacts import ArtifactStore
+from workers.context import StageContext
+from workers.serving.cpu_engine import CpuEngine, EngineConfig
+from workers.serving.server import ServerThread
+from workers.state import PolicyState
+
+POLICIES = ["p0", "p1", "p2", "base"]
+"""p0..p2 sample from exported revisions (adapters), `base` from the bare base."""
+TOKEN = "rollout-batching-token"
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("batching-adapters")
+    return [make_adapter(tiny_model_dir, root / f"a{i}", seed=i) for i in range(3)]
+
+
+@pytest.fixture
+def run(settings: Settings, tiny_model_dir: Path, adapter_dirs: list[Path]) -> Settings:
+    """Small groups; p0..p2 have exported heads (r1..r3) in Redis and the artifact store."""
+    s = settings.model_copy(update={"base_model": tiny_model_dir, "group_size": 2,
+                                    "max_new_tokens": 4, "max_in_flight": 2})
+    state, store = PolicyState(s), ArtifactStore(s.artifacts)
+    for i, path in enumerate(adapter_dirs):
+        state.record_revision(f"p{i}", stored_revision(store, path, i + 1))
+    state.r.close()
+    return s
+
+
+def _train(policy: str, i: int, task: str = "length") -> InteractionLogged:
+    return InteractionLogged(policy_id=policy, prompt=f"q{i}" + "?" * (i % 3), task=task,
+                             task_params={"target_chars": 0})
+
+
+@pytest.fixture
+def rollout_agent(run: Settings) -> Iterator[tuple[Any, StageRunner, Calls]]:
+    app = create_app(run, ["rollout"])
+    app.finalize()
+    agent = app.agents["stage.rollout"]
+    runner: StageRunner = agent.fun.__self__
+    runner.executor = None
+    runner.sink, runner.dead_letters = app.channel(), app.channel()
+    calls = Calls(runner.ctx.engine.client)  # starts the embedded engine
+    yield agent, runner, calls
+    runner.ctx.close()
+
+
+async def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll a condition without blocking the event loop the runner under test shares."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def _rollouts(outs: list[Any]) -> list[RolloutGenerated]:
+    assert all(isinstance(o, RolloutGenerated) for o in outs)
+    return outs
+
+
+async def test_a_batch_of_four_policies_is_one_engine_call_and_a_poison_fails_alone(
+        rollout_agent: tuple[Any, StageRunner, Calls]) -> None:
+    agent, runner, calls = rollout_agent
+    ctx: StageContext = runner.ctx
+    train = [_train(p, i) for i in range(2) for p in POLICIES]  # 2 per policy: within room
+    poison = _train("p1", 9, task="no-such-reward")
+    events = [*train[:3], poison, *train[3:]]
+    batch = [Received(encode_event(e), "interactions", 0, k) for k, e in enumerate(events)]
+    sink, dlq = runner.sink.__aiter__(), runner.dead_letters.__aiter__()
+    async with agent.test_context():
+        sent = _rollouts(await asyncio.wait_for(runner.process_many(batch), 120))
+        got = [decode_event(RolloutGenerated, (await sink.get(timeout=10)).value) for _ in sent]
+        letter = decode_event(DeadLetter, (await dlq.get(timeout=10)).value)
+        assert await runner.process_many(batch) == []  # redelivered: seen, and poison again
+        again = decode_event(DeadLetter, (await dlq.get(timeout=10)).value)
+    assert calls.n == 1 < len(train)  # before: one call per interaction
+    assert set(calls.lora_paths[0]) == {"p0@1", "p1@2", "p2@3", None}
+    assert ctx._embedded is not None and ctx._embedded.server.engine.max_adapters_in_a_batch == 4
+    assert [r.interaction.event_id for r in sent] == [e.event_id for e in train]
+    assert [r.event_id for r in got] == [r.event_id for r in sent]
+    assert [r.revision for r in sent] == [1, 2, 3, 0] * 2
+    assert (letter.offset, letter.policy_id, again.offset) == (3, "p1", 3)
+    assert "unknown reward function 'no-such-reward'" in letter.error
+    for policy in POLICIES:  # a slot for each sampled group; the poison took none
+        assert ctx.state.in_flight(policy) == 2
+    (alone,) = stages.rollout(ctx, train[1])  # the one-event path: same id, same samples
+    assert isinstance(alone, RolloutGenerated)
+    assert (alone.event_id, alone.revision) == (sent[1].event_id, sent[1].revision)
+    assert [c.token_ids for c in alone.completions] == [c.token_ids for c in sent[1].completions]
+
+
+async def test_a_policy_at_its_in_flight_limit_waits_for_its_trainer_in_a_later_unit(
+        rollout_agent: tuple[Any, StageRunner, Calls]) -> None:
+    """max_in_flight=2: p0's third interaction is not sampled with the first unit; it goes in
+    a unit of its own once the trainer has consumed one of p0's groups. The other policies are
+    not held back by p0."""
+    agent, runner, calls = rollout_agent
+    state = runner.ctx.state
+    events = [_train("p0", 0), _train("p1", 1), _train("p0", 2), _train("p0", 3),
+              _train("base", 4)]
+    batch = [Received(encode_event(e), "interactions", 0, k) for k, e in enumerate(events)]
+    async with agent.test_context():
+        task = asyncio.ensure_future(runner.process_many(batch))
+        await _until(lambda: task.done() or (calls.n == 1 and state.in_flight("p0") == 2),
+                     120, "the first unit sampled")
+        assert not task.done() and calls.n == 1  # p0's third waits for its trainer
+        assert (state.in_flight("p1"), state.in_flight("base")) == (1, 1)
+        state.note_trained("p0")  # the trainer consumes one of p0's groups
+        sent = _rollouts(await asyncio.wait_for(task, 120))
+    assert calls.n == 2
+    assert [r.interaction.event_id for r in sent] == [events[k].event_id for k in (0, 1, 2, 4, 3)]
+    assert state.in_flight("p0") == 2
+
+
+@pytest.fixture
+def engine(tiny_model_dir: Path) -> Iterator[ServerThread]:
+    config = EngineConfig(base_path=tiny_model_dir, max_lora_rank=8, max_loaded_loras=8)
+    server = ServerThread(CpuEngine(config), admin_token=TOKEN).start()
+    yield server
+    server.stop()
+
+
+def test_a_worker_on_the_broker_answers_many_policies_in_few_engine_batches(
+        run: Settings, engine: ServerThread, tmp_path: Path) -> None:
+    """All interactions are on the topic before the worker starts (under one key, so in one
+    partition and one fetch); each gets exactly one rollout, in far fewer engine batches."""
+    run = run.model_copy(update={"engine_url": engine.url, "engine_admin_token": TOKEN})
+    train = [_train(p, i) for i in range(2) for p in POLICIES]
+    poison = _train("p2", 9, task="no-such-reward")
+    produce_raw(run, "interactions", [(b"k", encode_event(e)) for e in [poison, *train]])
+    log = tmp_path / "worker.log"
+    proc = start_worker(run, "rollout", log)
+    try:
+        rollouts = wait_for(lambda: len(r := read_topic(run, "rollouts", 0.5)) >= len(train) and r,
+                            240, interval=0.5, message="a rollout for every interaction")
+        letters = wait_for(lambda: read_topic(run, "dead-letters"), 60, message="the poison")
+    finally:
+        stop_worker(proc, log)
+    answered = Counter(r["interaction"]["event_id"] for r in rollouts)
+    assert answered == Counter(e.event_id for e in train)  # exactly one each
+    assert [(d["policy_id"], d["offset"]) for d in letters] == [("p2", 0)]
+    batches = engine.engine.batches
+    print(f"{len(train)} interactions of {len(POLICIES)} policies: {batches} engine batch(es)")
+    assert 1 <= batches < len(train), batches
+    assert engine.engine.max_adapters_in_a_batch >= 3
