@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -26,3 +28,19 @@ def wait_for(
             what = message or getattr(predicate, "__name__", "condition")
             raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {value!r}")
         time.sleep(interval)
+
+
+async def wait_for_async(predicate: Callable[[], Any | Awaitable[Any]], timeout: float,
+                         what: str, interval: float = 0.02) -> Any:
+    """`wait_for` for tests that share an event loop with the code under test: polls without
+    blocking the loop. `predicate` may be a plain or an async callable."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {value!r}")
+        await asyncio.sleep(interval)

@@ -14,9 +14,8 @@ adapters in one call.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from schemas import DeadLetter, InteractionLogged, RolloutGenerated, decode_even
 from schemas.codec import encode_event
 from streams.agents import Received, StageRunner
 from streams.app import create_app
-from tests.helpers import wait_for
+from tests.helpers import wait_for, wait_for_async
 from tests.integration.worker_support import produce_raw, read_topic, start_worker, stop_worker
 from tests.rollout_support import Calls, stored_revision
 from tests.serving_support import make_adapter
@@ -79,15 +78,6 @@ def rollout_agent(run: Settings) -> Iterator[tuple[Any, StageRunner, Calls]]:
     runner.ctx.close()
 
 
-async def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll a condition without blocking the event loop the runner under test shares."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def _rollouts(outs: list[Any]) -> list[RolloutGenerated]:
     assert all(isinstance(o, RolloutGenerated) for o in outs)
     return outs
@@ -136,7 +126,7 @@ async def test_a_policy_at_its_in_flight_limit_waits_for_its_trainer_in_a_later_
     batch = [Received(encode_event(e), "interactions", 0, k) for k, e in enumerate(events)]
     async with agent.test_context():
         task = asyncio.ensure_future(runner.process_many(batch))
-        await _until(lambda: task.done() or (calls.n == 1 and state.in_flight("p0") == 2),
+        await wait_for_async(lambda: task.done() or (calls.n == 1 and state.in_flight("p0") == 2),
                      120, "the first unit sampled")
         assert not task.done() and calls.n == 1  # p0's third waits for its trainer
         assert (state.in_flight("p1"), state.in_flight("base")) == (1, 1)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import safetensors.torch
 from prometheus_client import REGISTRY
 
 from infra.settings import Settings
+from tests.helpers import wait_for_async
 from tests.serving_support import base_dir, make_adapter
 from workers.artifacts import WEIGHTS_FILE, ArtifactStore, adapter_config
 from workers.model import LoraSpec
@@ -28,18 +28,6 @@ from workers.state import PolicyState, RevisionPointer
 __all__ = ["base_dir"]
 
 PARAMS = {"max_new_tokens": 5, "temperature": 0.0}
-
-
-async def until(predicate: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    """Poll an async condition (asyncio twin of tests.helpers.wait_for)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last {value!r}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -86,8 +74,8 @@ def test_promoted_revision_serves_through_router(settings: Settings, redis_clien
 
             publish(settings, base_dir, tmp_path, "alice", 2, seed=2)
             state.set_serving("alice", 2)  # promotion: alias + hot set move together
-            await until(lambda: _route_name(router, "alice"), 15.0, "alice@2 routed")
-            await until(lambda: _state(ctl, "alice@1", Residency.EVICTED), 15.0,
+            await wait_for_async(lambda: _route_name(router, "alice"), 15.0, "alice@2 routed")
+            await wait_for_async(lambda: _state(ctl, "alice@1", Residency.EVICTED), 15.0,
                         "alice@1 drained")
             served = {m["id"] for m in await asyncio.to_thread(direct.models)}
             assert "alice@2" in served and "alice@1" not in served
@@ -155,8 +143,9 @@ def test_tampered_artifact_fails_cleanly_and_waves_are_bounded(
         try:
             with pytest.raises(AdapterLoadFailed, match="sha256"):
                 await router.route("eve")
-            await until(lambda: _state(ctl, "p0@1", Residency.ACTIVE), 15.0, "wave loaded")
-            await until(lambda: _all_active(ctl, [f"p{i}@1" for i in range(6)]), 15.0, "wave")
+            await wait_for_async(lambda: _state(ctl, "p0@1", Residency.ACTIVE), 15.0, "wave loaded")
+            await wait_for_async(lambda: _all_active(ctl, [f"p{i}@1" for i in range(6)]), 15.0,
+                                 "wave")
             assert peak <= 2  # the wave was queued, never more than 2 loads at once
             assert ctl.tracked["p5@1"].pinned
         finally:
