@@ -3,7 +3,8 @@
 Same public API as `PolicyTrainer` (step, steps_done, has_policy, adapter_state, checkpoints),
 plus `step_many`, which trains several policies in one step: their rows go through batched
 passes over the resident base (`workers.multilora`), packed under an activation-memory budget
-(`workers.multipass`), and each policy steps once. Isolation follows training.md 5.2: each
+(`workers.multipass`), with each group's prompt computed once for its G completions
+(`workers.sharedprefix`), and each policy steps once. Isolation follows training.md 5.2: each
 policy's loss is normalised by its own token count and the losses are summed (parameters are
 disjoint, so each adapter gets exactly its own gradient); gradient norms are clipped per policy;
 each policy has its own AdamW, stepped only when that policy was in the step. A policy whose
@@ -39,9 +40,11 @@ from workers.model import LoraSpec, load_base_model
 from workers.multilora import MultiLora
 from workers.multipass import PASS_ACTIVATION_MB, concat, pack, token_activation_mb
 from workers.multisample import Completion, SampleRequest, sample_many
+from workers.sharedprefix import Packed, packed_shape, share_prefixes
 
 HEAD_CHUNK = 256
-"""Completion positions per LM-head chunk: only one chunk's [chunk, vocab] logits is ever live."""
+"""Completion positions per LM-head chunk: a [chunk, vocab] logits is the most the head holds at
+once beyond what backward keeps (each chunk's log-softmax, unless the pass recomputes)."""
 CHECKPOINT_ABOVE_TOKENS = 512
 """A pass over more (padded) tokens than this recomputes each decoder layer in backward instead
 of keeping its activations: a K-policy pass then holds little more than one policy's activation
@@ -109,6 +112,7 @@ class MultiPolicyTrainer:
         self._pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
         self._vocab = int(self.base.get_output_embeddings().weight.shape[0])
         self._token_mb = token_activation_mb(self.base.config, dtype)
+        self._dtype = dtype
 
     def has_policy(self, policy_id: str) -> bool:
         return policy_id in self._policies
@@ -142,51 +146,61 @@ class MultiPolicyTrainer:
         return self._policies[policy_id]
 
     # -- the batched GRPO pass ----------------------------------------------------------------
-    def _logps(self, batch: _Batch) -> torch.Tensor:
-        """Token log-probs [B, L-1] as `token_logps`, but the LM head runs only on completion
-        positions, in checkpointed chunks, so a K-policy batch never holds [B, L, vocab]."""
+    def _logps(self, packed: Packed, shape: tuple[int, int], keep_head: bool) -> torch.Tensor:
+        """Token log-probs in the batch's [B, L-1] layout (as `token_logps`) from one decoder
+        pass over the shared-prefix sequences; the LM head runs only on the hidden states that
+        predict completion tokens, in chunks. `keep_head` keeps each chunk's log-softmax for
+        backward (~4 bytes x vocab a token: small beside a decoder token's activations); else
+        the chunk is recomputed in backward, so a big pass never holds more than one chunk."""
         decoder = getattr(self.base, self.base.base_model_prefix)
-        hidden = decoder(input_ids=batch.ids, attention_mask=batch.attention,
+        hidden = decoder(input_ids=packed.ids, position_ids=packed.positions,
+                         attention_mask=packed.attention_mask(self._dtype),
                          use_cache=False).last_hidden_state
-        rows, cols = batch.cmask[:, 1:].nonzero(as_tuple=True)
-        targets = batch.ids[rows, cols + 1]
-        picked = hidden[rows, cols]
+        picked = hidden[packed.seq, packed.pos]
         head = self.base.get_output_embeddings()
         dtype = torch.promote_types(hidden.dtype, torch.float32)
 
         def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            lp = torch.log_softmax(head(h).to(dtype) / self.temperature, dim=-1)
-            return lp.gather(-1, t[:, None]).squeeze(-1)
+            logits = head(h).to(dtype)
+            if self.temperature != 1.0:
+                logits = logits / self.temperature
+            return torch.log_softmax(logits, dim=-1).gather(-1, t[:, None]).squeeze(-1)
 
-        parts = [checkpoint(chunk_logps, picked[i:i + HEAD_CHUNK], targets[i:i + HEAD_CHUNK],
-                            use_reentrant=False)
+        targets = packed.targets
+        parts = [chunk_logps(picked[i:i + HEAD_CHUNK], targets[i:i + HEAD_CHUNK]) if keep_head
+                 else checkpoint(chunk_logps, picked[i:i + HEAD_CHUNK],
+                                 targets[i:i + HEAD_CHUNK], use_reentrant=False)
                  for i in range(0, len(targets), HEAD_CHUNK)]
         flat = torch.cat(parts) if parts else picked.new_zeros(0, dtype=dtype)
-        out = torch.zeros(batch.ids.shape[0], batch.ids.shape[1] - 1, dtype=dtype)
-        return out.index_put((rows, cols), flat)
+        out = torch.zeros(shape, dtype=dtype)
+        return out.index_put((packed.rows, packed.cols), flat)
 
-    def _ref_logps(self, batch: _Batch) -> torch.Tensor | None:
+    def _ref_logps(self, packed: Packed, shape: tuple[int, int]) -> torch.Tensor | None:
         """One shared base pass (LoRA off for every row) is the KL reference of all policies."""
         if self.kl_beta <= 0:
             return None
-        with torch.no_grad(), self.multi.route([None] * batch.ids.shape[0]):
-            return self._logps(batch)
+        with torch.no_grad(), self.multi.route([None] * packed.ids.shape[0]):
+            return self._logps(packed, shape, keep_head=False)
 
     def _pass(self, items: list[_Item]) -> dict[str, tuple[float, float, float] | None]:
         """Forward + backward over all items' rows; per policy (loss, kl, clipped grad norm),
         or None when something of that policy is not finite. Grads are left in place."""
         batch = concat([it.batch for it in items], self._pad_id)
-        ref = self._ref_logps(batch)
+        row_slots: list[int | None] = [it.policy.slot for it in items
+                                       for _ in range(it.batch.ids.shape[0])]
+        packed = share_prefixes(batch, row_slots, self._pad_id)
+        shape = (batch.ids.shape[0], batch.ids.shape[1] - 1)
+        ref = self._ref_logps(packed, shape)
         bounds, start = [], 0
         for it in items:
             bounds.append((start, start + it.batch.ids.shape[0]))
             start = bounds[-1][1]
-        slots = [it.policy.slot for it in items for _ in range(it.batch.ids.shape[0])]
-        self.base.train(self._checkpoint(batch))  # dropout is 0: train mode only checkpoints
+        recompute = self._checkpoint(packed.tokens)
+        self.base.train(recompute)  # dropout is 0: train mode only checkpoints
         out: dict[str, tuple[float, float, float] | None] = {}
         try:
-            with self.multi.route(slots):  # kept through backward: checkpointing recomputes
-                logp = self._logps(batch)
+            with self.multi.route(packed.slots):  # kept through backward: for recomputation
+                logp = self._logps(packed, shape, keep_head=not recompute)
                 total: torch.Tensor | None = None
                 for it, (s, e) in zip(items, bounds, strict=True):
                     mask = batch.cmask[s:e, 1:]
@@ -217,9 +231,9 @@ class MultiPolicyTrainer:
             out[it.policy_id] = (done[0], done[1], float(norm)) if torch.isfinite(norm) else None
         return out
 
-    def _checkpoint(self, batch: _Batch) -> bool:
+    def _checkpoint(self, tokens: int) -> bool:
         limit = self.checkpoint_above_tokens
-        return self.gradient_checkpointing or (limit is not None and batch.ids.numel() > limit)
+        return self.gradient_checkpointing or (limit is not None and tokens > limit)
 
     @staticmethod
     def _clear(items: list[_Item]) -> None:
@@ -245,7 +259,7 @@ class MultiPolicyTrainer:
                 continue
             items.append(_Item(policy_id, self._policy(policy_id),
                                _make_batch(groups, self._pad_id)))
-        shapes = [(it.batch.ids.shape[0], it.batch.ids.shape[1]) for it in items]
+        shapes = [packed_shape(it.batch) for it in items]
         for chunk in pack(shapes, self._token_mb, self.pass_activation_mb):
             self._train([items[i] for i in chunk], results)
         return {policy_id: results[policy_id] for policy_id in batches}
