@@ -4,13 +4,18 @@ A joint step packs whole policies, in order, into passes whose estimated activat
 under a budget, and accumulates their gradients pass by pass. Parameters are disjoint and each
 policy's loss is normalised by its own token count, so every policy's update is exactly its
 separate step's however the policies are packed. Why a budget rather than one pass over all K:
-on CPU a bigger training pass buys little per token (SmolLM2-135M, one thread: 0.93 s for one
-policy's 90 tokens, 7.8 s for eight policies' 720; two threads: ~0.6 s a policy alone, ~0.5 in
-pairs, ~0.45 in fours), while a pass's activations grow with its tokens (~2.5 MiB a token there,
-measured) and checkpointing them costs ~50% more compute. Under the budget a K-policy step's
-training memory is that of one small pass, and concurrency pays off where it does on CPU: the
-batched sampling (one decode for all rows). Tiny models pack many policies per pass;
-accelerators can raise the budget.
+a pass's activations grow with its tokens (~2.5 MiB of peak RSS a token on SmolLM2-135M,
+measured; `token_activation_mb` estimates ~1.6 and only guides packing) and recomputing them
+costs more than a bigger pass wins back on CPU. Measured there (two threads, old row layout,
+eight policies' step, best of 5): one policy a pass 4.18 s, pairs 3.90, fours 3.88; pairs with
+each layer's MLP checkpointed 4.69, fours 4.30; fours/eight with whole layers checkpointed 5.2.
+With shared prompts (`workers.sharedprefix`) a SmolLM2 policy at the pipeline defaults (G=6, 8
+new tokens) is one ~51-token sequence and bigger passes do pay (3.39 s alone, 2.86 pairs, 2.48
+fours, 2.25 all eight), but pairs (a 192 MiB budget) raised the K=8 benchmark's peak RSS 12%
+over one policy after another (fours: 25%), so the default keeps one such policy a pass: a
+K-policy step's training memory stays that of one small pass, and concurrency pays off where it
+does on CPU: the batched sampling (one decode for all rows). Tiny models pack many policies per
+pass; accelerators, or a process with memory to spare, can raise the budget.
 """
 
 from __future__ import annotations
