@@ -58,8 +58,10 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 def _draw(logp: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row by inverse CDF: one uniform per row. torch.multinomial draws an
-    exponential per vocabulary entry, which dominated a wide batch's decode step on CPU."""
-    cdf = logp.exp().cumsum(dim=-1)
+    exponential per vocabulary entry, which dominated a wide batch's decode step on CPU. The
+    CDF is accumulated in place: a wide batch's [rows, vocab] temporaries are what the decode
+    loop allocates each step, and fewer of them keep the sampler's peak memory down."""
+    cdf = logp.exp().cumsum_(dim=-1)
     u = torch.rand(logp.shape[0], 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u)[:, 0].clamp(max=logp.shape[-1] - 1)
 
@@ -90,8 +92,8 @@ def _decode(model: PreTrainedModel, state: _State, *, max_new_tokens: int, tempe
     done = torch.zeros(logits.shape[0], dtype=torch.bool)
     tokens, logps = [], []
     for step in range(max_new_tokens):
-        lp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32))
-                               / temperature, dim=-1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        lp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
         tok = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long),
                           _draw(lp, generator))
         tokens.append(tok)
