@@ -1,5 +1,6 @@
 """Stage functions driven by hand with known scores (real Redis, real catalog topic): export a
-revision from given tensors, evaluate with cached held-out scores, promote through the guards."""
+revision from given tensors, evaluate with cached held-out scores, promote through the guards;
+and a stage's agent run in-process with channels for its outputs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from typing import Any
 
 import torch
 
+from infra.settings import Settings
 from schemas.events import AdapterEvaluated, AdapterExported, PolicyUpdated
+from streams.agents import StageRunner
+from streams.app import create_app
 from workers import guards, stages
 from workers.context import StageContext
 
@@ -38,3 +42,16 @@ def promote_guarded(ctx: StageContext, ev: AdapterEvaluated) -> list[Any]:
     """What the guarded promote agent does: admission, then the stage."""
     guards.admit(ctx, "promote", ev)
     return stages.promote(ctx, ev)
+
+
+def in_process_stage(settings: Settings, stage: str) -> tuple[Any, StageRunner]:
+    """A stage's Faust agent and its runner, model work on the calling loop, outputs and dead
+    letters to in-memory channels (a channel delivers only to subscribers: subscribe before
+    anything is sent)."""
+    app = create_app(settings, [stage])
+    app.finalize()
+    agent = app.agents[f"stage.{stage}"]
+    runner: StageRunner = agent.fun.__self__
+    runner.executor = None
+    runner.sink, runner.dead_letters = app.channel(), app.channel()  # type: ignore[assignment]
+    return agent, runner

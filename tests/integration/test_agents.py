@@ -16,8 +16,7 @@ from infra.settings import Settings
 from schemas import DeadLetter, InteractionLogged, RolloutGenerated, RolloutRewarded, decode_event
 from schemas.codec import encode_event
 from schemas.events import Completion
-from streams.agents import StageRunner
-from streams.app import create_app
+from tests.integration.stage_support import in_process_stage
 
 AgentUnderTest = tuple[Any, Any, Any]
 """(agent, subscription to its sink, subscription to its dead letters)."""
@@ -45,13 +44,7 @@ async def _drain(subscriber: object, count: int) -> list[bytes]:
 
 @pytest.fixture
 def reward_agent(settings: Settings) -> AgentUnderTest:
-    app = create_app(settings, ["reward"])
-    app.finalize()
-    agent = app.agents["stage.reward"]
-    runner: StageRunner = agent.fun.__self__
-    runner.sink = app.channel()
-    runner.dead_letters = app.channel()
-    runner.executor = None
+    agent, runner = in_process_stage(settings, "reward")
     # Subscribe before anything is sent: a Faust channel delivers only to its subscribers.
     return agent, runner.sink.__aiter__(), runner.dead_letters.__aiter__()
 
@@ -111,12 +104,7 @@ async def test_held_out_batch_is_stored_in_bulk_and_only_once(settings: Settings
     from streams.agents import Received
     from workers import guards
 
-    app = create_app(settings, ["rollout"])
-    app.finalize()
-    agent = app.agents["stage.rollout"]
-    runner: StageRunner = agent.fun.__self__
-    runner.executor = None
-    runner.sink, runner.dead_letters = app.channel(), app.channel()
+    agent, runner = in_process_stage(settings, "rollout")
     dlq = runner.dead_letters.__aiter__()
     guards.pause(runner.ctx, "frozen", "update", "test")
 

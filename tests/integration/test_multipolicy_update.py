@@ -16,8 +16,8 @@ from infra.settings import Settings
 from schemas import DeadLetter, InteractionLogged, PolicyUpdated, RolloutGenerated, decode_event
 from schemas.codec import encode_event
 from schemas.events import Completion, RolloutRewarded
-from streams.agents import Received, StageRunner
-from streams.app import create_app
+from streams.agents import Received
+from tests.integration.stage_support import in_process_stage
 from workers import stages
 from workers.context import StageContext
 from workers.errors import PoisonEventError, PolicyFailures
@@ -82,12 +82,8 @@ def test_a_failing_policy_does_not_cost_the_others_their_step(ctx: StageContext)
 async def test_runner_sends_good_policies_and_dead_letters_only_the_bad(
     ctx: StageContext,
 ) -> None:
-    app = create_app(ctx.settings, ["update"])
-    app.finalize()
-    agent = app.agents["stage.update"]
-    runner: StageRunner = agent.fun.__self__
-    runner.ctx, runner.executor = ctx, None
-    runner.sink, runner.dead_letters = app.channel(), app.channel()
+    agent, runner = in_process_stage(ctx.settings, "update")
+    runner.ctx = ctx
     sink, dlq = runner.sink.__aiter__(), runner.dead_letters.__aiter__()
     calls = _count_passes(ctx)
     events = [_rewarded("a", 0), _rewarded("a", 1), _rewarded("a", 2),

@@ -25,8 +25,8 @@ from infra.settings import Settings
 from schemas import DeadLetter, InteractionLogged, RolloutGenerated, decode_event
 from schemas.codec import encode_event
 from streams.agents import Received, StageRunner
-from streams.app import create_app
 from tests.helpers import wait_for, wait_for_async
+from tests.integration.stage_support import in_process_stage
 from tests.integration.worker_support import produce_raw, read_topic, start_worker, stop_worker
 from tests.rollout_support import Calls, stored_revision
 from tests.serving_support import make_adapter
@@ -67,12 +67,7 @@ def _train(policy: str, i: int, task: str = "length") -> InteractionLogged:
 
 @pytest.fixture
 def rollout_agent(run: Settings) -> Iterator[tuple[Any, StageRunner, Calls]]:
-    app = create_app(run, ["rollout"])
-    app.finalize()
-    agent = app.agents["stage.rollout"]
-    runner: StageRunner = agent.fun.__self__
-    runner.executor = None
-    runner.sink, runner.dead_letters = app.channel(), app.channel()
+    agent, runner = in_process_stage(run, "rollout")
     calls = Calls(runner.ctx.engine.client)  # starts the embedded engine
     yield agent, runner, calls
     runner.ctx.close()
