@@ -201,7 +201,8 @@ def _drained(settings: Settings) -> bool:
 def run(n: int, root: Path, schedule: tuple[tuple[float, str], ...] = SCHEDULE,
         timeout_s: float = 1800.0) -> dict[str, Any]:
     """Produce up to each fault's share, inject it, and time how long until outputs flow again
-    (the next chunk is produced right after the injection, so there is always work)."""
+    (the next chunk, never past the next fault's share, is produced right after the injection,
+    so there is always new work to answer, however fast the worker kept up before)."""
     stack = FaultStack(root).start()
     try:
         s = stack.settings
@@ -211,13 +212,14 @@ def run(n: int, root: Path, schedule: tuple[tuple[float, str], ...] = SCHEDULE,
         producer = Producer(s, events)
         started = time.monotonic()
         recoveries = []
-        for share, kind in schedule:
+        marks = [int(share * n) for share, _ in schedule[1:]] + [n]
+        for (share, kind), next_mark in zip(schedule, marks, strict=True):
             producer.send_until(int(share * n))
             base = _retrying(lambda: _end_total(s, "rewards"))
             t0 = time.monotonic()
             log(f"{producer.sent} sent, {base} out: injecting {kind} fault")
             inject(stack, kind)
-            producer.send_until(min(n, producer.sent + CHUNK))
+            producer.send_until(min(next_mark, producer.sent + CHUNK))
             _wait_outputs(stack, base, 300.0)
             recoveries.append(time.monotonic() - t0)
             log(f"{kind}: outputs flowing again after {recoveries[-1]:.1f} s")
