@@ -54,15 +54,26 @@ def _row_parts(batch: _Batch) -> list[tuple[int, int]]:
     return [(int(total) - int(n), int(n)) for total, n in zip(lengths, comp, strict=True)]
 
 
-def share_prefixes(batch: _Batch, row_slots: list[int | None], pad_id: int) -> Packed:
-    """Pack rows with the same (slot, prompt) into one sequence, in first-seen order."""
+_Members = dict[tuple[int | None, tuple[int, ...]], list[int]]
+
+
+def _sequences(batch: _Batch, row_slots: list[int | None]
+               ) -> tuple[list[tuple[int, int]], list[list[int]], _Members, int]:
+    """Each row's (prompt, completion) lengths, the ids, the rows of each (slot, prompt) in
+    first-seen order, and the packed width (the longest prompt + its completions)."""
     parts = _row_parts(batch)
     ids = batch.ids.tolist()
-    members: dict[tuple[int | None, tuple[int, ...]], list[int]] = {}
+    members: _Members = {}
     for i, (p, _) in enumerate(parts):
         members.setdefault((row_slots[i], tuple(ids[i][:p])), []).append(i)
     width = max(len(prompt) + sum(parts[i][1] for i in rows)
                 for (_, prompt), rows in members.items())
+    return parts, ids, members, width
+
+
+def share_prefixes(batch: _Batch, row_slots: list[int | None], pad_id: int) -> Packed:
+    """Pack rows with the same (slot, prompt) into one sequence, in first-seen order."""
+    parts, ids, members, width = _sequences(batch, row_slots)
     n_seq = len(members)
     seq_ids = torch.full((n_seq, width), pad_id, dtype=torch.long)
     positions = torch.zeros((n_seq, width), dtype=torch.long)
@@ -96,5 +107,5 @@ def share_prefixes(batch: _Batch, row_slots: list[int | None], pad_id: int) -> P
 
 def packed_shape(batch: _Batch) -> tuple[int, int]:
     """[sequences, width] of one policy's batch once its groups share their prompts."""
-    packed = share_prefixes(batch, [0] * batch.ids.shape[0], 0)
-    return tuple(packed.ids.shape)  # type: ignore[return-value]
+    _, _, members, width = _sequences(batch, [0] * batch.ids.shape[0])
+    return len(members), width
