@@ -11,7 +11,11 @@ the clock runs from "the trainer has new weights" to "the engine answered a requ
 
 Both engines are configured alike (bfloat16; `--engine-threads` sets the intra-op threads of
 their model work, default torch's, see `EngineConfig.num_threads`), and the merge itself runs on
-the process's default threads. Each path is timed `--repeats` times; the medians are reported.
+the process's default threads. The trainer's side (the GRPO step, the export, the merge) runs in
+short-lived threads, never in the main one: in production the trainer is another process than
+the engine, and a thread that ran parallel torch ops keeps an OpenMP team for its whole life,
+which here would throttle the engine's model thread (see `workers.serving.cpu_engine`).
+Each path is timed `--repeats` times; the medians are reported.
 Progress goes to stderr; the last stdout line is one JSON object: `{"results": [{"rank",
 "merged_s", "adapter_s", "ratio", "merged_bytes", "adapter_bytes", ...}, ...]}` (or just that
 object with `--rank N`).
@@ -24,8 +28,12 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import peft
 import torch
@@ -50,6 +58,28 @@ DTYPE = "bfloat16"
 """Both paths serve in bfloat16, as SGLang does by default."""
 
 
+_T = TypeVar("_T")
+
+
+def trainer_side(fn: Callable[[], _T]) -> _T:
+    """Run `fn` in a thread that exits afterwards (its OpenMP team goes with it)."""
+    box: dict[str, _T] = {}
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            box["out"] = fn()
+        except BaseException as exc:  # re-raised in the caller
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="trainer-side")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return box["out"]
+
+
 def engine(base: Path, max_rank: int, threads: int | None) -> ServerThread:
     config = EngineConfig(base_path=base, max_loaded_loras=8, max_loras_per_batch=4,
                           max_lora_rank=max_rank, dtype=DTYPE, num_threads=threads)
@@ -71,7 +101,7 @@ def train_once(base: Path, lora: LoraSpec, client: SGLangClient) -> dict[str, to
 def adapter_path(store: ArtifactStore, tensors: dict[str, torch.Tensor], lora: LoraSpec,
                  base: Path, client: SGLangClient, name: str) -> tuple[float, int, list[int]]:
     started = time.perf_counter()
-    ref = store.put_adapter(tensors, adapter_config(lora, str(base)))
+    ref = trainer_side(lambda: store.put_adapter(tensors, adapter_config(lora, str(base))))
     exported = time.perf_counter()
     client.load_lora_adapter(name, str(ref.path))
     loaded = time.perf_counter()
@@ -84,14 +114,18 @@ def adapter_path(store: ArtifactStore, tensors: dict[str, torch.Tensor], lora: L
 
 def merged_path(tensors: dict[str, torch.Tensor], lora: LoraSpec, base: Path,
                 out: Path, threads: int | None) -> tuple[float, int, list[int]]:
-    model, tokenizer = load_base_model(base)  # the copy to merge into (not timed: resident)
+    model, tokenizer = trainer_side(lambda: load_base_model(base))  # not timed: resident
+
+    def merge_and_save() -> None:
+        peft_model = peft.get_peft_model(model, lora.peft_config())
+        peft.set_peft_model_state_dict(peft_model, tensors)
+        merged = peft_model.merge_and_unload().to(getattr(torch, DTYPE))
+        merged.save_pretrained(out)  # type: ignore[operator]  # safetensors, full weights
+        tokenizer.save_pretrained(out)
+        _fsync_tree(out)  # durable before it serves, as the artifact store makes the adapter
+
     started = time.perf_counter()
-    peft_model = peft.get_peft_model(model, lora.peft_config())
-    peft.set_peft_model_state_dict(peft_model, tensors)
-    merged = peft_model.merge_and_unload().to(getattr(torch, DTYPE))
-    merged.save_pretrained(out)  # type: ignore[operator]  # safetensors, full weights
-    tokenizer.save_pretrained(out)
-    _fsync_tree(out)  # durable before it serves, as the artifact store makes the adapter
+    trainer_side(merge_and_save)
     saved = time.perf_counter()
     with engine(out, lora.rank, threads) as server:
         ready = time.perf_counter()
@@ -100,6 +134,10 @@ def merged_path(tensors: dict[str, torch.Tensor], lora: LoraSpec, base: Path,
     log(f"  merge+save {saved - started:.3f} s, engine reload {ready - saved:.3f} s, "
         f"first answer {started + elapsed - ready:.3f} s")
     return elapsed, sum(p.stat().st_size for p in out.glob("*.safetensors")), gen.token_ids
+
+
+def _perturbed(tensors: dict[str, torch.Tensor], eps: float) -> dict[str, torch.Tensor]:
+    return {k: (v + eps if k.endswith("lora_B.weight") else v) for k, v in tensors.items()}
 
 
 def _fsync_tree(root: Path) -> None:
@@ -118,11 +156,10 @@ def run(rank: int, repeats: int, base: Path, work: Path,
     adapter_runs, merged_runs = [], []
     with engine(base, rank, threads) as server:
         client = SGLangClient(server.url)
-        tensors = train_once(base, lora, client)
+        tensors = trainer_side(lambda: train_once(base, lora, client))
         for i in range(repeats):
             # A fresh tiny perturbation per repeat: a new revision, a new content address.
-            t = {k: (v + i * 1e-7 if k.endswith("lora_B.weight") else v)
-                 for k, v in tensors.items()}
+            t = trainer_side(partial(_perturbed, tensors, i * 1e-7))
             adapter_runs.append(adapter_path(store, t, lora, base, client, f"bench@{rank}-{i}"))
             log(f"rank {rank}: adapter-only {adapter_runs[-1][0]:.3f} s")
             merged_runs.append(merged_path(tensors, lora, base, work / f"merged-r{rank}-{i}",

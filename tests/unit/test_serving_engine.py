@@ -195,3 +195,41 @@ def test_num_threads_applies_to_the_engine_threads_only(base_dir: Path) -> None:
     finally:
         engine._executor.shutdown()
         torch.set_num_threads(before)
+
+
+def test_all_model_work_runs_on_one_model_thread(base_dir: Path, adapters: dict[str, Path],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading the base, loading adapters and generating all happen on one thread that is not
+    the caller's: a second thread running parallel torch work gives the process a second
+    OpenMP team, which throttles every barrier once teams outnumber the CPUs (`cpu_engine`)."""
+    import threading
+
+    import workers.serving.cpu_engine as cpu_engine
+
+    seen: list[tuple[str, int]] = []
+
+    class Spy(cpu_engine.SlotSampler):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            seen.append(("init", threading.get_ident()))
+            super().__init__(*args, **kw)
+
+        def load(self, slot: int, adapter_dir: Path) -> None:
+            seen.append(("load", threading.get_ident()))
+            super().load(slot, adapter_dir)
+
+        def generate(self, rows: list[RowRequest]) -> list[RowResult]:
+            seen.append(("generate", threading.get_ident()))
+            return super().generate(rows)
+
+    monkeypatch.setattr(cpu_engine, "SlotSampler", Spy)
+    srv = _server(base_dir)
+    try:
+        client = SGLangClient(srv.url)
+        client.load_lora_adapter("p0@1", str(adapters["p0@1"]))
+        client.generate("hi", lora_path="p0@1", sampling_params=SAMPLING)
+        client.generate("hi", sampling_params=SAMPLING)
+    finally:
+        srv.stop()
+    assert [kind for kind, _ in seen] == ["init", "load", "generate", "generate"]
+    threads = {ident for _, ident in seen}
+    assert len(threads) == 1 and threading.get_ident() not in threads

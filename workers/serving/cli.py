@@ -91,7 +91,7 @@ async def _start_server(args: argparse.Namespace, settings: Settings) -> web.App
                           max_loras_per_batch=args.max_loras_per_batch,
                           max_lora_rank=args.max_lora_rank or settings.lora_rank,
                           dtype=args.dtype, num_threads=args.num_threads)
-    engine = await asyncio.to_thread(CpuEngine, config)
+    engine = await asyncio.to_thread(CpuEngine, config)  # loads in its own model thread
     token = args.admin_token or (settings.engine_admin_token.get_secret_value()
                                  if settings.engine_admin_token else None)
     runner = web.AppRunner(build_app(engine, token), access_log=None)

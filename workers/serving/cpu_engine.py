@@ -2,7 +2,15 @@
 
 The HTTP layer (`server.py`) only parses and formats; everything with semantics lives here, so
 tests and benchmarks can drive the engine in-process too. One asyncio loop owns the registry;
-model work runs in worker threads (the sampler's lock keeps loads and forwards apart).
+all model work runs in ONE thread, the model thread, from loading the base onwards.
+
+Why one thread, loading included: OpenMP (libgomp, which torch's CPU wheels use) gives every
+thread that runs parallel torch ops its own team of worker threads, and once the process holds
+more of those than it has CPUs, libgomp throttles every barrier's spin-wait to ~100 spins and
+sleeps on a futex instead. A forward of a few tokens runs ~600 parallel regions, so it then pays
+~600 futex wake-ups: measured on a 2-core CPU, SmolLM2-135M bfloat16, 7-token prompt, one token:
+38-41 ms when one thread does everything, 46-50 ms when the model was loaded (or anything
+parallel ran) in another thread, as `asyncio.to_thread` or a two-worker pool did before.
 
 Batching: requests queue up while a batch runs; the next batch takes, in arrival order, every
 waiting row whose adapter fits within `max_loras_per_batch` distinct adapters (the base model
@@ -75,12 +83,17 @@ class CpuEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.registry = AdapterRegistry(config.max_loaded_loras, config.max_loras_per_batch)
-        self.sampler = SlotSampler(config.base_path, num_slots=self.registry.num_slots,
-                                   max_rank=config.max_lora_rank,
-                                   target_modules=config.lora_target_modules,
-                                   dtype=_DTYPES[config.dtype], num_threads=config.num_threads)
+        # The model thread: the only thread that ever runs this engine's torch work.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpu-engine-model")
+        try:
+            self.sampler = self._executor.submit(
+                SlotSampler, config.base_path, num_slots=self.registry.num_slots,
+                max_rank=config.max_lora_rank, target_modules=config.lora_target_modules,
+                dtype=_DTYPES[config.dtype], num_threads=config.num_threads).result()
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
         self.model_name = config.served_model_name or str(config.base_path)
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cpu-engine")
         self._update_lock: asyncio.Lock | None = None
         self._pending: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None
