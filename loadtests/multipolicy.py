@@ -12,7 +12,7 @@ group per policy per step, with the pipeline's default G, max_new_tokens and ran
 Rollout sampling is part of the timed work; model load and one small warm-up step (the same in
 both modes) are not. The trainer's memory policy is the same in both modes: a step packs its
 policies into passes under `PASS_ACTIVATION_MB` of estimated activations (`workers.multipass`;
-one policy per pass for SmolLM2 at the default workload, all eight for the tiny model), each
+two policies a pass for SmolLM2 at the default workload, all eight for the tiny model), each
 group's prompt runs once for its G completions (`workers.sharedprefix`), and a pass over more
 than `CHECKPOINT_ABOVE_TOKENS` tokens recomputes activations. Peak RSS is the
 child's own `ru_maxrss` from `os.wait4` (per process; RUSAGE_CHILDREN would fold earlier children

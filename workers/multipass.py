@@ -5,17 +5,19 @@ under a budget, and accumulates their gradients pass by pass. Parameters are dis
 policy's loss is normalised by its own token count, so every policy's update is exactly its
 separate step's however the policies are packed. Why a budget rather than one pass over all K:
 a pass's activations grow with its tokens (~2.5 MiB of peak RSS a token on SmolLM2-135M,
-measured; `token_activation_mb` estimates ~1.6 and only guides packing) and recomputing them
-costs more than a bigger pass wins back on CPU. Measured there (two threads, old row layout,
-eight policies' step, best of 5): one policy a pass 4.18 s, pairs 3.90, fours 3.88; pairs with
-each layer's MLP checkpointed 4.69, fours 4.30; fours/eight with whole layers checkpointed 5.2.
+measured with plain MLPs; `token_activation_mb` estimates ~1.2 and only guides packing) and
+recomputing them costs more than a bigger pass wins back on CPU. Measured there (two threads,
+old row layout, eight policies' step, best of 5): one policy a pass 4.18 s, pairs 3.90, fours
+3.88; pairs with each layer's MLP checkpointed 4.69, fours 4.30; fours/eight with whole layers
+checkpointed 5.2.
 With shared prompts (`workers.sharedprefix`) a SmolLM2 policy at the pipeline defaults (G=6, 8
-new tokens) is one ~51-token sequence and bigger passes do pay (3.39 s alone, 2.86 pairs, 2.48
-fours, 2.25 all eight), but pairs (a 192 MiB budget) raised the K=8 benchmark's peak RSS 12%
-over one policy after another (fours: 25%), so the default keeps one such policy a pass: a
-K-policy step's training memory stays that of one small pass, and concurrency pays off where it
-does on CPU: the batched sampling (one decode for all rows). Tiny models pack many policies per
-pass; accelerators, or a process with memory to spare, can raise the budget.
+new tokens) is one ~55-token sequence and bigger passes do pay (3.39 s alone, 2.86 pairs, 2.48
+fours, 2.25 all eight). With plain MLPs, pairs raised the K=8 benchmark's peak RSS 9-12% over one
+policy after another (fours: 25%); the lean MLP (`workers.leanmlp`: backward keeps gate and up,
+not silu and the product) cut a policy's kept activations from 77 to 58 MiB, and the default
+budget now packs pairs: peak RSS 1.05x one policy after another, a pair's pass 0.64 s against
+2 x 0.43 s alone. Tiny models pack many policies per pass; accelerators, or a process with
+memory to spare, can raise the budget.
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ from transformers import PretrainedConfig
 
 from workers.grpo import _Batch
 
-PASS_ACTIVATION_MB = 64.0
-"""Default budget (MiB of `token_activation_mb` x padded tokens) for one pass of a joint step."""
+PASS_ACTIVATION_MB = 160.0
+"""Default budget (MiB of `token_activation_mb` x padded tokens) for one pass of a joint step:
+two SmolLM2-135M policies at the pipeline defaults (2 x ~55 tokens x 1.23 MiB), not three."""
 
 
 def token_activation_mb(config: PretrainedConfig, dtype: torch.dtype) -> float:
     """Estimated MiB one token keeps for backward in a non-checkpointed pass: per decoder layer
-    ~8 hidden-wide and ~6 MLP-wide tensors (norms, q/k/v/o inputs, attention; gate, up,
-    activation, product) of a Llama-style block. Rough and linear: it only guides packing."""
-    width = 8 * int(config.hidden_size) + 6 * int(getattr(config, "intermediate_size", 0))
+    ~8 hidden-wide tensors (norms, q/k/v/o inputs, attention) and ~4 MLP-wide ones (gate and up,
+    which the lean MLP keeps, and backward's transients) of a Llama-style block. Rough and
+    linear: it only guides packing."""
+    width = 8 * int(config.hidden_size) + 4 * int(getattr(config, "intermediate_size", 0))
     return int(config.num_hidden_layers) * width * dtype.itemsize / 2**20
 
 

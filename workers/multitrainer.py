@@ -137,8 +137,10 @@ class MultiPolicyTrainer:
         return policy
 
     def _new_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
-        # No weight decay: a zero-advantage step must not shrink the adapter.
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0, foreach=True)
+        # No weight decay: a zero-advantage step must not shrink the adapter. Fused: one kernel
+        # for all ~400 LoRA tensors of a policy (3 ms a SmolLM2 rank-4 step against 9-11 ms
+        # for foreach, measured on 2 cores); the same update up to rounding.
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0, fused=True)
 
     def _require(self, policy_id: str) -> _Policy:
         if policy_id not in self._policies:

@@ -21,7 +21,7 @@ def test_pack_keeps_order_and_whole_policies_within_the_budget() -> None:
 def test_token_estimate_scales_with_layers_widths_and_dtype() -> None:
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     mb = token_activation_mb(config, torch.float32)
-    assert mb == 2 * (8 * 64 + 6 * 128) * 4 / 2**20
+    assert mb == 2 * (8 * 64 + 4 * 128) * 4 / 2**20
     assert token_activation_mb(config, torch.float64) == 2 * mb
 
 
