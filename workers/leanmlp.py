@@ -8,7 +8,8 @@ computes the product *and* its LoRA A projection, and keeps gate(x) and up(x) on
 recomputes silu and the product, elementwise work that is small beside the layer's matmuls.
 
 Why it matters: a joint step's passes are sized by activation memory (`workers.multipass`), and
-this is what lets two SmolLM2 policies share a pass within the memory one policy used to take.
+this is what lets two SmolLM2 policies share a pass while the K=8 benchmark's peak RSS stays
+within ~5% of training one policy after another (pairs with plain MLPs: 9-12% over).
 The forward is bit-identical to the plain module's (the same ops in the same order); gradients
 agree to rounding (tests compare against peft in float64).
 

@@ -223,7 +223,8 @@ class MultiLora:
     @classmethod
     def install(cls, model: nn.Module, target_modules: Sequence[str], *,
                 target_experts: bool = True) -> MultiLora:
-        """Wrap (in place) each nn.Linear named in `target_modules` and each fused expert stack."""
+        """Wrap (in place) each nn.Linear named in `target_modules` and each fused expert stack,
+        and give SwiGLU MLPs the memory-lean forward (`workers.leanmlp`)."""
         wanted, routing = set(target_modules), Routing()
         linears: dict[str, MultiLoraLinear] = {}
         experts: dict[str, MultiLoraExperts] = {}
