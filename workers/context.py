@@ -103,6 +103,7 @@ class StageContext:
                         self.base_path, max_loaded_loras=s.engine_max_loaded,
                         max_lora_rank=max(8, s.lora_rank),
                         target_modules=self.lora.target_modules, admin_token=token,
+                        num_threads=s.engine_threads or None,
                     )
                     url, token = self._embedded.url, self._embedded.admin_token
                 self._engine = EngineSampler.connect(url, self.base_path, token)

@@ -149,13 +149,15 @@ class EmbeddedEngine:
     """
 
     def __init__(self, base_path: Path, *, max_loaded_loras: int, max_lora_rank: int,
-                 target_modules: Sequence[str], admin_token: str | None = None) -> None:
+                 target_modules: Sequence[str], admin_token: str | None = None,
+                 num_threads: int | None = None) -> None:
         from workers.serving.cpu_engine import CpuEngine, EngineConfig
         from workers.serving.server import ServerThread
 
         config = EngineConfig(base_path=base_path, max_loaded_loras=max_loaded_loras,
                               max_lora_rank=max_lora_rank,
-                              lora_target_modules=tuple(target_modules))
+                              lora_target_modules=tuple(target_modules),
+                              num_threads=num_threads)
         self.admin_token = admin_token or secrets.token_urlsafe(32)
         self.server = ServerThread(CpuEngine(config), admin_token=self.admin_token).start()
         log.info("embedded CPU engine serving SGLang's API at %s", self.server.url)

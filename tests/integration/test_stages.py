@@ -105,6 +105,18 @@ def test_export_refuses_a_checkpoint_outside_the_store(ctx: StageContext) -> Non
         stages.export(ctx, up)
 
 
+def test_embedded_engine_runs_on_the_configured_threads(ctx: StageContext) -> None:
+    """The worker's loopback engine takes `engine_threads` (1 by default: it shares the
+    process with the trainer's OpenMP team)."""
+    assert ctx.settings.engine_threads == 1
+    try:
+        assert ctx.engine.client.health()  # starts the embedded engine
+        assert ctx._embedded is not None
+        assert ctx._embedded.server.engine.sampler.num_threads == 1
+    finally:
+        ctx.close()
+
+
 def test_embedded_engine_loads_only_with_its_token(ctx: StageContext) -> None:
     """With no token configured, the worker's loopback engine still guards load/unload with
     a random one: another local process cannot swap what the worker samples from."""
