@@ -235,7 +235,7 @@ class StageRunner:
         s, state = self.ctx.settings, self.ctx.state
         async for unit in rollout_units.units(
                 [d for u in units for d in u], capacity=rollout_units.unit_capacity(s.group_size),
-                limit=s.max_in_flight, in_flight=lambda p: int(self._io(state.in_flight, p))):
+                limit=s.max_in_flight, in_flight=lambda ps: self._io(state.in_flight_many, ps)):
             yield unit
 
     async def _handle(self, unit: list[Decoded]) -> list[BaseModel]:

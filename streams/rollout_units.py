@@ -85,20 +85,22 @@ def take_unit(pending: Sequence[D], room: Mapping[str, int],
 
 
 async def units(pending: Sequence[D], *, capacity: int, limit: int,
-                in_flight: Callable[[str], int],
+                in_flight: Callable[[list[str]], Mapping[str, int]],
                 wait_s: float = MAX_IN_FLIGHT_WAIT_S) -> AsyncIterator[list[D]]:
     """Units of `pending`, each formed when the previous one has been handled (the caller
     handles a unit before asking for the next), from the in-flight counts of that moment.
 
-    `in_flight(policy)` is the policy's outstanding sampled groups, `limit` the most it may
-    have. Waits while no pending policy has room; after `wait_s` of waiting the first pending
-    interaction goes anyway (its policy one over the limit).
+    `in_flight(policies)` gives each policy's outstanding sampled groups (one Redis round trip
+    for the unit), `limit` the most one may have. Waits while no pending policy has room;
+    after `wait_s` of waiting the first pending interaction goes anyway (its policy one over
+    the limit).
     """
     left = list(pending)
     waiting_since: float | None = None
     while left:
-        policies = dict.fromkeys(d[1].policy_id for d in left if throttled(d[1]))
-        room = {p: limit - in_flight(p) for p in policies}
+        policies = list(dict.fromkeys(d[1].policy_id for d in left if throttled(d[1])))
+        counts = in_flight(policies) if policies else {}
+        room = {p: limit - counts[p] for p in policies}
         unit, rest = take_unit(left, room, capacity)
         if not unit:
             now = time.monotonic()

@@ -9,6 +9,7 @@ which is also what this working set can be rebuilt from.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -179,6 +180,15 @@ class PolicyState:
         """Groups sampled but not yet consumed by the trainer (bounds off-policy staleness)."""
         sampled, trained = self.r.hmget(self._k("policy", policy_id), "sampled", "trained")
         return int(sampled or 0) - int(trained or 0)
+
+    def in_flight_many(self, policy_ids: Sequence[str]) -> dict[str, int]:
+        """`in_flight` of several policies in one round trip: the rollout runner asks for all
+        the policies of a unit it is forming at once."""
+        pipe = self.r.pipeline(transaction=False)
+        for policy_id in policy_ids:
+            pipe.hmget(self._k("policy", policy_id), "sampled", "trained")
+        return {p: int(sampled or 0) - int(trained or 0)
+                for p, (sampled, trained) in zip(policy_ids, pipe.execute(), strict=True)}
 
     def policies(self) -> list[str]:
         return sorted(m.decode() for m in cast("set[bytes]", self.r.smembers(self._k("policies"))))

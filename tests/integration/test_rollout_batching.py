@@ -103,6 +103,8 @@ async def test_a_batch_of_four_policies_is_one_engine_call_and_a_poison_fails_al
     assert "unknown reward function 'no-such-reward'" in letter.error
     for policy in POLICIES:  # a slot for each sampled group; the poison took none
         assert ctx.state.in_flight(policy) == 2
+    assert ctx.state.in_flight_many([*POLICIES, "never-seen"]) == {
+        **dict.fromkeys(POLICIES, 2), "never-seen": 0}
     (alone,) = stages.rollout(ctx, train[1])  # the one-event path: same id, same samples
     assert isinstance(alone, RolloutGenerated)
     assert (alone.event_id, alone.revision) == (sent[1].event_id, sent[1].revision)

@@ -60,7 +60,7 @@ async def test_units_are_formed_from_the_room_left_after_the_previous_unit() -> 
     trainer = {1: {"b": 0}, 2: {"a": 1}, 3: {"a": 1}}  # after unit k, the trainers consume
     got: list[list[int]] = []
     gen = rollout_units.units(_items("a", "a", "b", "a", "b", "b"), capacity=8, limit=2,
-                              in_flight=in_flight.__getitem__)
+                              in_flight=lambda ps: {p: in_flight[p] for p in ps})
     async for unit in gen:
         got.append(_names(unit))
         for _, event in unit:  # what the runner does: note_sampled per training interaction
@@ -71,8 +71,8 @@ async def test_units_are_formed_from_the_room_left_after_the_previous_unit() -> 
 
 
 async def test_after_the_wait_the_oldest_interaction_goes_over_the_limit() -> None:
-    gen = rollout_units.units(_items("a", "a"), capacity=8, limit=1, in_flight=lambda p: 5,
-                              wait_s=0.0)
+    gen = rollout_units.units(_items("a", "a"), capacity=8, limit=1,
+                              in_flight=lambda ps: dict.fromkeys(ps, 5), wait_s=0.0)
     got = [_names(u) async for u in gen]
     assert got == [[0], [1]]
 
@@ -80,10 +80,11 @@ async def test_after_the_wait_the_oldest_interaction_goes_over_the_limit() -> No
 async def test_no_room_means_a_wait_until_the_trainer_frees_a_slot() -> None:
     polls = 0
 
-    def lookup(policy: str) -> int:
+    def lookup(policies: list[str]) -> dict[str, int]:
         nonlocal polls
         polls += 1
-        return 1 if polls < 3 else 0  # the trainer consumes the group by the third look
+        # the trainer consumes the group by the third look
+        return dict.fromkeys(policies, 1 if polls < 3 else 0)
 
     gen = rollout_units.units(_items("a"), capacity=8, limit=1, in_flight=lookup)
     got = await asyncio.wait_for(anext(gen), timeout=10)
