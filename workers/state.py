@@ -178,8 +178,7 @@ class PolicyState:
 
     def in_flight(self, policy_id: str) -> int:
         """Groups sampled but not yet consumed by the trainer (bounds off-policy staleness)."""
-        sampled, trained = self.r.hmget(self._k("policy", policy_id), "sampled", "trained")
-        return int(sampled or 0) - int(trained or 0)
+        return self.in_flight_many([policy_id])[policy_id]
 
     def in_flight_many(self, policy_ids: Sequence[str]) -> dict[str, int]:
         """`in_flight` of several policies in one round trip: the rollout runner asks for all
