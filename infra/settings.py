@@ -86,8 +86,8 @@ class Settings(BaseSettings):
     to Redis once per batch, and the batch is acked when it is done."""
     seed: int = 0
 
-    # Guards (see `workers/guards.py`). Unknown policy = a syntactically valid id that is not
-    # registered in the catalog, checked only when `require_registered_policies` is on.
+    # Guards (see `workers/pipeline/guards.py`). Unknown policy = a syntactically valid id that is
+    # not registered in the catalog, checked only when `require_registered_policies` is on.
     require_registered_policies: bool = False
     max_grad_norm_reject: float | None = Field(default=None, gt=0.0)
     """Reject (and pause the policy) when a step's pre-clip gradient norm exceeds this."""
@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     online_rollback_window: int = Field(default=8, ge=1)
     """How many of the serving revision's latest rollout groups that mean is taken over."""
     fault_point: str | None = None
-    """Test-only crash hook (`workers/faults.py`): `os._exit(137)` at the named point."""
+    """Test-only crash hook (`workers/pipeline/faults.py`): `os._exit(137)` at the named point."""
 
     @property
     def artifacts(self) -> Path:

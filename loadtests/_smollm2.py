@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from infra.settings import REPO_ROOT
-from workers.model import is_complete_model_dir
+from workers.models.base import is_complete_model_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIR = REPO_ROOT / ".data" / "models" / "smollm2-135m"

@@ -11,7 +11,7 @@ the offsets Kafka assigned. Then:
 
 - resolve: `CatalogIndex.resolve` (one EVALSHA round trip over loopback) for random policy ids;
 - redis bytes per policy: growth of Redis `used_memory` over the registration, divided by N;
-- rebuild: `workers.catalog_log.rebuild` (drop every index key, refold from the topic), timed.
+- rebuild: `workers.catalog.log.rebuild` (drop every index key, refold from the topic), timed.
 
 Progress goes to stderr; the last stdout line is one JSON object.
 """
@@ -28,6 +28,9 @@ from typing import Any, cast
 
 import orjson
 import redis
+from workers.catalog.lifecycle.index import CatalogIndex
+from workers.catalog.lifecycle.lifecycle import RevisionState, check_transition, partition_for
+from workers.catalog.lifecycle.log import rebuild
 
 from infra import admin
 from infra.settings import Settings
@@ -42,9 +45,6 @@ from schemas.catalog import (
     RevisionRecorded,
     RevisionStateChanged,
 )
-from workers.catalog import RevisionState, check_transition, partition_for
-from workers.catalog_index import CatalogIndex
-from workers.catalog_log import rebuild
 
 BATCH_POLICIES = 2000
 BASE_HASH = "5e" * 32

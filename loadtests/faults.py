@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from workers.rewards.functions.functions import score_completions
 
 from infra import admin
 from infra.security import kafka_python_config
@@ -41,9 +42,8 @@ from infra.settings import Settings
 from loadtests.fault_stack import FaultStack
 from schemas.codec import encode_event
 from schemas.events import Completion, InteractionLogged, RolloutGenerated
+from schemas.ids import derive_id
 from streams.app import group_id
-from workers.ids import derive_id
-from workers.rewards import score_completions
 
 CHUNK = 2000
 SCHEDULE = ((0.2, "worker"), (0.4, "broker"), (0.6, "redis"), (0.8, "worker"))

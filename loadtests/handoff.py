@@ -37,14 +37,14 @@ from typing import TypeVar
 
 import peft
 import torch
+from workers.artifacts.store.store import ArtifactStore, adapter_config, fsync_path
 
 from loadtests._smollm2 import smollm2_dir
-from workers.artifacts import ArtifactStore, adapter_config, fsync_path
-from workers.grpo import PolicyTrainer, TrainGroup
-from workers.model import LoraSpec, load_base_model
+from workers.models.base import LoraSpec, load_base_model
 from workers.serving.client import SGLangClient
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
 from workers.serving.server import ServerThread
+from workers.training.grpo import PolicyTrainer, TrainGroup
 
 PROMPT = "What is the capital of France?"
 FIRST_ANSWER = {"max_new_tokens": 1, "temperature": 0.0}

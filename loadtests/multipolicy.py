@@ -11,12 +11,12 @@ depend on what was sampled). The default workload is the pipeline's own update u
 group per policy per step, with the pipeline's default G, max_new_tokens and rank (`Settings`).
 Rollout sampling is part of the timed work; model load and one small warm-up step (the same in
 both modes) are not. The trainer's memory policy is the same in both modes: a step packs its
-policies into passes under `PASS_ACTIVATION_MB` of estimated activations (`workers.multipass`;
-two policies a pass for SmolLM2 at the default workload, all eight for the tiny model), each
-group's prompt runs once for its G completions (`workers.sharedprefix`), and a pass over more
-than `CHECKPOINT_ABOVE_TOKENS` tokens recomputes activations. Peak RSS is the
-child's own `ru_maxrss` from `os.wait4` (per process; RUSAGE_CHILDREN would fold earlier children
-in).
+policies into passes under `PASS_ACTIVATION_MB` of estimated activations
+(`workers.training.multipass`; two policies a pass for SmolLM2 at the default workload, all eight
+for the tiny model), each group's prompt runs once for its G completions
+(`workers.training.sharedprefix`), and a pass over more than `CHECKPOINT_ABOVE_TOKENS` tokens
+recomputes activations. Peak RSS is the child's own `ru_maxrss` from `os.wait4` (per process;
+RUSAGE_CHILDREN would fold earlier children in).
 With `--repeats N` the modes alternate N times (the machine may be shared) and the medians are
 reported.
 
@@ -53,9 +53,9 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
     """One mode in this process: load, warm up, then time `steps` rounds of sample + train."""
     import torch
 
-    from workers.grpo import TrainGroup
-    from workers.model import LoraSpec
-    from workers.multitrainer import MultiPolicyTrainer
+    from workers.models.base import LoraSpec
+    from workers.training.grpo import TrainGroup
+    from workers.training.multitrainer import MultiPolicyTrainer
 
     torch.manual_seed(0)
     above = None if args.checkpoint_above < 0 else args.checkpoint_above
@@ -118,7 +118,7 @@ def _child(mode: str, model: Path, args: argparse.Namespace) -> tuple[dict[str, 
 
 def _models(names: list[str]) -> list[tuple[str, Path]]:
     from loadtests._smollm2 import smollm2_dir
-    from workers.model import build_tiny_model
+    from workers.models.base import build_tiny_model
 
     paths = {"tiny": lambda: build_tiny_model(REPO_ROOT / ".data" / "models" / "tiny-llama"),
              "smollm2-135m": smollm2_dir}
@@ -127,8 +127,8 @@ def _models(names: list[str]) -> list[tuple[str, Path]]:
 
 def main(argv: list[str] | None = None) -> None:
     from infra.settings import Settings
-    from workers.multipass import PASS_ACTIVATION_MB
-    from workers.multitrainer import CHECKPOINT_ABOVE_TOKENS
+    from workers.training.multipass import PASS_ACTIVATION_MB
+    from workers.training.multitrainer import CHECKPOINT_ABOVE_TOKENS
 
     defaults = Settings()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

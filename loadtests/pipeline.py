@@ -39,7 +39,7 @@ import redis
 from infra import admin
 from infra.settings import REPO_ROOT, Settings, settings_env
 from streams.app import group_id
-from streams.producer import InteractionProducer
+from streams.sdk.producer import InteractionProducer
 
 
 def log(msg: str) -> None:
@@ -123,8 +123,8 @@ def bare_worker() -> None:
     """Faust's floor: the stage's app settings and batching, and nothing else per batch."""
     import faust
 
-    from streams.agents import STREAM_WINDOW_S
     from streams.app import faust_app, topic
+    from streams.runner.runner import STREAM_WINDOW_S
 
     settings = Settings()
     app = faust_app(settings, group_id(settings, ["rollout"]))

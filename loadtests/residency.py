@@ -29,16 +29,16 @@ import numpy as np
 import peft
 import redis
 import torch
+from workers.artifacts.store.store import ArtifactStore, adapter_config
 
 from infra.settings import Settings
-from workers.artifacts import ArtifactStore, adapter_config
-from workers.model import LoraSpec, build_tiny_model, load_base_model
+from workers.models.base import LoraSpec, build_tiny_model, load_base_model
+from workers.pipeline.state import PolicyState, RevisionPointer
 from workers.serving.client import AsyncSGLangClient
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
 from workers.serving.residency import ControllerConfig, ResidencyController
 from workers.serving.router import Router
 from workers.serving.server import ServerThread
-from workers.state import PolicyState, RevisionPointer
 
 PARAMS = {"max_new_tokens": 2, "temperature": 0.0}
 

@@ -14,8 +14,9 @@ states, and no fact is ever overwritten by a different one:
 | `PolicyRolledBack` | `<policy>/rollback` | the latest rollback (all of them: `promotions`) |
 | `ArtifactCollected` | `<policy>/rev/<n>/gc` | the revision's files were collected by retention |
 
-Every record of one policy goes to the same partition (see `workers.catalog.partition_for`), so
-a policy's records keep their write order and a reader can fold them in offset order.
+Every record of one policy goes to the same partition (see
+`workers.catalog.lifecycle.partition_for`), so a policy's records keep their write order and a
+reader can fold them in offset order.
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ class RevisionEvaluated(CatalogRecord):
 
 
 class RevisionStateChanged(CatalogRecord):
-    """A lifecycle transition, checked against `workers.catalog.TRANSITIONS` before writing."""
+    """A lifecycle transition, checked against `workers.catalog.lifecycle.TRANSITIONS` before
+    writing."""
 
     kind: Literal["revision_state_changed"] = "revision_state_changed"
     revision: int = Field(ge=1)

@@ -13,7 +13,7 @@ import orjson
 from faust.serializers import codecs
 from pydantic import BaseModel, ValidationError
 
-from workers.errors import PoisonEventError
+from schemas.errors import PoisonEventError
 
 M = TypeVar("M", bound=BaseModel)
 

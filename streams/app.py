@@ -15,10 +15,10 @@ import faust
 
 from infra.security import faust_credentials
 from infra.settings import Settings
-from streams.agents import STAGES
-from streams.guarded import GuardedStageRunner
-from workers import faults
-from workers.context import StageContext
+from streams.runner.guarded import GuardedStageRunner
+from streams.runner.runner import STAGES
+from workers.pipeline import faults
+from workers.pipeline.context import StageContext
 
 
 def group_id(settings: Settings, stages: Sequence[str]) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers.utils import logging as hf_logging
 
-from workers.model import build_tiny_model
+from workers.models.base import build_tiny_model
 
 hf_logging.disable_progress_bar()
 

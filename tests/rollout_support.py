@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file
+from workers.artifacts.store.store import ArtifactStore
 
-from workers.artifacts import ArtifactStore
+from workers.pipeline.state import RevisionPointer
 from workers.serving.client import SGLangClient, SGLangError
-from workers.state import RevisionPointer
 
 
 class Calls:

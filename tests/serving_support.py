@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 
-from workers.model import LoraSpec, build_tiny_model, load_base_model
+from workers.models.base import LoraSpec, build_tiny_model, load_base_model
 
 
 @pytest.fixture(scope="module")

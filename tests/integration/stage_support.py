@@ -11,10 +11,10 @@ import torch
 
 from infra.settings import Settings
 from schemas.events import AdapterEvaluated, AdapterExported, PolicyUpdated
-from streams.agents import StageRunner
 from streams.app import create_app
-from workers import guards, stages
-from workers.context import StageContext
+from streams.runner.runner import StageRunner
+from workers.pipeline import guards, stages
+from workers.pipeline.context import StageContext
 
 
 def export_step(ctx: StageContext, policy: str, step: int) -> AdapterExported:

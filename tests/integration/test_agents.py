@@ -101,8 +101,8 @@ async def test_held_out_batch_is_stored_in_bulk_and_only_once(settings: Settings
     stored with one seen-check and one mark for the batch, yet still dead-letters what it
     must (bad bytes, an unknown reward function, a paused policy), drops in-batch copies, and
     a redelivered batch changes nothing."""
-    from streams.agents import Received
-    from workers import guards
+    from streams.runner.runner import Received
+    from workers.pipeline import guards
 
     agent, runner = in_process_stage(settings, "rollout")
     dlq = runner.dead_letters.__aiter__()

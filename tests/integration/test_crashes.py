@@ -1,5 +1,6 @@
 """Crash safety on the real broker and Redis: a worker process is killed (exit 137, as SIGKILL,
-at a named point: `workers/faults.py`) during an export or a gradient update, and restarted.
+at a named point: `workers/pipeline/faults.py`) during an export or a gradient update, and
+restarted.
 
 Audit afterwards: every interaction is in exactly one trainer step (or dead-lettered), step
 and revision numbers have no gaps or duplicates, the catalog agrees with the topic, and the
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from workers.artifacts.store.store import ArtifactStore
+from workers.catalog.lifecycle.index import CatalogIndex
 
 from infra.settings import Settings
 from schemas.codec import encode_event
@@ -27,8 +30,6 @@ from tests.integration.worker_support import (
     start_worker,
     stop_worker,
 )
-from workers.artifacts import ArtifactStore
-from workers.catalog_index import CatalogIndex
 
 TRAIN, EXPORT = "rollout,reward,update", "export"
 N = 6  # interactions = trainer steps (one group per step); export every 2 -> 3 revisions

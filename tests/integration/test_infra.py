@@ -14,9 +14,10 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from infra import admin, cli, services
+from infra import admin, services
 from infra.settings import REPO_ROOT, Settings
 from infra.topics import PIPELINE_TOPICS, topic_names
+from streams.cli import infra as cli
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration

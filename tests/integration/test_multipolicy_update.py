@@ -15,12 +15,12 @@ import pytest
 from infra.settings import Settings
 from schemas import DeadLetter, InteractionLogged, PolicyUpdated, RolloutGenerated, decode_event
 from schemas.codec import encode_event
+from schemas.errors import PoisonEventError, PolicyFailures
 from schemas.events import Completion, RolloutRewarded
-from streams.agents import Received
+from streams.runner.runner import Received
 from tests.integration.stage_support import in_process_stage
-from workers import stages
-from workers.context import StageContext
-from workers.errors import PoisonEventError, PolicyFailures
+from workers.pipeline import stages
+from workers.pipeline.context import StageContext
 
 BAD_TOKEN = 10**6
 

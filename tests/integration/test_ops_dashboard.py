@@ -23,8 +23,8 @@ from schemas.codec import encode_event
 from schemas.events import AdapterEvaluated, AdapterExported, PolicyPromoted, PolicyUpdated
 from tests.helpers import wait_for
 from tests.integration.ops_helpers import commit, free_port, produce
+from workers.pipeline.state import PolicyState, RevisionPointer
 from workers.serving.assignment import engine_key, register_engine
-from workers.state import PolicyState, RevisionPointer
 
 pytestmark = pytest.mark.integration
 

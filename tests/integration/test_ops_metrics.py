@@ -26,7 +26,7 @@ from schemas.events import (
     PolicyUpdated,
     RolloutGenerated,
 )
-from streams import metrics
+from streams.ops import metrics
 from tests.helpers import wait_for
 from tests.integration.ops_helpers import free_port
 

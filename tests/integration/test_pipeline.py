@@ -24,11 +24,11 @@ from infra.admin import consumer_lag
 from infra.settings import REPO_ROOT, Settings, settings_env
 from schemas import InteractionLogged
 from streams.app import group_id
-from streams.follow import PipelineFollower
-from streams.producer import InteractionProducer
-from streams.watch import tail
+from streams.sdk.follow import PipelineFollower
+from streams.sdk.producer import InteractionProducer
+from streams.sdk.watch import tail
 from tests.helpers import wait_for
-from workers.model import load_base_model
+from workers.models.base import load_base_model
 
 STEPS = 4
 

@@ -21,6 +21,8 @@ import orjson
 import pytest
 import redis
 import safetensors.torch
+from workers.artifacts.store.store import WEIGHTS_FILE, ArtifactStore, adapter_config
+from workers.catalog.lifecycle.index import CatalogIndex
 
 from infra.settings import REPO_ROOT, Settings, settings_env
 from schemas.codec import encode_event
@@ -29,13 +31,11 @@ from tests.helpers import wait_for
 from tests.integration.stage_support import evaluate_with, export_step, promote_guarded
 from tests.integration.worker_support import produce_raw
 from tests.serving_support import make_adapter
-from workers import guards, stages
-from workers.artifacts import WEIGHTS_FILE, ArtifactStore, adapter_config
-from workers.catalog_index import CatalogIndex
-from workers.context import StageContext
-from workers.model import LoraSpec
+from workers.models.base import LoraSpec
+from workers.pipeline import guards, stages
+from workers.pipeline.context import StageContext
+from workers.pipeline.state import PolicyState, RevisionPointer
 from workers.serving.client import SGLangClient, SGLangError
-from workers.state import PolicyState, RevisionPointer
 
 TOKEN = "engine-admin-token"
 

@@ -20,22 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from workers.artifacts.store.store import ArtifactStore
 
 from infra.settings import Settings
 from schemas import DeadLetter, InteractionLogged, RolloutGenerated, decode_event
 from schemas.codec import encode_event
-from streams.agents import Received, StageRunner
+from streams.runner.runner import Received, StageRunner
 from tests.helpers import wait_for, wait_for_async
 from tests.integration.stage_support import in_process_stage
 from tests.integration.worker_support import produce_raw, read_topic, start_worker, stop_worker
 from tests.rollout_support import Calls, stored_revision
 from tests.serving_support import make_adapter
-from workers import stages
-from workers.artifacts import ArtifactStore
-from workers.context import StageContext
+from workers.pipeline import stages
+from workers.pipeline.context import StageContext
+from workers.pipeline.state import PolicyState
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
 from workers.serving.server import ServerThread
-from workers.state import PolicyState
 
 POLICIES = ["p0", "p1", "p2", "base"]
 """p0..p2 sample from exported revisions (adapters), `base` from the bare base."""

@@ -19,9 +19,9 @@ from infra import admin
 from infra.settings import REPO_ROOT, Settings, settings_env
 from schemas.codec import encode_event
 from schemas.events import AdapterEvaluated
-from streams.consumer import EvaluationConsumer
-from streams.producer import InteractionProducer, InvalidInteraction, ProduceError
-from streams.watch import tail
+from streams.sdk.consumer import EvaluationConsumer
+from streams.sdk.producer import InteractionProducer, InvalidInteraction, ProduceError
+from streams.sdk.watch import tail
 from tests.helpers import wait_for
 from tests.integration.ops_helpers import free_port, lorastream
 

@@ -11,19 +11,19 @@ import pytest
 import redis
 import safetensors.torch
 from prometheus_client import REGISTRY
+from workers.artifacts.store.store import WEIGHTS_FILE, ArtifactStore, adapter_config
 
 from infra.settings import Settings
 from tests.helpers import wait_for_async
 from tests.serving_support import base_dir, make_adapter
-from workers.artifacts import WEIGHTS_FILE, ArtifactStore, adapter_config
-from workers.model import LoraSpec
+from workers.models.base import LoraSpec
+from workers.pipeline.state import PolicyState, RevisionPointer
 from workers.serving.assignment import set_pinned
 from workers.serving.client import SGLangClient
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
 from workers.serving.residency import ControllerConfig, Residency, ResidencyController
 from workers.serving.router import AdapterLoadFailed, Router, UnknownPolicyError
 from workers.serving.server import ServerThread
-from workers.state import PolicyState, RevisionPointer
 
 __all__ = ["base_dir"]
 

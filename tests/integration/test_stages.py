@@ -14,10 +14,10 @@ from peft import PeftModel
 
 from infra.settings import Settings
 from schemas import AdapterEvaluated, AdapterExported, InteractionLogged, PolicyUpdated
-from workers import stages
-from workers.context import StageContext
-from workers.errors import PoisonEventError
-from workers.model import load_base_model
+from schemas.errors import PoisonEventError
+from workers.models.base import load_base_model
+from workers.pipeline import stages
+from workers.pipeline.context import StageContext
 
 
 @pytest.fixture

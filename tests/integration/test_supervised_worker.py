@@ -13,9 +13,9 @@ import psutil
 
 from infra.settings import REPO_ROOT, Settings, settings_env
 from loadtests.faults import make_events
+from schemas.ids import derive_id
 from tests.helpers import wait_for
 from tests.integration.worker_support import produce_raw, read_topic
-from workers.ids import derive_id
 
 
 def _children(proc: subprocess.Popen[bytes]) -> list[int]:

@@ -13,7 +13,7 @@ from kafka import KafkaProducer
 from infra.process import stop_child
 from infra.security import kafka_python_config
 from infra.settings import REPO_ROOT, Settings, settings_env
-from streams.watch import tail
+from streams.sdk.watch import tail
 
 
 def start_worker(settings: Settings, stages: str, log: Path) -> subprocess.Popen[bytes]:

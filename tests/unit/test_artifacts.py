@@ -9,17 +9,17 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-
-from workers.artifacts import (
+from workers.artifacts.store.store import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     ArtifactStore,
     adapter_config,
     serialize_tensors,
 )
-from workers.errors import PoisonEventError
-from workers.grpo import PolicyTrainer, TrainGroup
-from workers.model import LoraSpec, load_base_model
+
+from schemas.errors import PoisonEventError
+from workers.models.base import LoraSpec, load_base_model
+from workers.training.grpo import PolicyTrainer, TrainGroup
 
 LORA = LoraSpec(rank=2, alpha=4.0)
 

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+from workers.catalog.lifecycle.lifecycle import (
+    TRANSITIONS,
+    IllegalTransitionError,
+    RetentionPolicy,
+    RevisionState,
+    check_transition,
+    decode_record,
+    fold,
+    offset_ranges,
+    partition_for,
+    retained,
+)
 
 from schemas.catalog import (
     AliasMoved,
@@ -16,19 +28,7 @@ from schemas.catalog import (
     RevisionStateChanged,
 )
 from schemas.codec import encode_event
-from workers.catalog import (
-    TRANSITIONS,
-    IllegalTransitionError,
-    RetentionPolicy,
-    RevisionState,
-    check_transition,
-    decode_record,
-    fold,
-    offset_ranges,
-    partition_for,
-    retained,
-)
-from workers.errors import PoisonEventError
+from schemas.errors import PoisonEventError
 
 SHA = "ab" * 32
 S = RevisionState

@@ -6,8 +6,8 @@ import peft
 import pytest
 import torch
 
-from workers.engine import LocalEngine, Sample
-from workers.model import LoraSpec, load_base_model
+from workers.models.base import LoraSpec, load_base_model
+from workers.reference.sampler import LocalEngine, Sample
 
 PROMPTS = ["Hi", "What is 2+2?", "x"]  # different lengths: exercises left padding
 T = 0.7

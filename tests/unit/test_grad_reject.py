@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from workers.errors import TrainingRejected
-from workers.grpo import TrainGroup
-from workers.model import LoraSpec
-from workers.multitrainer import MultiPolicyTrainer
+from schemas.errors import TrainingRejected
+from workers.models.base import LoraSpec
+from workers.training.grpo import TrainGroup
+from workers.training.multitrainer import MultiPolicyTrainer
 
 LORA = LoraSpec(rank=4, alpha=8.0)
 GROUP = TrainGroup(prompt_ids=[5, 6, 7], completions=[[8, 9], [10]],

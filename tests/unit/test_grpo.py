@@ -5,14 +5,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from workers.artifacts.store.store import ArtifactStore, adapter_config
+from workers.rewards.functions.functions import score_completions
 
+from schemas.errors import TrainingRejected
 from schemas.events import InteractionLogged
-from workers.artifacts import ArtifactStore, adapter_config
-from workers.engine import LocalEngine
-from workers.errors import TrainingRejected
-from workers.grpo import PolicyTrainer, TrainGroup, group_advantages, grpo_loss, token_logps
-from workers.model import LoraSpec
-from workers.rewards import score_completions
+from workers.models.base import LoraSpec
+from workers.reference.sampler import LocalEngine
+from workers.training.grpo import (
+    PolicyTrainer,
+    TrainGroup,
+    group_advantages,
+    grpo_loss,
+    token_logps,
+)
 
 PROMPTS = ["What is 2+2?", "Say hi", "Name a color", "Count to three"]
 

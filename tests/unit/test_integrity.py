@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
+from workers.artifacts.store.store import ArtifactStore
 
 from infra.settings import REPO_ROOT
+from schemas.errors import PoisonEventError
 from schemas.events import InteractionLogged
 from tests.serving_support import base_dir, make_adapter  # noqa: F401  (fixture)
-from workers.artifacts import ArtifactStore
-from workers.errors import PoisonEventError
 from workers.serving.client import SGLangClient, SGLangError
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
 from workers.serving.server import ServerThread
@@ -55,7 +55,7 @@ def test_the_sampler_refuses_an_adapter_that_fails_its_sha256(guarded: ServerThr
                                                                tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from workers.sampling import EngineSampler
+    from workers.serving.sampling import EngineSampler
 
     adapter = make_adapter(base_dir, tmp_path / "b")
     sampler = EngineSampler(SGLangClient(guarded.url, api_key=TOKEN),

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from workers.leanmlp import make_mlps_lean
-from workers.model import LoraSpec, load_base_model
-from workers.moe import build_tiny_moe_model
-from workers.multilora import MultiLora
+from workers.models.base import LoraSpec, load_base_model
+from workers.models.moe import build_tiny_moe_model
+from workers.training.leanmlp import make_mlps_lean
+from workers.training.multilora import MultiLora
 
 ROWS: list[int | None] = [0, 1, None, 0]
 

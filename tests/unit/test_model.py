@@ -5,7 +5,7 @@ from pathlib import Path
 
 from transformers import LlamaForCausalLM
 
-from workers.model import LoraSpec, base_model_hash, build_tiny_model, load_base_model
+from workers.models.base import LoraSpec, base_model_hash, build_tiny_model, load_base_model
 
 ASCII = string.ascii_letters + string.digits + string.punctuation + " \n\t"
 

@@ -8,13 +8,13 @@ import peft
 import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
+from workers.artifacts.store.store import ArtifactStore
 
-from workers.artifacts import ArtifactStore
-from workers.grpo import TrainGroup
-from workers.model import LoraSpec, load_base_model
-from workers.moe import build_tiny_moe_model, multilora_adapter_config
-from workers.multilora import MultiLora
-from workers.multitrainer import MultiPolicyTrainer
+from workers.models.base import LoraSpec, load_base_model
+from workers.models.moe import build_tiny_moe_model, multilora_adapter_config
+from workers.training.grpo import TrainGroup
+from workers.training.multilora import MultiLora
+from workers.training.multitrainer import MultiPolicyTrainer
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_TARGETS = ["experts.gate_up_proj", "experts.down_proj"]

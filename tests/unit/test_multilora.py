@@ -14,8 +14,8 @@ import pytest
 import torch
 from peft import get_peft_model_state_dict
 
-from workers.model import LoraSpec, load_base_model
-from workers.multilora import MultiLora
+from workers.models.base import LoraSpec, load_base_model
+from workers.training.multilora import MultiLora
 
 TARGETS = LoraSpec().target_modules
 ROW_ADAPTERS: list[int | None] = [0, 1, 2, None, 1, 0, 2]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig
 
-from workers.grpo import TrainGroup, _make_batch
-from workers.multipass import concat, pack, token_activation_mb
+from workers.training.grpo import TrainGroup, _make_batch
+from workers.training.multipass import concat, pack, token_activation_mb
 
 
 def test_pack_keeps_order_and_whole_policies_within_the_budget() -> None:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from workers.artifacts.store.store import ArtifactStore, adapter_config
 
-from workers.artifacts import ArtifactStore, adapter_config
-from workers.errors import PoisonEventError, TrainingRejected
-from workers.grpo import PolicyTrainer, StepResult, TrainGroup
-from workers.model import LoraSpec, load_base_model
-from workers.multitrainer import MultiPolicyTrainer
+from schemas.errors import PoisonEventError, TrainingRejected
+from workers.models.base import LoraSpec, load_base_model
+from workers.training.grpo import PolicyTrainer, StepResult, TrainGroup
+from workers.training.multitrainer import MultiPolicyTrainer
 
 PROMPTS = {"a": ["What is 2+2?", "Say hi"], "b": ["Name a color"],
            "c": ["Count to three", "Why?", "ok"]}

@@ -3,11 +3,11 @@ from __future__ import annotations
 import math
 
 import pytest
+from workers.rewards.functions.functions import score_completions
 
+from schemas.errors import PoisonEventError
 from schemas.events import InteractionLogged
-from workers import rewards
-from workers.errors import PoisonEventError
-from workers.rewards import score_completions
+from workers.rewards.functions import functions as rewards
 
 
 def interaction(**kw: object) -> InteractionLogged:

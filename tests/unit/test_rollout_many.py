@@ -13,20 +13,20 @@ from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
+from workers.artifacts.store.store import ArtifactStore
 
 from infra.settings import Settings
+from schemas.errors import EventFailures, PoisonEventError
 from schemas.events import InteractionLogged, RolloutGenerated
 from tests.rollout_support import Calls, stored_revision
 from tests.serving_support import base_dir, make_adapter  # noqa: F401  (fixture)
-from workers import stages
-from workers.artifacts import ArtifactStore
-from workers.context import StageContext
-from workers.errors import EventFailures, PoisonEventError
-from workers.sampling import EngineSampler, Sample, SampleRequest
+from workers.pipeline import stages
+from workers.pipeline.context import StageContext
+from workers.pipeline.state import BASE, RevisionPointer
 from workers.serving.client import SGLangClient, SGLangError
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
+from workers.serving.sampling import EngineSampler, Sample, SampleRequest
 from workers.serving.server import ServerThread
-from workers.state import BASE, RevisionPointer
 
 TOKEN = "rollout-test-token"
 LOGPROB_TOL = 1e-4

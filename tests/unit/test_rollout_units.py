@@ -8,8 +8,8 @@ import asyncio
 from typing import Any
 
 from schemas.events import InteractionLogged
-from streams import rollout_units
-from streams.rollout_units import take_unit, unit_capacity
+from workers.pipeline import units as rollout_units
+from workers.pipeline.units import take_unit, unit_capacity
 
 Item = tuple[Any, InteractionLogged]
 

@@ -20,8 +20,8 @@ from schemas import (
     decode_event,
     encode_event,
 )
+from schemas.errors import PoisonEventError
 from schemas.events import json_schemas
-from workers.errors import PoisonEventError
 
 SHA = "ab" * 32
 
@@ -115,7 +115,7 @@ def test_json_schemas_cover_every_event() -> None:
 
 def test_committed_json_schemas_are_current(tmp_path: Path) -> None:
     """Producers in other languages validate against schemas/json: it must not drift."""
-    from streams.cli import main
+    from streams.cli.main import main
 
     assert main(["schemas", "--out", str(tmp_path)]) == 0
     committed = Path(__file__).resolve().parents[2] / "schemas" / "json"

@@ -21,7 +21,7 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from infra import admin
 from infra.security import aiokafka_config, faust_credentials, kafka_python_config
 from infra.settings import Settings
-from streams.producer import kafka_client_config
+from streams.sdk.producer import kafka_client_config
 
 
 @pytest.fixture(scope="module")

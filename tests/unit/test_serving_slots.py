@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 from tests.serving_support import base_dir, make_adapter
-from workers.model import load_base_model
+from workers.models.base import load_base_model
 from workers.serving.sampler import RowRequest, SlotSampler
 from workers.serving.slots import WEIGHTS_FILE, AdapterFormatError, SlotLora
 

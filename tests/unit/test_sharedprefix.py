@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from workers.grpo import TrainGroup, _make_batch
-from workers.model import LoraSpec
-from workers.multipass import concat
-from workers.multitrainer import MultiPolicyTrainer
-from workers.sharedprefix import packed_shape, share_prefixes
+from workers.models.base import LoraSpec
+from workers.training.grpo import TrainGroup, _make_batch
+from workers.training.multipass import concat
+from workers.training.multitrainer import MultiPolicyTrainer
+from workers.training.sharedprefix import packed_shape, share_prefixes
 
 
 def _group(prompt: list[int], completions: list[list[int]]) -> TrainGroup:

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from schemas.events import PolicyUpdated
-from workers.grpo import TrainGroup
-from workers.model import LoraSpec
-from workers.multitrainer import MultiPolicyTrainer
-from workers.step_journal import JOURNAL_FILE, StepJournal
+from workers.models.base import LoraSpec
+from workers.pipeline.journal import JOURNAL_FILE, StepJournal
+from workers.training.grpo import TrainGroup
+from workers.training.multitrainer import MultiPolicyTrainer
 
 LORA = LoraSpec(rank=4, alpha=8.0)
 GROUP = TrainGroup(prompt_ids=[5, 6, 7], completions=[[8, 9], [10]],

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from workers.model import LoraSpec
+from workers.models.base import LoraSpec
 from workers.serving.registry import AdapterRef, AdapterRegistry, RegistryError
 from workers.serving.sampler import RowRequest, RowResult, SlotSampler
 

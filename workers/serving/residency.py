@@ -29,11 +29,11 @@ from typing import Any
 import redis
 
 from infra.settings import Settings
-from streams import metrics
-from workers.artifacts import ArtifactStore
+from streams.ops import metrics
+from workers.artifacts.store.store import ArtifactStore
+from workers.pipeline.state import PolicyState
 from workers.serving.assignment import assign_hot_set, engine_key, register_engine
 from workers.serving.client import AsyncSGLangClient, SGLangError
-from workers.state import PolicyState
 
 log = logging.getLogger(__name__)
 

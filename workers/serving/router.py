@@ -26,11 +26,11 @@ from typing import Any, cast
 import redis
 
 from infra.settings import Settings
-from workers.errors import LorastreamError
+from schemas.errors import LorastreamError
+from workers.pipeline.state import serve_name
 from workers.serving.assignment import engine_key, live_engines, rank_engines
 from workers.serving.client import AsyncSGLangClient, Generation, SGLangError
 from workers.serving.residency import Residency
-from workers.state import serve_name
 
 MAX_POLL_S = 0.2
 

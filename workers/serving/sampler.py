@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from workers.model import LoraSpec, load_base_model
+from workers.models.base import LoraSpec, load_base_model
 from workers.serving.slots import SlotLora
 
 

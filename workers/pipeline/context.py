@@ -1,0 +1,148 @@
+"""What a stage needs besides its input event, built once per process.
+
+The heavy parts (base model in the engine, the trainer) are created on first use, so a process
+that runs only cheap stages (reward, promote) never loads a model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from infra.settings import Settings
+from schemas.events import SourcePosition
+from workers.pipeline.state import PolicyState, RevisionPointer, serve_name
+
+if TYPE_CHECKING:
+    from workers.artifacts.store.store import ArtifactStore
+    from workers.catalog.lifecycle.writer import Catalog
+    from workers.models.base import LoraSpec
+    from workers.serving.sampling import EmbeddedEngine, EngineSampler
+    from workers.training.multitrainer import MultiPolicyTrainer
+
+
+@dataclass
+class StageContext:
+    """Per-process dependencies of the stage functions."""
+
+    settings: Settings
+    state: PolicyState
+    _engine: EngineSampler | None = field(default=None, repr=False)
+    _embedded: EmbeddedEngine | None = field(default=None, repr=False)
+    _trainer: MultiPolicyTrainer | None = field(default=None, repr=False)
+    _store: ArtifactStore | None = field(default=None, repr=False)
+    _catalog: Catalog | None = field(default=None, repr=False)
+    _sources: dict[str, SourcePosition] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def create(cls, settings: Settings) -> StageContext:
+        return cls(settings=settings, state=PolicyState(settings))
+
+    @property
+    def base_path(self) -> Path:
+        if self.settings.base_model is None:
+            raise RuntimeError("no base model configured: set LORASTREAM_BASE_MODEL")
+        return self.settings.base_model
+
+    @property
+    def lora(self) -> LoraSpec:
+        from workers.models.base import LoraSpec
+
+        return LoraSpec(rank=self.settings.lora_rank, alpha=self.settings.lora_alpha)
+
+    @property
+    def store(self) -> ArtifactStore:
+        with self._lock:
+            if self._store is None:
+                from workers.artifacts.store.store import ArtifactStore
+
+                self._store = ArtifactStore(self.settings.artifacts)
+            return self._store
+
+    def note_source(self, event_id: str, topic: str | None, partition: int | None,
+                    offset: int | None) -> None:
+        """The agent notes where an input came from, so a stage can record provenance."""
+        if topic is not None and partition is not None and offset is not None:
+            self._sources[event_id] = SourcePosition(topic=topic, partition=partition,
+                                                     offset=offset)
+
+    def source_of(self, event_id: str) -> SourcePosition | None:
+        return self._sources.get(event_id)
+
+    def forget_sources(self, event_ids: Iterable[str]) -> None:
+        for event_id in event_ids:
+            self._sources.pop(event_id, None)
+
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog writer (revisions, evaluations, aliases), sharing this process's Redis."""
+        with self._lock:
+            if self._catalog is None:
+                from workers.catalog.lifecycle.writer import Catalog
+
+                self._catalog = Catalog(self.settings, self.state.r)
+            return self._catalog
+
+    @property
+    def engine(self) -> EngineSampler:
+        """Sampling through SGLang's HTTP API: `engine_url`, or an embedded CPU engine."""
+        with self._lock:
+            if self._engine is None:
+                from workers.serving.sampling import EmbeddedEngine, EngineSampler
+
+                url = self.settings.engine_url
+                secret = self.settings.engine_admin_token
+                token = secret.get_secret_value() if secret else None
+                if url is None:
+                    s = self.settings
+                    self._embedded = EmbeddedEngine(
+                        self.base_path, max_loaded_loras=s.engine_max_loaded,
+                        max_lora_rank=max(8, s.lora_rank),
+                        target_modules=self.lora.target_modules, admin_token=token,
+                        num_threads=s.engine_threads or None,
+                    )
+                    url, token = self._embedded.url, self._embedded.admin_token
+                self._engine = EngineSampler.connect(url, self.base_path, token)
+            return self._engine
+
+    def close(self) -> None:
+        """Stop what this context started (the embedded engine's server thread)."""
+        if self._embedded is not None:
+            self._embedded.stop()
+            self._embedded = None
+
+    @property
+    def trainer(self) -> MultiPolicyTrainer:
+        """All policies share one base and train in batched multi-policy steps."""
+        with self._lock:
+            if self._trainer is None:
+                from workers.training.multitrainer import MultiPolicyTrainer
+
+                s = self.settings
+                self._trainer = MultiPolicyTrainer(
+                    self.base_path,
+                    self.lora,
+                    lr=s.learning_rate,
+                    clip_eps=s.clip_eps,
+                    kl_beta=s.kl_beta,
+                    temperature=s.temperature,
+                    seed=s.seed,
+                    max_grad_norm_reject=s.max_grad_norm_reject,
+                )
+            return self._trainer
+
+    def adapter_for(self, policy_id: str, rev: RevisionPointer) -> str | None:
+        """Make sure the engine holds this revision; return its serve name (None = base)."""
+        if rev.is_base:
+            return None
+        name = serve_name(policy_id, rev.revision)
+        if rev.sha256 is None:
+            raise KeyError(f"revision {name} has no artifact")
+        sha = rev.sha256
+        self.engine.ensure_adapter(name, self.store.adapter_path(sha),
+                                   verify=lambda: self.store.verify(sha))
+        return name

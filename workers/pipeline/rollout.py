@@ -1,0 +1,164 @@
+"""The rollout stage: training interactions of many policies sampled in one engine pass.
+
+`rollout_many` is what the stream calls with a unit of interactions (workers/pipeline/units.py
+forms the units); `rollout` is its one-event form. Both live in `workers.pipeline.stages` too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel
+
+from schemas.errors import EventFailures, PoisonEventError, RetryableError
+from schemas.events import Completion, InteractionLogged, RolloutGenerated
+from schemas.ids import derive_id, derive_seed
+from workers.pipeline.context import StageContext
+
+if TYPE_CHECKING:
+    from workers.serving.sampling import Sample
+
+log = logging.getLogger(__name__)
+
+
+def rollout(ctx: StageContext, interaction: InteractionLogged) -> list[BaseModel]:
+    """Sample G completions from the policy's training head; held-out prompts are only stored.
+
+    The one-event form of `rollout_many`: the same code, ids and samples (a lone failure is
+    raised as is, not wrapped in `EventFailures`).
+    """
+    return rollout_many(ctx, [interaction])
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A training interaction ready to sample: the head revision it samples from, and the
+    engine's name for that revision's adapter (None: the bare base)."""
+
+    interaction: InteractionLogged
+    revision: int
+    adapter: str | None
+
+
+def rollout_many(ctx: StageContext,
+                 interactions: Sequence[InteractionLogged]) -> list[BaseModel]:
+    """Sample every training interaction of `interactions` (any mix of policies) in ONE engine
+    call; store the held-out ones. One `RolloutGenerated` per training interaction, in order.
+
+    Each interaction samples from its own policy's training head with its own derived seed, so
+    its rollout (ids, revision, samples) is what `rollout` gives it alone: batching is only a
+    transport decision. Rows of different adapters share the engine's forwards, which is why
+    the stream hands this whole units of interactions.
+
+    Failures are per interaction: an unknown reward function (or a policy whose head cannot be
+    loaded) fails only its own interactions, raised as `EventFailures` with the others'
+    rollouts, so the runner sends those and dead-letters just the failed ones. A transient
+    failure (`RetryableError`) fails the whole call: nothing was sent, and a retry samples the
+    same rows again.
+    """
+    failures: dict[str, Exception] = {}
+    heads: dict[str, tuple[int, str | None] | Exception] = {}
+    planned: list[_Planned] = []
+    for interaction in interactions:
+        try:
+            p = _plan_rollout(ctx, interaction, heads)
+        except RetryableError:
+            raise
+        except Exception as exc:
+            failures[interaction.event_id] = exc
+            continue
+        if p is not None:
+            planned.append(p)
+    samples = _sample_planned(ctx, planned, failures)
+    outputs: list[BaseModel] = [_rollout_event(ctx, p, samples[p.interaction.event_id])
+                                for p in planned if p.interaction.event_id in samples]
+    if failures and len(interactions) == 1:
+        raise next(iter(failures.values()))
+    if failures:
+        raise EventFailures(outputs, failures)
+    return outputs
+
+
+def _plan_rollout(ctx: StageContext, interaction: InteractionLogged,
+                  heads: dict[str, tuple[int, str | None] | Exception]) -> _Planned | None:
+    """Check one interaction, store it if held out, else resolve its policy's head adapter
+    (once per policy per call: `heads` caches the revision, or the error every one of that
+    policy's interactions then fails with)."""
+    from workers.rewards.functions.functions import REWARD_FUNCTIONS
+
+    if interaction.task not in REWARD_FUNCTIONS:
+        known = ", ".join(sorted(REWARD_FUNCTIONS))
+        raise PoisonEventError(f"unknown reward function {interaction.task!r}; known: {known}")
+    if interaction.split == "eval":
+        ctx.state.add_heldout(interaction)
+        return None
+    policy = interaction.policy_id
+    if policy not in heads:
+        try:
+            head = ctx.state.head(policy)
+            heads[policy] = (head.revision, ctx.adapter_for(policy, head))
+        except RetryableError:
+            raise
+        except Exception as exc:
+            heads[policy] = exc
+    resolved = heads[policy]
+    if isinstance(resolved, Exception):
+        raise resolved
+    return _Planned(interaction, *resolved)
+
+
+def _sample_planned(ctx: StageContext, planned: list[_Planned],
+                    failures: dict[str, Exception]) -> dict[str, list[Sample]]:
+    """Every planned interaction's G samples by event id, from one `generate_many` call.
+
+    If the engine refuses the mixed call (not a transient failure), each adapter's rows are
+    asked for on their own, so an adapter the engine cannot serve fails only its policy's
+    interactions (recorded in `failures`), never its batch-mates'. That costs extra calls only
+    on the failure path.
+    """
+    from workers.serving.sampling import SampleRequest
+
+    if not planned:
+        return {}
+    s = ctx.settings
+    requests = [SampleRequest(p.interaction.prompt, p.adapter, derive_seed(p.interaction.event_id))
+                for p in planned]
+    try:
+        groups = ctx.engine.generate_many(requests, n=s.group_size,
+                                          max_new_tokens=s.max_new_tokens,
+                                          temperature=s.temperature)
+        return {p.interaction.event_id: g for p, g in zip(planned, groups, strict=True)}
+    except RetryableError:
+        raise
+    except Exception as exc:
+        by_adapter: dict[str | None, list[_Planned]] = {}
+        for p in planned:
+            by_adapter.setdefault(p.adapter, []).append(p)
+        if len(by_adapter) == 1:
+            failures.update({p.interaction.event_id: exc for p in planned})
+            return {}
+        log.warning("engine refused a batch of %d adapters (%s); sampling each on its own",
+                    len(by_adapter), exc)
+        out: dict[str, list[Sample]] = {}
+        for group in by_adapter.values():
+            out.update(_sample_planned(ctx, group, failures))
+        return out
+
+
+def _rollout_event(ctx: StageContext, p: _Planned, samples: list[Sample]) -> RolloutGenerated:
+    """The rollout of one interaction; its id is derived from the interaction's, so a
+    redelivered interaction gives the same id and the reward stage drops the copy."""
+    interaction = p.interaction
+    return RolloutGenerated(
+        event_id=derive_id("rollout", interaction.event_id),
+        policy_id=interaction.policy_id,
+        interaction=interaction,
+        revision=p.revision,
+        prompt_ids=ctx.engine.encode(interaction.prompt),
+        completions=[Completion(text=x.text, token_ids=x.token_ids, logprobs=x.logprobs,
+                                finished=x.finished) for x in samples],
+        temperature=ctx.settings.temperature,
+    )
