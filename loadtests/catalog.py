@@ -28,9 +28,6 @@ from typing import Any, cast
 
 import orjson
 import redis
-from workers.catalog.lifecycle.index import CatalogIndex
-from workers.catalog.lifecycle.lifecycle import RevisionState, check_transition, partition_for
-from workers.catalog.lifecycle.log import rebuild
 
 from infra import admin
 from infra.settings import Settings
@@ -45,6 +42,9 @@ from schemas.catalog import (
     RevisionRecorded,
     RevisionStateChanged,
 )
+from workers.catalog.index import CatalogIndex
+from workers.catalog.lifecycle import RevisionState, check_transition, partition_for
+from workers.catalog.log import rebuild
 
 BATCH_POLICIES = 2000
 BASE_HASH = "5e" * 32

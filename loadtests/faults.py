@@ -34,7 +34,6 @@ from typing import Any
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from workers.rewards.functions.functions import score_completions
 
 from infra import admin
 from infra.security import kafka_python_config
@@ -44,6 +43,7 @@ from schemas.codec import encode_event
 from schemas.events import Completion, InteractionLogged, RolloutGenerated
 from schemas.ids import derive_id
 from streams.app import group_id
+from workers.rewards.functions import score_completions
 
 CHUNK = 2000
 SCHEDULE = ((0.2, "worker"), (0.4, "broker"), (0.6, "redis"), (0.8, "worker"))

@@ -37,9 +37,9 @@ from typing import TypeVar
 
 import peft
 import torch
-from workers.artifacts.store.store import ArtifactStore, adapter_config, fsync_path
 
 from loadtests._smollm2 import smollm2_dir
+from workers.artifacts.store import ArtifactStore, adapter_config, fsync_path
 from workers.models.base import LoraSpec, load_base_model
 from workers.serving.client import SGLangClient
 from workers.serving.cpu_engine import CpuEngine, EngineConfig

@@ -29,9 +29,9 @@ import numpy as np
 import peft
 import redis
 import torch
-from workers.artifacts.store.store import ArtifactStore, adapter_config
 
 from infra.settings import Settings
+from workers.artifacts.store import ArtifactStore, adapter_config
 from workers.models.base import LoraSpec, build_tiny_model, load_base_model
 from workers.pipeline.state import PolicyState, RevisionPointer
 from workers.serving.client import AsyncSGLangClient

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file
-from workers.artifacts.store.store import ArtifactStore
 
+from workers.artifacts.store import ArtifactStore
 from workers.pipeline.state import RevisionPointer
 from workers.serving.client import SGLangClient, SGLangError
 

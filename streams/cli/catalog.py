@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from workers.catalog.lifecycle.index import CatalogIndex, PolicyEntry
 
 from infra.settings import Settings
+from workers.catalog.index import CatalogIndex, PolicyEntry
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -102,7 +102,7 @@ def _entry_or_fail(settings: Settings, policy_id: str) -> PolicyEntry | None:
 
 
 def cmd_policy_show(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.catalog.lifecycle.read import identity_of
+    from workers.catalog.read import identity_of
 
     entry = _entry_or_fail(settings, args.policy_id)
     if entry is None:
@@ -127,7 +127,7 @@ def cmd_policy_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_revisions(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.catalog.lifecycle.read import revisions_of
+    from workers.catalog.read import revisions_of
 
     entry = _entry_or_fail(settings, args.policy_id)
     if entry is None:
@@ -160,8 +160,8 @@ def cmd_revisions(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.catalog.lifecycle.lifecycle import IllegalTransitionError
-    from workers.catalog.lifecycle.writer import Catalog, CatalogError
+    from workers.catalog.lifecycle import IllegalTransitionError
+    from workers.catalog.writer import Catalog, CatalogError
 
     catalog = Catalog(settings)
     try:
@@ -178,7 +178,7 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.catalog.lifecycle.log import rebuild
+    from workers.catalog.log import rebuild
 
     report = rebuild(settings, working_set=not args.no_working_set)
     _out(args, report.as_dict(),
@@ -189,9 +189,9 @@ def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.catalog.lifecycle.gc import collect
-    from workers.catalog.lifecycle.lifecycle import RetentionPolicy
-    from workers.catalog.lifecycle.writer import Catalog
+    from workers.catalog.gc import collect
+    from workers.catalog.lifecycle import RetentionPolicy
+    from workers.catalog.writer import Catalog
 
     catalog = Catalog(settings)
     try:

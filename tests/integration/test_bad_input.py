@@ -16,13 +16,13 @@ from typing import Any
 
 import orjson
 import pytest
-from workers.catalog.lifecycle.writer import Catalog
 
 from infra.settings import Settings
 from schemas.catalog import LoraConfig
 from schemas.events import MAX_PROMPT_CHARS
 from tests.helpers import wait_for
 from tests.integration.worker_support import produce_raw, read_topic, start_worker, stop_worker
+from workers.catalog.writer import Catalog
 
 GOOD = {"policy_id": "alice", "prompt": "hi?", "task": "length",
         "task_params": {"target_chars": 0}}

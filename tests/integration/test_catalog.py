@@ -10,20 +10,20 @@ import orjson
 import pytest
 import redis
 import torch
-from workers.artifacts.store.store import ArtifactStore
-from workers.catalog.lifecycle.gc import collect
-from workers.catalog.lifecycle.lifecycle import (
-    IllegalTransitionError,
-    RetentionPolicy,
-    RevisionState,
-)
-from workers.catalog.lifecycle.read import revisions_of
-from workers.catalog.lifecycle.writer import Catalog, CatalogError
 
 from infra.settings import Settings, settings_env
 from schemas.catalog import LoraConfig, Provenance, RevisionEvaluated
 from streams.cli.main import main
 from streams.sdk.watch import tail
+from workers.artifacts.store import ArtifactStore
+from workers.catalog.gc import collect
+from workers.catalog.lifecycle import (
+    IllegalTransitionError,
+    RetentionPolicy,
+    RevisionState,
+)
+from workers.catalog.read import revisions_of
+from workers.catalog.writer import Catalog, CatalogError
 from workers.pipeline.state import PolicyState, RevisionPointer
 
 BASE_HASH = "cd" * 32

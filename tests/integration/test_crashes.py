@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from workers.artifacts.store.store import ArtifactStore
-from workers.catalog.lifecycle.index import CatalogIndex
 
 from infra.settings import Settings
 from schemas.codec import encode_event
@@ -30,6 +28,8 @@ from tests.integration.worker_support import (
     start_worker,
     stop_worker,
 )
+from workers.artifacts.store import ArtifactStore
+from workers.catalog.index import CatalogIndex
 
 TRAIN, EXPORT = "rollout,reward,update", "export"
 N = 6  # interactions = trainer steps (one group per step); export every 2 -> 3 revisions

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from workers.catalog.lifecycle.index import CatalogIndex
 
 from infra.settings import REPO_ROOT, Settings, settings_env
 from schemas.codec import encode_event
@@ -32,6 +31,7 @@ from schemas.events import (
 from tests.helpers import wait_for
 from tests.integration.stage_support import evaluate_with, export_step, promote_guarded
 from tests.integration.worker_support import produce_raw, read_topic, start_worker, stop_worker
+from workers.catalog.index import CatalogIndex
 from workers.pipeline import guards
 from workers.pipeline.context import StageContext
 

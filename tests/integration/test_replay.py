@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from workers.catalog.lifecycle.index import CatalogIndex
 
 from infra.settings import Settings
 from schemas.codec import encode_event
@@ -27,6 +26,7 @@ from tests.integration.worker_support import (
     start_worker,
     stop_worker,
 )
+from workers.catalog.index import CatalogIndex
 
 STAGES = "rollout,reward,update,export"
 STAGE_LIST = STAGES.split(",")

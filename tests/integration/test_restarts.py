@@ -21,8 +21,6 @@ import orjson
 import pytest
 import redis
 import safetensors.torch
-from workers.artifacts.store.store import WEIGHTS_FILE, ArtifactStore, adapter_config
-from workers.catalog.lifecycle.index import CatalogIndex
 
 from infra.settings import REPO_ROOT, Settings, settings_env
 from schemas.codec import encode_event
@@ -31,6 +29,8 @@ from tests.helpers import wait_for
 from tests.integration.stage_support import evaluate_with, export_step, promote_guarded
 from tests.integration.worker_support import produce_raw
 from tests.serving_support import make_adapter
+from workers.artifacts.store import WEIGHTS_FILE, ArtifactStore, adapter_config
+from workers.catalog.index import CatalogIndex
 from workers.models.base import LoraSpec
 from workers.pipeline import guards, stages
 from workers.pipeline.context import StageContext

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from workers.artifacts.store.store import ArtifactStore
 
 from infra.settings import Settings
 from schemas import DeadLetter, InteractionLogged, RolloutGenerated, decode_event
@@ -31,6 +30,7 @@ from tests.integration.stage_support import in_process_stage
 from tests.integration.worker_support import produce_raw, read_topic, start_worker, stop_worker
 from tests.rollout_support import Calls, stored_revision
 from tests.serving_support import make_adapter
+from workers.artifacts.store import ArtifactStore
 from workers.pipeline import stages
 from workers.pipeline.context import StageContext
 from workers.pipeline.state import PolicyState

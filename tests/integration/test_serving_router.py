@@ -11,11 +11,11 @@ import pytest
 import redis
 import safetensors.torch
 from prometheus_client import REGISTRY
-from workers.artifacts.store.store import WEIGHTS_FILE, ArtifactStore, adapter_config
 
 from infra.settings import Settings
 from tests.helpers import wait_for_async
 from tests.serving_support import base_dir, make_adapter
+from workers.artifacts.store import WEIGHTS_FILE, ArtifactStore, adapter_config
 from workers.models.base import LoraSpec
 from workers.pipeline.state import PolicyState, RevisionPointer
 from workers.serving.assignment import set_pinned

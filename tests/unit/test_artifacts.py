@@ -9,15 +9,15 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-from workers.artifacts.store.store import (
+
+from schemas.errors import PoisonEventError
+from workers.artifacts.store import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     ArtifactStore,
     adapter_config,
     serialize_tensors,
 )
-
-from schemas.errors import PoisonEventError
 from workers.models.base import LoraSpec, load_base_model
 from workers.training.grpo import PolicyTrainer, TrainGroup
 

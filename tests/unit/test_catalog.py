@@ -4,18 +4,6 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
-from workers.catalog.lifecycle.lifecycle import (
-    TRANSITIONS,
-    IllegalTransitionError,
-    RetentionPolicy,
-    RevisionState,
-    check_transition,
-    decode_record,
-    fold,
-    offset_ranges,
-    partition_for,
-    retained,
-)
 
 from schemas.catalog import (
     AliasMoved,
@@ -29,6 +17,18 @@ from schemas.catalog import (
 )
 from schemas.codec import encode_event
 from schemas.errors import PoisonEventError
+from workers.catalog.lifecycle import (
+    TRANSITIONS,
+    IllegalTransitionError,
+    RetentionPolicy,
+    RevisionState,
+    check_transition,
+    decode_record,
+    fold,
+    offset_ranges,
+    partition_for,
+    retained,
+)
 
 SHA = "ab" * 32
 S = RevisionState

@@ -3,12 +3,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from workers.rewards.functions.functions import score_completions
 
 from schemas.events import InteractionLogged
 from tests.unit.test_engine import export_random_adapter
 from workers.pipeline.evaluate import evaluate_adapter
 from workers.reference.sampler import LocalEngine
+from workers.rewards.functions import score_completions
 
 HELDOUT = [
     InteractionLogged(policy_id="p", prompt="2+2=", task="reference", reference="4",

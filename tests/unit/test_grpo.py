@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from workers.artifacts.store.store import ArtifactStore, adapter_config
-from workers.rewards.functions.functions import score_completions
 
 from schemas.errors import TrainingRejected
 from schemas.events import InteractionLogged
+from workers.artifacts.store import ArtifactStore, adapter_config
 from workers.models.base import LoraSpec
 from workers.reference.sampler import LocalEngine
+from workers.rewards.functions import score_completions
 from workers.training.grpo import (
     PolicyTrainer,
     TrainGroup,

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from workers.artifacts.store.store import ArtifactStore
 
 from infra.settings import REPO_ROOT
 from schemas.errors import PoisonEventError
 from schemas.events import InteractionLogged
 from tests.serving_support import base_dir, make_adapter  # noqa: F401  (fixture)
+from workers.artifacts.store import ArtifactStore
 from workers.serving.client import SGLangClient, SGLangError
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
 from workers.serving.server import ServerThread

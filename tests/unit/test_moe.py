@@ -8,8 +8,8 @@ import peft
 import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
-from workers.artifacts.store.store import ArtifactStore
 
+from workers.artifacts.store import ArtifactStore
 from workers.models.base import LoraSpec, load_base_model
 from workers.models.moe import build_tiny_moe_model, multilora_adapter_config
 from workers.training.grpo import TrainGroup

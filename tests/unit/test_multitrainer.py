@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from workers.artifacts.store.store import ArtifactStore, adapter_config
 
 from schemas.errors import PoisonEventError, TrainingRejected
+from workers.artifacts.store import ArtifactStore, adapter_config
 from workers.models.base import LoraSpec, load_base_model
 from workers.training.grpo import PolicyTrainer, StepResult, TrainGroup
 from workers.training.multitrainer import MultiPolicyTrainer

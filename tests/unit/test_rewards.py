@@ -3,11 +3,11 @@ from __future__ import annotations
 import math
 
 import pytest
-from workers.rewards.functions.functions import score_completions
 
 from schemas.errors import PoisonEventError
 from schemas.events import InteractionLogged
-from workers.rewards.functions import functions as rewards
+from workers.rewards import functions as rewards
+from workers.rewards.functions import score_completions
 
 
 def interaction(**kw: object) -> InteractionLogged:

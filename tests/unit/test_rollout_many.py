@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
-from workers.artifacts.store.store import ArtifactStore
 
 from infra.settings import Settings
 from schemas.errors import EventFailures, PoisonEventError
 from schemas.events import InteractionLogged, RolloutGenerated
 from tests.rollout_support import Calls, stored_revision
 from tests.serving_support import base_dir, make_adapter  # noqa: F401  (fixture)
+from workers.artifacts.store import ArtifactStore
 from workers.pipeline import stages
 from workers.pipeline.context import StageContext
 from workers.pipeline.state import BASE, RevisionPointer

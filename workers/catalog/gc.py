@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from schemas.catalog import ArtifactCollected
-from workers.catalog.lifecycle.index import PolicyEntry
-from workers.catalog.lifecycle.lifecycle import RetentionPolicy, retained
-from workers.catalog.lifecycle.writer import Catalog
+from workers.catalog.index import PolicyEntry
+from workers.catalog.lifecycle import RetentionPolicy, retained
+from workers.catalog.writer import Catalog
 
 ORPHAN_GRACE_S = 3600.0
 

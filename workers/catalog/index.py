@@ -28,7 +28,7 @@ import orjson
 import redis
 
 from infra.settings import Settings
-from workers.catalog.lifecycle.lifecycle import RevisionState
+from workers.catalog.lifecycle import RevisionState
 
 _REV = struct.Struct("<32sQIIQ")  # sha256, size_bytes, step, parent, offset
 _PTR = struct.Struct("<HQ")  # partition, offset

@@ -21,7 +21,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from infra.admin import client_config
 from infra.settings import Settings
-from workers.catalog.lifecycle.index import CatalogIndex
+from workers.catalog.index import CatalogIndex
 
 PIPELINE_BATCH = 20_000
 
@@ -82,7 +82,7 @@ def rebuild(settings: Settings, index: CatalogIndex | None = None, *, working_se
     report = RebuildReport(deleted_keys=index.delete_all())
     asyncio.run(_refold(settings, index, report, progress or _stderr))
     if working_set:
-        from workers.catalog.lifecycle.writer import restore_working_set
+        from workers.catalog.writer import restore_working_set
         from workers.pipeline.replay import replay_heldout, replay_pauses
 
         report.policies = restore_working_set(settings, index)

@@ -20,7 +20,7 @@ import redis
 from infra.settings import Settings
 from schemas.catalog import Provenance, RewardFnRef
 from schemas.events import PolicyUpdated
-from workers.catalog.lifecycle.lifecycle import offset_ranges
+from workers.catalog.lifecycle import offset_ranges
 
 HYPERPARAMETERS = ("group_size", "max_new_tokens", "temperature", "learning_rate", "lora_rank",
                    "lora_alpha", "kl_beta", "clip_eps", "export_every", "max_in_flight", "seed",

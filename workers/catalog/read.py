@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 
 from infra.settings import Settings
-from workers.catalog.lifecycle.index import PolicyEntry
-from workers.catalog.lifecycle.log import fetch_at
+from workers.catalog.index import PolicyEntry
+from workers.catalog.log import fetch_at
 
 
 def _fetch(settings: Settings, entry: PolicyEntry, offsets: list[int]) -> dict[int, dict]:

@@ -35,8 +35,8 @@ from schemas.catalog import (
 from schemas.codec import encode_event
 from schemas.events import Event, PolicyRolledBack
 from schemas.ids import derive_id
-from workers.catalog.lifecycle.index import CatalogIndex, PolicyEntry
-from workers.catalog.lifecycle.lifecycle import (
+from workers.catalog.index import CatalogIndex, PolicyEntry
+from workers.catalog.lifecycle import (
     IllegalTransitionError,
     RevisionState,
     check_transition,

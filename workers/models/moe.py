@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from workers.artifacts.store.store import adapter_config
+from workers.artifacts.store import adapter_config
 from workers.models.base import LoraSpec, _char_tokenizer, build_model_dir
 from workers.training.multilora import MultiLora
 

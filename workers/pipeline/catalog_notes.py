@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 from schemas.catalog import LoraConfig, RevisionEvaluated
 from schemas.events import AdapterEvaluated, PolicyUpdated
 from schemas.ids import derive_id
-from workers.catalog.lifecycle.lifecycle import IllegalTransitionError, RevisionState
-from workers.catalog.lifecycle.provenance import StepLog, build_provenance, cached_base_hash
+from workers.catalog.lifecycle import IllegalTransitionError, RevisionState
+from workers.catalog.provenance import StepLog, build_provenance, cached_base_hash
 
 if TYPE_CHECKING:
-    from workers.artifacts.store.store import ArtifactRef
+    from workers.artifacts.store import ArtifactRef
     from workers.pipeline.context import StageContext
 
 log = logging.getLogger(__name__)

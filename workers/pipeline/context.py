@@ -17,8 +17,8 @@ from schemas.events import SourcePosition
 from workers.pipeline.state import PolicyState, RevisionPointer, serve_name
 
 if TYPE_CHECKING:
-    from workers.artifacts.store.store import ArtifactStore
-    from workers.catalog.lifecycle.writer import Catalog
+    from workers.artifacts.store import ArtifactStore
+    from workers.catalog.writer import Catalog
     from workers.models.base import LoraSpec
     from workers.serving.sampling import EmbeddedEngine, EngineSampler
     from workers.training.multitrainer import MultiPolicyTrainer
@@ -58,7 +58,7 @@ class StageContext:
     def store(self) -> ArtifactStore:
         with self._lock:
             if self._store is None:
-                from workers.artifacts.store.store import ArtifactStore
+                from workers.artifacts.store import ArtifactStore
 
                 self._store = ArtifactStore(self.settings.artifacts)
             return self._store
@@ -82,7 +82,7 @@ class StageContext:
         """The catalog writer (revisions, evaluations, aliases), sharing this process's Redis."""
         with self._lock:
             if self._catalog is None:
-                from workers.catalog.lifecycle.writer import Catalog
+                from workers.catalog.writer import Catalog
 
                 self._catalog = Catalog(self.settings, self.state.r)
             return self._catalog

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from schemas.events import InteractionLogged
-from workers.rewards.functions.functions import score_completions
+from workers.rewards.functions import score_completions
 from workers.serving.sampling import Sampler
 
 _PROMPTS_PER_BATCH = 16

@@ -39,7 +39,7 @@ from schemas.events import (
     RolloutRewarded,
 )
 from schemas.ids import derive_id
-from workers.catalog.lifecycle.index import CatalogIndex
+from workers.catalog.index import CatalogIndex
 from workers.pipeline.context import StageContext
 from workers.pipeline.state import PolicyState
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from schemas.events import Event, PolicyUpdated
-from workers.artifacts.store.store import fsync_path
+from workers.artifacts.store import fsync_path
 
 if TYPE_CHECKING:
     from workers.pipeline.context import StageContext

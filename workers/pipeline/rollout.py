@@ -87,7 +87,7 @@ def _plan_rollout(ctx: StageContext, interaction: InteractionLogged,
     """Check one interaction, store it if held out, else resolve its policy's head adapter
     (once per policy per call: `heads` caches the revision, or the error every one of that
     policy's interactions then fails with)."""
-    from workers.rewards.functions.functions import REWARD_FUNCTIONS
+    from workers.rewards.functions import REWARD_FUNCTIONS
 
     if interaction.task not in REWARD_FUNCTIONS:
         known = ", ".join(sorted(REWARD_FUNCTIONS))

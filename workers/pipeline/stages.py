@@ -53,14 +53,14 @@ def store_heldout(ctx: StageContext, interactions: list[InteractionLogged]) -> l
 
 def storable_heldout(interactions: list[InteractionLogged]) -> list[InteractionLogged]:
     """The held-out prompts the evaluate stage can score (its reward function exists)."""
-    from workers.rewards.functions.functions import REWARD_FUNCTIONS
+    from workers.rewards.functions import REWARD_FUNCTIONS
 
     return [i for i in interactions if i.split == "eval" and i.task in REWARD_FUNCTIONS]
 
 
 def reward(ctx: StageContext, event: RolloutGenerated) -> list[BaseModel]:
     """Score every completion with the reward function the interaction's task names."""
-    from workers.rewards.functions.functions import score_completions
+    from workers.rewards.functions import score_completions
 
     texts = [c.text for c in event.completions]
     rewards, name, version = score_completions(event.interaction, texts)
@@ -165,7 +165,7 @@ def _restore_trainer(ctx: StageContext, policy: str) -> None:
 
 def export(ctx: StageContext, event: PolicyUpdated) -> list[BaseModel]:
     """Write the staged adapter as a content-addressed PEFT revision and number it."""
-    from workers.artifacts.store.store import adapter_config
+    from workers.artifacts.store import adapter_config
 
     catalog_stages.note_step(ctx, event)
     if event.checkpoint is None:

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from schemas.events import Event, InteractionLogged
-from workers.rewards.functions.functions import REWARD_FUNCTIONS
+from workers.rewards.functions import REWARD_FUNCTIONS
 
 ROLLOUT_UNIT_ROWS = 64
 """Most sampled rows in one rollout unit (one /generate call). 64 is the CPU engine's default

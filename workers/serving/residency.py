@@ -30,7 +30,7 @@ import redis
 
 from infra.settings import Settings
 from streams.ops import metrics
-from workers.artifacts.store.store import ArtifactStore
+from workers.artifacts.store import ArtifactStore
 from workers.pipeline.state import PolicyState
 from workers.serving.assignment import assign_hot_set, engine_key, register_engine
 from workers.serving.client import AsyncSGLangClient, SGLangError
