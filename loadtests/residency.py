@@ -24,6 +24,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import peft
@@ -31,9 +32,17 @@ import redis
 import torch
 
 from infra.settings import Settings
+from schemas.catalog import (
+    AliasMoved,
+    CatalogRecord,
+    LoraConfig,
+    PolicyRegistered,
+    Provenance,
+    RevisionRecorded,
+)
 from workers.artifacts.store import ArtifactStore, adapter_config
+from workers.catalog.index import CatalogIndex
 from workers.models.base import LoraSpec, build_tiny_model, load_base_model
-from workers.pipeline.state import PolicyState, RevisionPointer
 from workers.serving.client import AsyncSGLangClient
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
 from workers.serving.residency import ControllerConfig, ResidencyController
@@ -57,17 +66,38 @@ def make_artifacts(base: Path, store: ArtifactStore, count: int) -> list[str]:
                               adapter_config(lora, str(base))).sha256 for _ in range(count)]
 
 
-def populate(state: PolicyState, store: ArtifactStore, shas: list[str], n: int,
-             revision: int = 1, offset: int = 0) -> None:
+LORA = LoraConfig(rank=4, alpha=8.0, target_modules=("q_proj",))
+PROVENANCE = Provenance(parent_revision=0, base_model_hash="0" * 64, trainer_version="bench",
+                        first_step=1, last_step=1, tokens=0, started_ts=0.0, finished_ts=0.0)
+
+
+def serve(index: CatalogIndex, pipe: Any, policy: str, revision: int, sha: str) -> None:
+    """Index a recorded and promoted revision exactly as the catalog writer does after Kafka
+    acked its records (registration first); no broker, so 10^5 policies take seconds."""
+    records: list[CatalogRecord] = []
+    if revision == 1:
+        records.append(PolicyRegistered(policy_id=policy, base_model="tiny",
+                                        base_model_hash="0" * 64, lora=LORA))
+    records += [
+        RevisionRecorded(policy_id=policy, revision=revision, sha256=sha, size_bytes=1,
+                         step=revision, provenance=PROVENANCE.model_copy(
+                             update={"parent_revision": revision - 1})),
+        AliasMoved(policy_id=policy, alias="serving", revision=revision,
+                   previous=revision - 1),
+    ]
+    for record in records:
+        index.apply(pipe, record.model_dump(mode="json"), 0, 0)
+
+
+def populate(index: CatalogIndex, shas: list[str], n: int) -> None:
     """Record and promote one revision per policy, as the export and promote stages do."""
+    pipe = index.r.pipeline(transaction=False)
     for i in range(n):
-        sha = shas[(i + offset) % len(shas)]
-        policy = f"u{i}"
-        state.record_revision(policy, RevisionPointer(revision, sha256=sha,
-                                                      path=str(store.adapters / sha)))
-        state.set_serving(policy, revision)
+        serve(index, pipe, f"u{i}", 1, shas[i % len(shas)])
         if (i + 1) % 20000 == 0:
+            pipe.execute()
             log(f"promoted {i + 1} policies")
+    pipe.execute()
 
 
 async def one(router: Router, clients: dict[str, AsyncSGLangClient], policy: str
@@ -106,11 +136,11 @@ def pct(values: list[float], q: float) -> float:
 
 async def run(args: argparse.Namespace, settings: Settings, work: Path) -> dict[str, object]:
     r = redis.Redis.from_url(settings.redis_url)
-    state, store = PolicyState(settings, r), ArtifactStore(settings.artifacts)
+    index, store = CatalogIndex(settings, r), ArtifactStore(settings.artifacts)
     base = build_tiny_model(work / "tiny")
     shas = make_artifacts(base, store, args.distinct)
     started = time.perf_counter()
-    populate(state, store, shas, args.addressable)
+    populate(index, shas, args.addressable)
     log(f"{args.addressable} policies promoted in {time.perf_counter() - started:.1f} s")
     servers = [ServerThread(CpuEngine(EngineConfig(
         base_path=base, max_loaded_loras=args.slots, max_loras_per_batch=8, max_lora_rank=2)))
@@ -130,7 +160,7 @@ async def run(args: argparse.Namespace, settings: Settings, work: Path) -> dict[
         results = await zipf_phase(router, policies, args.requests, args.concurrency)
         phase_s = time.perf_counter() - t0
         cold_loads = sum(c.loads_done for c in ctls) - loads0
-        wave_s = await wave(router, state, store, shas, args.wave, perm)
+        wave_s = await wave(router, index, shas, args.wave, perm)
     finally:
         stop.set()
         await asyncio.gather(*tasks)
@@ -146,15 +176,14 @@ async def run(args: argparse.Namespace, settings: Settings, work: Path) -> dict[
             "wave_s": round(wave_s, 3)}
 
 
-async def wave(router: Router, state: PolicyState, store: ArtifactStore, shas: list[str],
-               size: int, perm: np.ndarray) -> float:
+async def wave(router: Router, index: CatalogIndex, shas: list[str], size: int,
+               perm: np.ndarray) -> float:
     """Promote `size` policies to revision 2 and request each once, all at the same moment."""
     chosen = [f"u{p}" for p in perm[-size:]]  # the least popular: none is resident
+    pipe = index.r.pipeline(transaction=False)
     for i, policy in enumerate(chosen):
-        sha = shas[(i + 1) % len(shas)]
-        state.record_revision(policy, RevisionPointer(2, sha256=sha,
-                                                      path=str(store.adapters / sha)))
-        state.set_serving(policy, 2)
+        serve(index, pipe, policy, 2, shas[(i + 1) % len(shas)])
+    pipe.execute()
     clients: dict[str, AsyncSGLangClient] = {}
     started = time.perf_counter()
     await asyncio.gather(*(one(router, clients, p) for p in chosen))

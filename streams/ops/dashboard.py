@@ -3,7 +3,7 @@
 Everything shown comes from the same sources the pipeline uses, read without side effects:
 consumer lag from the broker's committed and log-end offsets (`infra.admin`), training and
 revision history from the pipeline topics (read without a consumer group, like `follow.py`, so
-the dashboard never takes partitions from a worker), serving state from Redis (`PolicyState`).
+the dashboard never takes partitions from a worker), serving state from the catalog index in Redis.
 Two background threads sample Kafka; request handlers only read their snapshots, so a slow
 broker makes the page stale, never hung. The page is one self-contained file (no CDN).
 """
@@ -27,7 +27,8 @@ from infra.admin import LagRow, LagTracker, consumer_lag, lag_by_topic
 from infra.settings import Settings
 from streams.ops import metrics
 from streams.sdk.producer import kafka_client_config
-from workers.pipeline.state import PolicyState
+from workers.catalog.index import CatalogIndex
+from workers.keys import RedisKeys
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +81,14 @@ class LagSampler:
 
 def stage_throughput(settings: Settings, rows: list[LagRow]) -> dict[str, float | None]:
     """Records per second each stage consumes: its pipeline groups' rate on its source topic."""
-    from streams.runner.runner import STAGES
+    from streams.agents import STAGES
 
     out: dict[str, float | None] = {name: None for name in STAGES}
     for name, spec in STAGES.items():
         for r in rows:
             stages = r.group.removeprefix(f"{settings.app_id}.").split("+")
             if (r.group.startswith(f"{settings.app_id}.") and name in stages
-                    and r.topic == settings.topic(spec.source) and r.rate is not None):
+                    and r.topic == settings.topic(spec.reads) and r.rate is not None):
                 out[name] = round((out[name] or 0.0) + r.rate, 3)
     return out
 
@@ -188,13 +189,13 @@ class TopicReader:
             self.view.apply(kind, event)
 
 
-def serving_state(state: PolicyState, settings: Settings, names: set[str]) -> dict[str, Any]:
+def serving_state(index: CatalogIndex, settings: Settings, names: set[str]) -> dict[str, Any]:
     """Policies' serving and head revisions, the hot set, and what each engine holds (Redis)."""
     policies = {}
-    for pid in sorted(set(state.policies()) | names):
-        policies[pid] = {"serving": state.serving(pid).revision, "head": state.head(pid).revision}
-    return {"policies": policies, "hot_set": state.hot_set(),
-            "engines": engine_state(settings, state.r)}
+    for pid in sorted(set(index.policy_ids()) | names):
+        policies[pid] = {"serving": index.serving(pid).revision, "head": index.head(pid).revision}
+    return {"policies": policies, "hot_set": index.hot_set(),
+            "engines": engine_state(settings, index.r)}
 
 
 def engine_state(settings: Settings, r: Any) -> dict[str, dict[str, Any]]:
@@ -206,7 +207,7 @@ def engine_state(settings: Settings, r: Any) -> dict[str, dict[str, Any]]:
 
     alive = live_engines(settings, r)
     out = {}
-    for engine in sorted(_text(e) for e in r.hkeys(settings.key("engines"))):
+    for engine in sorted(_text(e) for e in r.hkeys(RedisKeys(settings).engines())):
         states = r.hgetall(engine_key(settings, engine, "states"))
         out[engine] = {
             "alive": engine in alive,
@@ -229,7 +230,7 @@ class Dashboard:
         self.lag = LagSampler(settings, refresh_s)
         self.view = PipelineView()
         self.reader = TopicReader(settings, self.view)
-        self.state = PolicyState(settings)
+        self.index = CatalogIndex(settings)
         self._lag_task: asyncio.Task[None] | None = None
 
     def app(self) -> web.Application:
@@ -271,7 +272,7 @@ class Dashboard:
         pipeline = self.view.snapshot()
         names = set(pipeline["curves"]) | set(pipeline["revisions"])
         try:
-            serving: dict[str, Any] = serving_state(self.state, self.settings, names)
+            serving: dict[str, Any] = serving_state(self.index, self.settings, names)
         except Exception as exc:  # Redis down: show Kafka's half of the picture
             serving = {"policies": {}, "hot_set": [], "engines": {},
                        "error": f"{type(exc).__name__}: {exc}"}

@@ -7,6 +7,11 @@ offset so a reader fetches exactly the records it needs. Index writes are plain 
 no reads, so a rebuild can pipeline them; the writer applies them only after Kafka acked the
 record, so the index never points at something that is not durable.
 
+The index is the one Redis copy of every revision pointer and of the serving alias: the
+pipeline's stages, the router and the residency controllers all read them here, and the only
+writer is `apply` (live, after Kafka acked the record, or in a rebuild). Moving the serving alias
+also moves the policy's serve name in the hot working set (`hot`), which engines follow.
+
 Layout of `<prefix>c:<policy>` (a listpack-encoded hash while every value is ≤ 64 bytes):
 `i` namespace\\0base-ref\\0lora-ref, `o` partition+offset of the identity record, `s`/`c`
 serving/candidate revision, `r<n>` sha256 (raw) + size + step + parent + offset, `x<n>` state
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +35,7 @@ import redis
 
 from infra.settings import Settings
 from workers.catalog.lifecycle import RevisionState
+from workers.keys import RedisKeys
 
 _REV = struct.Struct("<32sQIIQ")  # sha256, size_bytes, step, parent, offset
 _PTR = struct.Struct("<HQ")  # partition, offset
@@ -51,6 +58,28 @@ def intern_ref(value: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()[:8]
 
 
+def serve_name(policy_id: str, revision: int) -> str:
+    """Immutable serve name: a new revision is a new name, so no cache can serve stale weights."""
+    return f"{policy_id}@{revision}"
+
+
+@dataclass(frozen=True)
+class RevisionPointer:
+    """Where a revision's adapter lives; revision 0 means the bare base model."""
+
+    revision: int
+    sha256: str | None = None
+    path: str | None = None
+    score: float | None = None
+
+    @property
+    def is_base(self) -> bool:
+        return self.revision == 0
+
+
+BASE = RevisionPointer(revision=0)
+
+
 @dataclass(frozen=True)
 class Resolution:
     """Where a policy is served from: revision 0 means the bare base model."""
@@ -62,7 +91,7 @@ class Resolution:
 
     @property
     def serve_name(self) -> str:
-        return f"{self.policy_id}@{self.revision}"
+        return serve_name(self.policy_id, self.revision)
 
 
 @dataclass(frozen=True)
@@ -106,11 +135,12 @@ class CatalogIndex:
         self.r = client or redis.Redis.from_url(settings.redis_url)
         self._resolve = self.r.register_script(_RESOLVE)
         self._interned: set[tuple[str, str]] = set()
-        self.bases_key = settings.key("cx", "bases")
-        self.loras_key = settings.key("cx", "loras")
+        self.keys = RedisKeys(settings)
+        self.bases_key = self.keys.catalog_table("bases")
+        self.loras_key = self.keys.catalog_table("loras")
 
     def key(self, policy_id: str) -> str:
-        return self.settings.key("c", policy_id)
+        return self.keys.catalog(policy_id)
 
     @property
     def adapters_dir(self) -> Path:
@@ -118,10 +148,22 @@ class CatalogIndex:
 
     # -- writes (pipelined, no reads) ------------------------------------------------------
     def apply(self, pipe: Any, data: dict[str, Any], partition: int, offset: int) -> None:
-        """Index one record (a decoded JSON dict, as on the wire) found at partition/offset."""
+        """Index one record (a decoded JSON dict, as on the wire) found at partition/offset; a
+        serving alias move also moves the policy in the hot working set."""
         key, fields = self.fields_for(pipe, data, partition, offset)
         if fields:
             pipe.hset(key, mapping=fields)
+        if data.get("kind") == "alias_moved" and data["alias"] == "serving":
+            self.move_hot(pipe, data["policy_id"], data.get("previous") or 0, data["revision"],
+                          float(data.get("ts") or time.time()))
+
+    def move_hot(self, pipe: Any, policy_id: str, old: int, new: int, ts: float) -> None:
+        """The hot set holds the serve name of every serving revision (score: when it began
+        serving), so engines know what to keep loaded; the base model needs no entry."""
+        if old and old != new:
+            pipe.zrem(self.keys.hot(), serve_name(policy_id, old))
+        if new:
+            pipe.zadd(self.keys.hot(), {serve_name(policy_id, new): ts})
 
     def fields_for(self, pipe: Any, data: dict[str, Any], partition: int, offset: int
                    ) -> tuple[str, dict[str, Any]]:
@@ -172,6 +214,63 @@ class CatalogIndex:
         sha = _REV.unpack(got[1])[0].hex()
         return Resolution(policy_id, int(got[0]), sha, self.adapters_dir / sha)
 
+    def serving(self, policy_id: str) -> RevisionPointer:
+        """The serving revision's pointer (BASE for an unknown policy or the base alias)."""
+        res = self.resolve(policy_id)
+        if res is None or res.revision == 0:
+            return BASE
+        return RevisionPointer(res.revision, sha256=res.sha256, path=str(res.path))
+
+    def serving_names(self, policy_ids: list[str]) -> list[str | None]:
+        """Each policy's serving serve name (None: the base or unknown), in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for pid in policy_ids:
+            pipe.hget(self.key(pid), "s")
+        return [serve_name(pid, int(s)) if s and int(s) else None
+                for pid, s in zip(policy_ids, pipe.execute(), strict=True)]
+
+    def head(self, policy_id: str) -> RevisionPointer:
+        """The newest recorded revision (what the rollout stage samples from), in one read."""
+        fields = cast("dict[bytes, bytes]", self.r.hgetall(self.key(policy_id)))
+        numbers = [int(k[1:]) for k in fields if k[:1] == b"r" and k[1:].isdigit()]
+        if not numbers:
+            return BASE
+        return self._pointer(max(numbers), fields[b"r%d" % max(numbers)])
+
+    def revision(self, policy_id: str, revision: int) -> RevisionPointer:
+        """One revision's pointer; KeyError if the policy has no such revision."""
+        if revision == 0:
+            return BASE
+        packed = cast("bytes | None", self.r.hget(self.key(policy_id), f"r{revision}"))
+        if packed is None:
+            raise KeyError(f"policy {policy_id!r} has no revision {revision}")
+        return self._pointer(revision, packed)
+
+    def _pointer(self, revision: int, packed: bytes) -> RevisionPointer:
+        sha = _REV.unpack(packed)[0].hex()
+        return RevisionPointer(revision, sha256=sha, path=str(self.adapters_dir / sha))
+
+    def restore_hot_set(self, batch: int = 5000) -> int:
+        """Re-derive the hot set from every policy's serving alias (a rebuild indexes records
+        field by field, without `apply`); returns how many policies the index holds."""
+        self.r.delete(self.keys.hot())
+        ids = list(self.policy_ids())
+        now = time.time()
+        for start in range(0, len(ids), batch):
+            chunk = ids[start:start + batch]
+            pipe = self.r.pipeline(transaction=False)
+            for pid in chunk:
+                pipe.hget(self.key(pid), "s")
+            names = {serve_name(pid, int(s)): now
+                     for pid, s in zip(chunk, pipe.execute(), strict=True) if s and int(s)}
+            if names:
+                self.r.zadd(self.keys.hot(), names)  # type: ignore[arg-type]
+        return len(ids)
+
+    def hot_set(self) -> list[str]:
+        """Serve names of every serving revision, oldest promotion first."""
+        return [m.decode() for m in cast("list[bytes]", self.r.zrange(self.keys.hot(), 0, -1))]
+
     def exists(self, policy_id: str) -> bool:
         return bool(self.r.hexists(self.key(policy_id), "i"))
 
@@ -203,7 +302,7 @@ class CatalogIndex:
         """Drop the whole index (UNLINK in batches); returns the number of keys removed."""
         removed = 0
         pipe = self.r.pipeline(transaction=False)
-        for pattern in (self.key("*"), self.settings.key("cx", "*")):
+        for pattern in (self.key("*"), self.keys.catalog_table("*"), self.keys.hot()):
             for k in self.r.scan_iter(match=pattern, count=batch):
                 pipe.unlink(k)
                 removed += 1

@@ -73,19 +73,17 @@ class RebuildReport:
 
 def rebuild(settings: Settings, index: CatalogIndex | None = None, *, working_set: bool = True,
             progress: Callable[[str], None] | None = None) -> RebuildReport:
-    """Drop the catalog index and refold it from the compacted topic; returns counts and time.
-    With `working_set`, also restore the pipeline's Redis working set: the serving aliases and
-    hot set from the catalog, the held-out prompts and pauses from their topics
-    (`workers/pipeline/replay.py`)."""
+    """Drop the catalog index and refold it from the compacted topic (the hot set is derived
+    from its serving aliases); returns counts and time. With `working_set`, also replay the
+    pipeline's held-out prompts and pauses from their topics (`workers/pipeline/replay.py`)."""
     index = index or CatalogIndex(settings)
     started = time.perf_counter()
     report = RebuildReport(deleted_keys=index.delete_all())
     asyncio.run(_refold(settings, index, report, progress or _stderr))
+    report.policies = index.restore_hot_set()
     if working_set:
-        from workers.catalog.writer import restore_working_set
         from workers.pipeline.replay import replay_heldout, replay_pauses
 
-        report.policies = restore_working_set(settings, index)
         report.heldout = replay_heldout(settings, progress=progress or _stderr)
         report.paused = len(replay_pauses(settings))
     report.seconds = time.perf_counter() - started

@@ -21,6 +21,7 @@ from infra.settings import Settings
 from schemas.catalog import Provenance, RewardFnRef
 from schemas.events import PolicyUpdated
 from workers.catalog.lifecycle import offset_ranges
+from workers.keys import RedisKeys
 
 HYPERPARAMETERS = ("group_size", "max_new_tokens", "temperature", "learning_rate", "lora_rank",
                    "lora_alpha", "kl_beta", "clip_eps", "export_every", "max_in_flight", "seed",
@@ -60,7 +61,7 @@ class StepLog:
         self.r = client
 
     def _key(self, policy_id: str) -> str:
-        return self.settings.key("cx", "steps", policy_id)
+        return RedisKeys(self.settings).step_notes(policy_id)
 
     def note(self, event: PolicyUpdated) -> None:
         note = {"ts": event.ts, "tokens": event.tokens, "ids": event.rollout_ids,

@@ -42,7 +42,6 @@ from workers.catalog.lifecycle import (
     check_transition,
     partition_for,
 )
-from workers.pipeline.state import PolicyState, serve_name
 
 LOCK_TTL_MS = 10_000
 LOCK_WAIT_S = 15.0
@@ -59,11 +58,11 @@ class CatalogError(ValueError):
 class Catalog:
     """Writes catalog records and keeps the Redis index and working set in step with them."""
 
-    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+    def __init__(self, settings: Settings, client: redis.Redis | None = None,
+                 index: CatalogIndex | None = None) -> None:
         self.settings = settings
         self.r = client or redis.Redis.from_url(settings.redis_url)
-        self.index = CatalogIndex(settings, self.r)
-        self.state = PolicyState(settings, self.r)
+        self.index = index or CatalogIndex(settings, self.r)
         self._producer: KafkaProducer | None = None
         self._partitions: int | None = None
         self._unlock = self.r.register_script(_UNLOCK)
@@ -98,7 +97,7 @@ class Catalog:
 
     @contextlib.contextmanager
     def lock(self, policy_id: str) -> Iterator[None]:
-        key, token = self.settings.key("cx", "lock", policy_id), uuid.uuid4().hex
+        key, token = self.index.keys.catalog_lock(policy_id), uuid.uuid4().hex
         deadline = time.monotonic() + LOCK_WAIT_S
         while not self.r.set(key, token, nx=True, px=LOCK_TTL_MS):
             if time.monotonic() > deadline:
@@ -211,8 +210,8 @@ class Catalog:
 
     # -- serving ----------------------------------------------------------------------------------
     def promote(self, policy_id: str, revision: int, reason: str) -> int:
-        """Serve `revision`: the old serving revision retires, aliases move. Returns the old one.
-        The caller moves the hot set (`PolicyState.set_serving`) after this returns."""
+        """Serve `revision`: the old serving revision retires, the aliases (and with the serving
+        alias the hot set) move. Returns the old one."""
         with self.lock(policy_id):
             entry = self.entry(policy_id)
             rev = self._rev(entry, revision)
@@ -236,7 +235,7 @@ class Catalog:
     def rollback(self, policy_id: str, to: int | None = None,
                  reason: str = "operator rollback") -> PolicyRolledBack:
         """Serve an earlier revision (default: the newest that served before), in the catalog,
-        the index and the hot set, and announce it on `promotions`."""
+        the index and so the hot set, and announce it on `promotions`."""
         with self.lock(policy_id):
             entry = self.entry(policy_id)
             cur = entry.serving
@@ -247,7 +246,6 @@ class Catalog:
                 raise CatalogError(f"{policy_id} already serves r{cur}")
             records = self._rollback_records(entry, cur, target, reason)
             self.publish(records)
-        self.state.set_serving(policy_id, target)
         event = PolicyRolledBack(**records[-1].model_dump(exclude={"kind"}))
         self.announce(event)
         return event
@@ -282,37 +280,3 @@ def default_rollback_target(entry: PolicyEntry) -> int:
     served = [r.revision for r in older
               if r.state == RevisionState.RETIRED and not r.collected]
     return max(served, default=0)
-
-
-def restore_working_set(settings: Settings, index: CatalogIndex, batch: int = 1000) -> int:
-    """Re-derive the pipeline's Redis state (training head, revision pointers, step numbering,
-    serving alias and hot set) from the catalog index; returns the number of policies."""
-    state = PolicyState(settings, index.r)
-    count = 0
-    ids = list(index.policy_ids())
-    for i in range(0, len(ids), batch):
-        pipe = index.r.pipeline(transaction=False)
-        for pid in ids[i:i + batch]:
-            entry = index.get(pid)
-            if entry is None:
-                continue
-            _restore_policy(state, pipe, entry, index)
-            count += 1
-        pipe.execute()
-    return count
-
-
-def _restore_policy(state: PolicyState, pipe: Any, entry: PolicyEntry,
-                    index: CatalogIndex) -> None:
-    pid, k = entry.policy_id, state.settings.key
-    for n, rev in entry.revisions.items():
-        pipe.hset(k("revision", pid, n), mapping={
-            "sha256": rev.sha256, "path": str(index.adapters_dir / rev.sha256)})
-        pipe.hset(k("revsteps", pid), rev.step, n)
-    fields: dict[str, int] = {"revisions": entry.head, "head": entry.head}
-    fields["serving"] = entry.serving
-    pipe.hset(k("policy", pid), mapping=fields)
-    pipe.sadd(k("policies"), pid)
-    if entry.serving:
-        pipe.zadd(k("hot"), {serve_name(pid, entry.serving): time.time()})
-    pipe.hset(k("serving"), pid, serve_name(pid, entry.serving) if entry.serving else "")

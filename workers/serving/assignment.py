@@ -1,6 +1,6 @@
 """Who should hold what: engine membership and per-engine assignments in Redis.
 
-Keys (all under `settings.key(...)`):
+Keys (built in `workers/keys.py`):
 - `engines` hash: engine id -> base URL; `engine:<id>:alive` expires unless the engine's
   controller keeps refreshing it, so a dead engine stops receiving work.
 - `engine:<id>:assigned` zset: the engine's share of the hot set (`…:hot`), written by
@@ -28,12 +28,13 @@ from typing import cast
 import redis
 
 from infra.settings import Settings
+from workers.keys import RedisKeys
 
 ALIVE_TTL_S = 10
 
 
 def engine_key(settings: Settings, engine_id: str, what: str) -> str:
-    return settings.key("engine", engine_id, what)
+    return RedisKeys(settings).engine(engine_id, what)
 
 
 def rank_engines(name: str, engines: Iterable[str]) -> list[str]:
@@ -47,14 +48,14 @@ def rank_engines(name: str, engines: Iterable[str]) -> list[str]:
 def register_engine(settings: Settings, r: redis.Redis, engine_id: str, url: str) -> None:
     """Announce (and keep alive) one engine; called by its controller on every tick."""
     pipe = r.pipeline(transaction=False)
-    pipe.hset(settings.key("engines"), engine_id, url)
+    pipe.hset(RedisKeys(settings).engines(), engine_id, url)
     pipe.set(engine_key(settings, engine_id, "alive"), 1, ex=ALIVE_TTL_S)
     pipe.execute()
 
 
 def deregister_engine(settings: Settings, r: redis.Redis, engine_id: str) -> None:
     pipe = r.pipeline(transaction=False)
-    pipe.hdel(settings.key("engines"), engine_id)
+    pipe.hdel(RedisKeys(settings).engines(), engine_id)
     pipe.delete(engine_key(settings, engine_id, "alive"), engine_key(settings, engine_id,
                                                                      "states"))
     pipe.execute()
@@ -62,7 +63,7 @@ def deregister_engine(settings: Settings, r: redis.Redis, engine_id: str) -> Non
 
 def live_engines(settings: Settings, r: redis.Redis) -> dict[str, str]:
     """engine id -> URL of engines whose controller refreshed `alive` recently."""
-    stored = cast("dict[bytes, bytes]", r.hgetall(settings.key("engines")))
+    stored = cast("dict[bytes, bytes]", r.hgetall(RedisKeys(settings).engines()))
     raw = {k.decode(): v.decode() for k, v in stored.items()}
     if not raw:
         return {}
@@ -82,7 +83,7 @@ def assign_hot_set(settings: Settings, r: redis.Redis, capacity: int) -> dict[st
     if not engines:
         return {}
     hot = cast("list[tuple[bytes, float]]", r.zrevrange(
-        settings.key("hot"), 0, capacity * len(engines) - 1, withscores=True))
+        RedisKeys(settings).hot(), 0, capacity * len(engines) - 1, withscores=True))
     shares: dict[str, dict[str, float]] = {e: {} for e in engines}
     for member, score in hot:
         name = member.decode()

@@ -29,9 +29,9 @@ from typing import Any
 import redis
 
 from infra.settings import Settings
-from streams.ops import metrics
 from workers.artifacts.store import ArtifactStore
-from workers.pipeline.state import PolicyState
+from workers.catalog.index import CatalogIndex
+from workers.serving import metrics
 from workers.serving.assignment import assign_hot_set, engine_key, register_engine
 from workers.serving.client import AsyncSGLangClient, SGLangError
 
@@ -92,7 +92,7 @@ class ResidencyController:
                  client: redis.Redis | None = None) -> None:
         self.settings, self.config = settings, config
         self.r = client or redis.Redis.from_url(settings.redis_url)
-        self.state = PolicyState(settings, self.r)
+        self.index = CatalogIndex(settings, self.r)
         self.store = ArtifactStore(settings.artifacts)
         token = settings.engine_admin_token
         self.engine = AsyncSGLangClient(
@@ -155,11 +155,12 @@ class ResidencyController:
         if not demand:
             return demand
         policies = [m.decode().rpartition("@")[0] for m, _ in demand]
-        serving = self.r.hmget(self.settings.key("serving"), policies)
-        stale = [m for (m, _), cur in zip(demand, serving, strict=True) if cur != m]
+        serving = self.index.serving_names(policies)
+        stale = [m for (m, _), cur in zip(demand, serving, strict=True) if cur != m.decode()]
         if stale:
             self.r.zrem(self._key("demand"), *stale)
-        return [(m, score) for (m, score), cur in zip(demand, serving, strict=True) if cur == m]
+        return [(m, score) for (m, score), cur in zip(demand, serving, strict=True)
+                if cur == m.decode()]
 
     # -- reconcile ---------------------------------------------------------------------------
     async def reconcile(self) -> None:
@@ -234,7 +235,7 @@ class ResidencyController:
     def verified_path(self, name: str) -> str:
         """Artifact dir of a serve name, only if its weights still hash to their address."""
         policy, _, rev = name.rpartition("@")
-        pointer = self.state.revision(policy, int(rev))
+        pointer = self.index.revision(policy, int(rev))
         if pointer.sha256 is None:
             raise ValueError(f"{name} has no artifact")
         if not self.store.verify(pointer.sha256):

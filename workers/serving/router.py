@@ -27,7 +27,7 @@ import redis
 
 from infra.settings import Settings
 from schemas.errors import LorastreamError
-from workers.pipeline.state import serve_name
+from workers.catalog.index import CatalogIndex
 from workers.serving.assignment import engine_key, live_engines, rank_engines
 from workers.serving.client import AsyncSGLangClient, Generation, SGLangError
 from workers.serving.residency import Residency
@@ -81,6 +81,7 @@ class Router:
                  cold_timeout_s: float = 30.0, poll_s: float = 0.01) -> None:
         self.settings = settings
         self.r = client or redis.Redis.from_url(settings.redis_url)
+        self.index = CatalogIndex(settings, self.r)
         self.cold_timeout_s, self.poll_s = cold_timeout_s, poll_s
         self.stats = RouterStats()
         self._clients: dict[str, AsyncSGLangClient] = {}
@@ -92,15 +93,10 @@ class Router:
 
     def serving_name(self, policy_id: str) -> str | None:
         """The serve name of the policy's serving revision; None = its alias is the base."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.sismember(self.settings.key("policies"), policy_id)
-        pipe.hget(self.settings.key("policy", policy_id), "serving")
-        known, serving = pipe.execute()
-        if not known and serving is None:
-            raise UnknownPolicyError(f"unknown policy {policy_id!r}: it has no revisions and "
-                                     "no serving alias")
-        revision = int(serving) if serving is not None else 0
-        return serve_name(policy_id, revision) if revision > 0 else None
+        resolved = self.index.resolve(policy_id)
+        if resolved is None:
+            raise UnknownPolicyError(f"unknown policy {policy_id!r}: it is not in the catalog")
+        return resolved.serve_name if resolved.revision > 0 else None
 
     async def route(self, policy_id: str) -> Route:
         name = self.serving_name(policy_id)
