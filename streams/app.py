@@ -15,8 +15,7 @@ import faust
 
 from infra.security import faust_credentials
 from infra.settings import Settings
-from streams.runner.guarded import GuardedStageRunner
-from streams.runner.runner import STAGES
+from streams.agents import STAGES, add_agents
 from workers.pipeline import faults
 from workers.pipeline.context import StageContext
 
@@ -36,24 +35,11 @@ def create_app(
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
     app = faust_app(settings, group_id(settings, stages))
-    ctx = ctx or StageContext.create(settings)
     # One thread for all model work in this process: torch already uses every core for one
     # op, and the event loop must stay free to heartbeat and commit.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastream-ml")
-    dead_letters = topic(app, settings, "dead-letters")
-    control = topic(app, settings, "promotions")  # PolicyPaused announcements
     faults.arm(settings.fault_point)
-    for name in stages:
-        spec = STAGES[name]
-        runner = GuardedStageRunner(
-            spec=spec,
-            ctx=ctx,
-            sink=topic(app, settings, spec.sink),
-            dead_letters=dead_letters,
-            executor=executor,
-            control=control,
-        )
-        app.agent(topic(app, settings, spec.source), name=f"stage.{name}")(runner.run)
+    add_agents(app, settings, ctx or StageContext.create(settings), list(stages), executor)
     return app
 
 

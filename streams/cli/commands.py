@@ -14,7 +14,7 @@ from schemas.events import json_schemas
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from streams.runner.runner import STAGES
+    from streams.agents import STAGES
 
     p = sub.add_parser("worker", help="run pipeline stages (a Faust worker)")
     p.add_argument("--stages", default="all",
@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_stages(value: str) -> list[str]:
-    from streams.runner.runner import STAGES
+    from streams.agents import STAGES
 
     return list(STAGES) if value == "all" else [s.strip() for s in value.split(",") if s.strip()]
 

@@ -2,7 +2,8 @@
 
 Stages call `record_output` with every event they send, so training, export, evaluation and
 promotion figures come from the same events the pipeline acts on and cannot drift from them.
-Serving engines report residency through `set_hot_set`, `set_residency` and `note_cold_load`.
+Serving's own metrics (hot set, residency, cold loads) are defined with serving
+(`workers/serving/metrics.py`); every metric lands in the process's one registry.
 Lag comes from the broker (committed vs. log-end offsets), sampled by `LagExporter`, because a
 consumer cannot see its own lag reliably while it is stuck.
 """
@@ -61,11 +62,6 @@ EVALUATIONS = Counter("lorastream_evaluations_total", "Revisions evaluated, by v
                       ["policy", "passed"])
 SERVING_REVISION = Gauge("lorastream_serving_revision", "The policy's serving revision "
                          "(0 = base).", ["policy"])
-HOT_SET = Gauge("lorastream_hot_set_size", "Adapters in an engine's hot working set.", ["engine"])
-RESIDENCY = Gauge("lorastream_adapters", "Adapters per residency state (e.g. gpu, cpu, disk).",
-                  ["engine", "state"])
-COLD_LOADS = Counter("lorastream_cold_loads_total", "Adapters an engine loaded on demand (not "
-                     "already resident).", ["engine"])
 CONSUMER_LAG = Gauge("lorastream_consumer_lag", "Records a consumer group has yet to commit.",
                      ["group", "topic", "partition"])
 SDK_SKIPPED = Counter("lorastream_sdk_skipped_total", "Undecodable events SDK consumers skipped.",
@@ -92,21 +88,6 @@ def record_output(event: BaseModel) -> None:
         SERVING_REVISION.labels(event.policy_id).set(event.revision)
     elif isinstance(event, PolicyRolledBack):
         SERVING_REVISION.labels(event.policy_id).set(event.to_revision)
-
-
-def set_hot_set(engine: str, size: int) -> None:
-    """An engine reports how many adapters its hot working set holds."""
-    HOT_SET.labels(engine).set(size)
-
-
-def set_residency(engine: str, state: str, count: int) -> None:
-    """An engine reports how many adapters are in one residency state (gpu, cpu, disk, ...)."""
-    RESIDENCY.labels(engine, state).set(count)
-
-
-def note_cold_load(engine: str, count: int = 1) -> None:
-    """An engine had to load an adapter that was not resident."""
-    COLD_LOADS.labels(engine).inc(count)
 
 
 def set_consumer_lag(rows: Iterable[LagRow]) -> None:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from infra.settings import Settings
 from schemas.events import SourcePosition
-from workers.pipeline.state import PolicyState, RevisionPointer, serve_name
+from workers.catalog.index import CatalogIndex, RevisionPointer, serve_name
+from workers.pipeline.state import PolicyState
 
 if TYPE_CHECKING:
     from workers.artifacts.store import ArtifactStore
@@ -30,6 +31,7 @@ class StageContext:
 
     settings: Settings
     state: PolicyState
+    index: CatalogIndex
     _engine: EngineSampler | None = field(default=None, repr=False)
     _embedded: EmbeddedEngine | None = field(default=None, repr=False)
     _trainer: MultiPolicyTrainer | None = field(default=None, repr=False)
@@ -40,7 +42,8 @@ class StageContext:
 
     @classmethod
     def create(cls, settings: Settings) -> StageContext:
-        return cls(settings=settings, state=PolicyState(settings))
+        state = PolicyState(settings)
+        return cls(settings=settings, state=state, index=CatalogIndex(settings, state.r))
 
     @property
     def base_path(self) -> Path:
@@ -84,7 +87,7 @@ class StageContext:
             if self._catalog is None:
                 from workers.catalog.writer import Catalog
 
-                self._catalog = Catalog(self.settings, self.state.r)
+                self._catalog = Catalog(self.settings, self.state.r, self.index)
             return self._catalog
 
     @property

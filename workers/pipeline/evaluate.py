@@ -1,10 +1,33 @@
-"""Held-out evaluation: the promotion gate compares a candidate revision with what serves now."""
+"""The evaluate stage: `exports` → `evaluations`, a revision scored on the policy's held-out
+prompts next to the revision serving now (same prompts, same seeds), with the promotion
+verdict of `workers.pipeline.promote.verdict`.
+"""
 
 from __future__ import annotations
 
-from schemas.events import InteractionLogged
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel
+
+from schemas.catalog import RevisionEvaluated
+from schemas.events import AdapterEvaluated, AdapterExported, InteractionLogged
+from schemas.ids import derive_id
+from workers.catalog.index import RevisionPointer
+from workers.pipeline.context import StageContext
+from workers.pipeline.promote import verdict
+from workers.pipeline.stage import Stage, single
+from workers.pipeline.state import score_key
 from workers.rewards.functions import score_completions
-from workers.serving.sampling import Sampler
+
+if TYPE_CHECKING:
+    from workers.serving.sampling import Sampler
+
+EVAL_SEED = 1234
+EVAL_SAMPLES = 4
+_SHARED = (set(RevisionEvaluated.model_fields) & set(AdapterEvaluated.model_fields)) - {
+    "event_id", "kind", "ts", "schema_version"}
+"""What the catalog's evaluation record says of the evaluation event (policy, revision,
+scores, verdict): the same fields, so the two cannot drift."""
 
 _PROMPTS_PER_BATCH = 16
 
@@ -39,3 +62,55 @@ def evaluate_adapter(
             total += sum(rewards)
             count += len(rewards)
     return total / count
+
+
+def evaluate(ctx: StageContext, event: AdapterExported) -> list[BaseModel]:
+    """Score the revision on held-out prompts next to the revision serving now."""
+    policy = event.policy_id
+    heldout = ctx.state.heldout(policy)
+    serving = ctx.index.serving(policy)
+    if not heldout:
+        score = baseline = 0.0
+        passed, reason = False, "no held-out prompts for this policy (send split='eval')"
+    else:
+        candidate = RevisionPointer(event.revision, sha256=event.sha256, path=event.path)
+        score = _score(ctx, policy, candidate, heldout)
+        baseline = _score(ctx, policy, serving, heldout)
+        passed, reason = verdict(score, baseline, ctx.settings.promote_margin, event.revision,
+                                 serving.revision)
+    out = AdapterEvaluated(
+        event_id=derive_id("evaluate", event.event_id),
+        policy_id=policy,
+        revision=event.revision,
+        sha256=event.sha256,
+        path=event.path,
+        score=score,
+        baseline_revision=serving.revision,
+        baseline_score=baseline,
+        prompts=len(heldout),
+        passed=passed,
+        reason=reason,
+    )
+    ctx.catalog.record_evaluation(RevisionEvaluated(
+        event_id=derive_id("catalog-eval", out.event_id), **out.model_dump(include=_SHARED)))
+    return [out]
+
+
+def _score(ctx: StageContext, policy: str, rev: RevisionPointer,
+           heldout: list[InteractionLogged]) -> float:
+    """Held-out score of a revision, cached per (revision, held-out set)."""
+    key = score_key(rev.revision, heldout)
+    cached = ctx.state.cached_score(policy, key)
+    if cached is not None:
+        return cached
+    score = evaluate_adapter(
+        ctx.engine, ctx.adapter_for(policy, rev), heldout,
+        max_new_tokens=ctx.settings.max_new_tokens, samples=EVAL_SAMPLES, seed=EVAL_SEED,
+        temperature=ctx.settings.temperature,
+    )
+    ctx.state.cache_score(policy, key, score)
+    return score
+
+
+STAGE = Stage(name="evaluate", reads="exports", event=AdapterExported, handle=single(evaluate),
+              writes="evaluations")

@@ -18,7 +18,7 @@ id, same step number: downstream drops it by id), only the others are trained.
 Only the newest step per policy can have unmarked events (the agent handles units one after
 another and marks each before the next starts), so older steps are pruned (`keep` of them stay).
 
-`workers/pipeline/stages.py:update()` makes three calls: `restore_from_journal` (before the legacy
+`workers/pipeline/update.py:update()` makes three calls: `restore_from_journal` (before the legacy
 checkpoint restore), `split_replayed` (before training), `commit_step` (after each policy's
 `PolicyUpdated` is built, before it is returned to be sent).
 """

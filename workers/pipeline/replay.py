@@ -25,7 +25,7 @@ from infra.settings import Settings
 from schemas.codec import decode_event
 from schemas.errors import PoisonEventError
 from schemas.events import Event, InteractionLogged, PolicyPaused, PolicyResumed
-from workers.pipeline.stages import storable_heldout
+from workers.pipeline.rollout import storable_heldout
 from workers.pipeline.state import PolicyState
 
 BATCH = 5000

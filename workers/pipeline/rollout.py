@@ -1,7 +1,8 @@
 """The rollout stage: training interactions of many policies sampled in one engine pass.
 
-`rollout_many` is what the stream calls with a unit of interactions (workers/pipeline/units.py
-forms the units); `rollout` is its one-event form. Both live in `workers.pipeline.stages` too.
+`interactions` → `rollouts`. `rollout_many` is what the stream calls with a unit of
+interactions (`WithinInFlightRoom` forms the units); `rollout` is its one-event form. Held-out
+prompts take `store_heldout`, a whole-batch path: they are only stored, never sampled.
 """
 
 from __future__ import annotations
@@ -17,11 +18,35 @@ from schemas.errors import EventFailures, PoisonEventError, RetryableError
 from schemas.events import Completion, InteractionLogged, RolloutGenerated
 from schemas.ids import derive_id, derive_seed
 from workers.pipeline.context import StageContext
+from workers.pipeline.guards import Admission, refuse_paused, refuse_unregistered
+from workers.pipeline.inflight import TakenBySampling
+from workers.pipeline.stage import Stage
+from workers.pipeline.units import WithinInFlightRoom
+from workers.rewards.functions import REWARD_FUNCTIONS
 
 if TYPE_CHECKING:
     from workers.serving.sampling import Sample
 
 log = logging.getLogger(__name__)
+
+
+def store_heldout(ctx: StageContext, interactions: list[InteractionLogged]) -> list[str]:
+    """The bulk path: store a batch's held-out prompts in one Redis round trip.
+
+    Held-out prompts are only stored, never sampled, so they need none of the per-event
+    machinery (throttle, engine, outputs); at ingest rates that machinery is the cost. Returns
+    the ids handled; anything else (training prompts, an unknown reward function) takes the
+    per-event path, which samples or dead-letters it.
+    """
+    held = storable_heldout(interactions)
+    if held:
+        ctx.state.add_heldout_many(held)
+    return [i.event_id for i in held]
+
+
+def storable_heldout(interactions: list[InteractionLogged]) -> list[InteractionLogged]:
+    """The held-out prompts the evaluate stage can score (its reward function exists)."""
+    return [i for i in interactions if i.split == "eval" and i.task in REWARD_FUNCTIONS]
 
 
 def rollout(ctx: StageContext, interaction: InteractionLogged) -> list[BaseModel]:
@@ -87,8 +112,6 @@ def _plan_rollout(ctx: StageContext, interaction: InteractionLogged,
     """Check one interaction, store it if held out, else resolve its policy's head adapter
     (once per policy per call: `heads` caches the revision, or the error every one of that
     policy's interactions then fails with)."""
-    from workers.rewards.functions import REWARD_FUNCTIONS
-
     if interaction.task not in REWARD_FUNCTIONS:
         known = ", ".join(sorted(REWARD_FUNCTIONS))
         raise PoisonEventError(f"unknown reward function {interaction.task!r}; known: {known}")
@@ -98,7 +121,7 @@ def _plan_rollout(ctx: StageContext, interaction: InteractionLogged,
     policy = interaction.policy_id
     if policy not in heads:
         try:
-            head = ctx.state.head(policy)
+            head = ctx.index.head(policy)
             heads[policy] = (head.revision, ctx.adapter_for(policy, head))
         except RetryableError:
             raise
@@ -162,3 +185,10 @@ def _rollout_event(ctx: StageContext, p: _Planned, samples: list[Sample]) -> Rol
                                 finished=x.finished) for x in samples],
         temperature=ctx.settings.temperature,
     )
+
+
+STAGE = Stage(
+    name="rollout", reads="interactions", event=InteractionLogged, handle=rollout_many,
+    writes="rollouts", units=WithinInFlightRoom(), bulk=store_heldout, slots=TakenBySampling(),
+    admission=Admission((refuse_paused, refuse_unregistered)),
+)

@@ -1,23 +1,26 @@
-"""How the rollout stage groups fresh training interactions into units: one unit, one engine call.
+"""How a stage cuts a batch off its stream into units: one unit, one call of the stage.
 
-Sampling is the rollout stage's whole cost, and the engine batches rows of different adapters
-into shared forwards, so the stage hands it the interactions of many policies at once
-(`workers.pipeline.rollout.rollout_many`) instead of one interaction per call. Two bounds shape a
-unit:
+Three policies, one per kind of stage:
 
-- rows: at most `ROLLOUT_UNIT_ROWS` sampled rows (interactions x `group_size`), i.e. at most
-  `unit_capacity(group_size)` interactions. Every rollout of a unit waits for the unit's slowest
-  row, and a unit is redone whole on a retry, so bigger is not free;
-- staleness: a policy takes at most its in-flight room (`max_in_flight` minus the groups it has
-  sampled that the trainer has not consumed yet), read from Redis when the unit is formed. Its
-  later interactions go to later units, formed after this one is handled, so a policy's
-  rollouts keep their order and never run further ahead of its trainer than one at a time
-  would. When no pending policy has room, the stream waits for a trainer (polling), and after
-  `MAX_IN_FLIGHT_WAIT_S` lets the oldest waiting interaction through anyway, as before: a
-  trainer that is down must not stop sampling for good.
+- `OneByOne`: every event is its own unit (reward, export, evaluate, promote);
+- `PerPolicyRounds`: up to `update_batch` events of each of many policies per unit, a policy's
+  later events in later units (the update stage trains them all in one multi-policy step);
+- `WithinInFlightRoom`: the rollout stage's. Sampling is its whole cost, and the engine batches
+  rows of different adapters into shared forwards, so a unit holds the interactions of many
+  policies (`workers.pipeline.rollout.rollout_many`). Two bounds shape it:
+  - rows: at most `ROLLOUT_UNIT_ROWS` sampled rows (interactions x `group_size`), i.e. at most
+    `unit_capacity(group_size)` interactions. Every rollout of a unit waits for the unit's
+    slowest row, and a unit is redone whole on a retry, so bigger is not free;
+  - staleness: a policy takes at most its in-flight room (`max_in_flight` minus the groups it
+    has sampled that the trainer has not consumed yet), read from Redis when the unit is
+    formed. Its later interactions go to later units, formed after this one is handled, so a
+    policy's rollouts keep their order and never run further ahead of its trainer than one at
+    a time would. When no pending policy has room, the stream waits for a trainer (polling),
+    and after `MAX_IN_FLIGHT_WAIT_S` lets the oldest waiting interaction through anyway: a
+    trainer that is down must not stop sampling for good.
 
-The slots themselves are taken (`note_sampled`) by the runner once a unit is admitted, and given
-back for whatever was not sampled (see `StageRunner._with_retries`).
+The slots themselves are taken and given back by the stage's ledger (`workers/pipeline/
+inflight.py`).
 """
 
 from __future__ import annotations
@@ -25,10 +28,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from infra.settings import Settings
 from schemas.events import Event, InteractionLogged
 from workers.rewards.functions import REWARD_FUNCTIONS
+
+if TYPE_CHECKING:
+    from workers.pipeline.context import StageContext
 
 ROLLOUT_UNIT_ROWS = 64
 """Most sampled rows in one rollout unit (one /generate call). 64 is the CPU engine's default
@@ -112,3 +120,74 @@ async def units(pending: Sequence[D], *, capacity: int, limit: int,
         waiting_since = None
         left = rest
         yield unit
+
+
+# -- the three unit policies ------------------------------------------------------------------
+STREAM_WINDOW_S = 0.05
+"""How long a stage waits to fill a batch of up to `stream_batch` events."""
+ROUNDS_WINDOW_S = 0.2
+"""How long the update stage waits to fill a batch: fuller steps are worth a little latency."""
+
+
+class UnitPolicy(Protocol):
+    """How a stage takes its stream (batch size, wait) and cuts a batch into units."""
+
+    def take(self, settings: Settings) -> tuple[int, float]:
+        """(most events per batch, seconds to wait for them)."""
+        ...
+
+    def units(self, ctx: StageContext, batch: list[D]) -> AsyncIterator[list[D]]:
+        """The batch's units in handling order; the caller handles each before the next."""
+        ...
+
+
+class OneByOne:
+    """Each event is its own unit."""
+
+    def take(self, settings: Settings) -> tuple[int, float]:
+        return settings.stream_batch, STREAM_WINDOW_S
+
+    async def units(self, ctx: StageContext, batch: list[D]) -> AsyncIterator[list[D]]:
+        for d in batch:
+            yield [d]
+
+
+@dataclass(frozen=True)
+class PerPolicyRounds:
+    """Up to `update_batch` events of each of up to `policies` policies per unit."""
+
+    policies: int = 8
+
+    def take(self, settings: Settings) -> tuple[int, float]:
+        return settings.update_batch * self.policies, ROUNDS_WINDOW_S
+
+    async def units(self, ctx: StageContext, batch: list[D]) -> AsyncIterator[list[D]]:
+        for unit in rounds(batch, ctx.settings.update_batch):
+            yield unit
+
+
+class WithinInFlightRoom:
+    """Interactions of many policies per unit, each policy within its in-flight room."""
+
+    def take(self, settings: Settings) -> tuple[int, float]:
+        return settings.stream_batch, STREAM_WINDOW_S
+
+    async def units(self, ctx: StageContext, batch: list[D]) -> AsyncIterator[list[D]]:
+        s, state = ctx.settings, ctx.state
+        async for unit in units(batch, capacity=unit_capacity(s.group_size),
+                                limit=s.max_in_flight, in_flight=state.in_flight_many):
+            yield unit
+
+
+def rounds(batch: Sequence[D], size: int) -> list[list[D]]:
+    """Round k holds events k*size..(k+1)*size-1 of every policy, so a policy's groups keep
+    their order across rounds."""
+    by_policy: dict[str, list[D]] = {}
+    for d in batch:
+        by_policy.setdefault(d[1].policy_id, []).append(d)
+    count = max((len(ds) + size - 1) // size for ds in by_policy.values()) if batch else 0
+    return [[d for ds in by_policy.values() for d in ds[k * size:(k + 1) * size]]
+            for k in range(count)]
+
+
+ONE_BY_ONE = OneByOne()
