@@ -11,7 +11,7 @@ from typing import Any
 from safetensors.torch import load_file
 
 from workers.artifacts.store import ArtifactStore
-from workers.pipeline.state import RevisionPointer
+from workers.catalog.index import RevisionPointer
 from workers.serving.client import SGLangClient, SGLangError
 
 

@@ -17,6 +17,7 @@ import redis
 
 from infra import admin, services
 from infra.settings import Settings
+from workers.catalog.writer import Catalog
 
 INTEGRATION_DIR = Path(__file__).resolve().parent
 
@@ -86,6 +87,14 @@ def _delete_redis_keys(s: Settings) -> None:
             client.delete(*keys)
     finally:
         client.close()
+
+
+@pytest.fixture
+def catalog(settings: Settings) -> Iterator[Catalog]:
+    """The real catalog writer for this test's namespace (its topic and Redis index)."""
+    writer = Catalog(settings)
+    yield writer
+    writer.close()
 
 
 @pytest.fixture

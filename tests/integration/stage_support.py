@@ -4,7 +4,6 @@ and a stage's agent run in-process with channels for its outputs."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
@@ -13,15 +12,18 @@ from infra.settings import Settings
 from schemas.events import AdapterEvaluated, AdapterExported, PolicyUpdated
 from streams.app import create_app
 from streams.runner.runner import StageRunner
-from workers.pipeline import guards, stages
 from workers.pipeline.context import StageContext
+from workers.pipeline.evaluate import evaluate
+from workers.pipeline.export import export
+from workers.pipeline.promote import promote
+from workers.pipeline.state import score_key
 
 
 def export_step(ctx: StageContext, policy: str, step: int) -> AdapterExported:
     staged = ctx.store.stage(policy, step, {"w": torch.full((2, 2), float(step))})
     up = PolicyUpdated(policy_id=policy, step=step, loss=0.0, mean_reward=0.0, tokens=1,
                        checkpoint=str(staged))
-    (exported,) = stages.export(ctx, up)
+    (exported,) = export(ctx, up)
     assert isinstance(exported, AdapterExported)
     return exported
 
@@ -30,18 +32,16 @@ def evaluate_with(ctx: StageContext, exported: AdapterExported,
               scores: dict[int, float]) -> AdapterEvaluated:
     """Evaluate with known held-out scores (cached the way the evaluate stage caches them)."""
     heldout = ctx.state.heldout(exported.policy_id)
-    fp = hashlib.sha256("".join(h.event_id for h in heldout).encode()).hexdigest()[:12]
     for rev, score in scores.items():
-        ctx.state.cache_score(exported.policy_id, f"{rev}:{fp}", score)
-    (ev,) = stages.evaluate(ctx, exported)
+        ctx.state.cache_score(exported.policy_id, score_key(rev, heldout), score)
+    (ev,) = evaluate(ctx, exported)
     assert isinstance(ev, AdapterEvaluated)
     return ev
 
 
 def promote_guarded(ctx: StageContext, ev: AdapterEvaluated) -> list[Any]:
-    """What the guarded promote agent does: admission, then the stage."""
-    guards.admit(ctx, "promote", ev)
-    return stages.promote(ctx, ev)
+    """What the promote agent does: the stage checks the promotion still beats what serves."""
+    return promote(ctx, ev)
 
 
 def in_process_stage(settings: Settings, stage: str) -> tuple[Any, StageRunner]:

@@ -3,7 +3,7 @@ the index is wiped, and retention."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -12,11 +12,13 @@ import redis
 import torch
 
 from infra.settings import Settings, settings_env
-from schemas.catalog import LoraConfig, Provenance, RevisionEvaluated
+from schemas.catalog import LoraConfig
 from streams.cli.main import main
 from streams.sdk.watch import tail
+from tests.support.catalog import evaluate_and_promote, record
 from workers.artifacts.store import ArtifactStore
 from workers.catalog.gc import collect
+from workers.catalog.index import CatalogIndex
 from workers.catalog.lifecycle import (
     IllegalTransitionError,
     RetentionPolicy,
@@ -24,9 +26,7 @@ from workers.catalog.lifecycle import (
 )
 from workers.catalog.read import revisions_of
 from workers.catalog.writer import Catalog, CatalogError
-from workers.pipeline.state import PolicyState, RevisionPointer
 
-BASE_HASH = "cd" * 32
 PID = "alice"
 
 
@@ -38,36 +38,14 @@ def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Callable[..., in
     return lambda *argv: main(list(argv))
 
 
-@pytest.fixture
-def catalog(settings: Settings) -> Iterator[Catalog]:
-    cat = Catalog(settings)
-    yield cat
-    cat.close()
-
-
-def _provenance(step: int) -> Provenance:
-    return Provenance(parent_revision=0, base_model_hash=BASE_HASH, trainer_version="test",
-                      hyperparameters={"learning_rate": 0.01}, first_step=step, last_step=step,
-                      tokens=10 * step, started_ts=1.0, finished_ts=2.0)
-
-
 def _export(catalog: Catalog, store: ArtifactStore, step: int, pid: str = PID) -> int:
     """Write a real artifact and record it, as the export stage does."""
     ref = store.put_adapter({"w": torch.full((2, 2), float(step))}, {"r": 1})
-    catalog.register(pid, base_model="tiny", base_model_hash=BASE_HASH,
-                     lora=LoraConfig(rank=1, alpha=2.0, target_modules=("q_proj",)))
-    rec = catalog.record_revision(pid, step=step, sha256=ref.sha256, size_bytes=ref.size_bytes,
-                                  provenance=_provenance(step))
-    catalog.state.record_revision(pid, RevisionPointer(rec.revision, ref.sha256, str(ref.path)))
-    return rec.revision
+    return record(catalog, pid, ref.sha256, step, ref.size_bytes)
 
 
 def _evaluate_and_promote(catalog: Catalog, n: int, pid: str = PID) -> None:
-    catalog.record_evaluation(RevisionEvaluated(
-        policy_id=pid, revision=n, score=float(n), baseline_revision=n - 1,
-        baseline_score=n - 1.0, prompts=2, passed=True, reason="better"))
-    catalog.promote(pid, n, "better")
-    catalog.state.set_serving(pid, n)
+    evaluate_and_promote(catalog, pid, n)
 
 
 def test_lifecycle_numbering_and_illegal_moves(catalog: Catalog, settings: Settings) -> None:
@@ -101,13 +79,13 @@ def test_rollback_cli_moves_serving_hot_set_and_is_published(
     store = ArtifactStore(settings.artifacts)
     for step in (2, 4):
         _evaluate_and_promote(catalog, _export(catalog, store, step))
-    assert catalog.state.hot_set() == [f"{PID}@2"]
+    assert catalog.index.hot_set() == [f"{PID}@2"]
 
     assert cli("rollback", PID, "--reason", "regressed", "--json") == 0
     event = orjson.loads(capsys.readouterr().out)
     assert (event["from_revision"], event["to_revision"]) == (2, 1)
-    state = PolicyState(settings)
-    assert state.serving(PID).revision == 1 and state.hot_set() == [f"{PID}@1"]
+    index = CatalogIndex(settings)
+    assert index.serving(PID).revision == 1 and index.hot_set() == [f"{PID}@1"]
     entry = catalog.entry(PID)
     assert entry.serving == 1 and entry.revisions[2].state is RevisionState.ROLLED_BACK
     assert catalog.index.resolve(PID).revision == 1  # type: ignore[union-attr]
@@ -117,16 +95,16 @@ def test_rollback_cli_moves_serving_hot_set_and_is_published(
         catalog.promote(PID, 2, "redelivered evaluation")
 
     assert cli("rollback", PID, "--to", "0") == 0  # all the way back to the base model
-    assert state.serving(PID).revision == 0 and state.hot_set() == []
+    assert index.serving(PID).revision == 0 and index.hot_set() == []
     assert cli("rollback", PID) == 1  # nothing left to roll back
 
 
 def _snapshot(catalog: Catalog, settings: Settings) -> dict[str, Any]:
-    state = PolicyState(settings)
+    index = CatalogIndex(settings)
     return {
         pid: {"entry": catalog.index.get(pid), "revisions": revisions_of(settings, entry),
-              "resolve": catalog.index.resolve(pid), "serving": state.serving(pid),
-              "head": state.head(pid), "hot": sorted(state.hot_set())}
+              "resolve": catalog.index.resolve(pid), "serving": index.serving(pid),
+              "head": index.head(pid), "hot": sorted(index.hot_set())}
         for pid in sorted(catalog.index.policy_ids())
         if (entry := catalog.index.get(pid)) is not None
     }

@@ -34,6 +34,7 @@ from tests.integration.worker_support import produce_raw, read_topic, start_work
 from workers.catalog.index import CatalogIndex
 from workers.pipeline import guards
 from workers.pipeline.context import StageContext
+from workers.pipeline.promote import NotBetterError
 
 
 def _rewarded(policy: str, rewards: list[float], revision: int = 0) -> RolloutRewarded:
@@ -112,15 +113,15 @@ def test_worse_than_serving_is_never_promoted(ctx: StageContext) -> None:
     scores = {0: 0.2, 1: 0.6, 2: 0.5, 3: 0.4}
     ev1, ev2 = (evaluate_with(ctx, r, scores) for r in (r1, r2))
     assert ev2.passed and ev2.baseline_revision == 0  # evaluated before r1 served
-    assert len(promote_guarded(ctx, ev1)) == 1 and ctx.state.serving("p").revision == 1
-    with pytest.raises(guards.NotBetterError, match="r1 serves now"):
+    assert len(promote_guarded(ctx, ev1)) == 1 and ctx.index.serving("p").revision == 1
+    with pytest.raises(NotBetterError, match="r1 serves now"):
         promote_guarded(ctx, ev2)  # beat r0 when evaluated, but r1 serves now and is better
     worse = evaluate_with(ctx, r3, scores)
     assert not worse.passed and promote_guarded(ctx, worse) == []
     forged = worse.model_copy(update={"passed": True})
-    with pytest.raises(guards.NotBetterError, match="not above serving"):
+    with pytest.raises(NotBetterError, match="not above serving"):
         promote_guarded(ctx, forged)
-    assert ctx.state.serving("p").revision == 1
+    assert ctx.index.serving("p").revision == 1
     entry = CatalogIndex(ctx.settings).get("p")
     assert entry is not None and entry.serving == 1
 
@@ -129,7 +130,7 @@ def test_low_online_reward_rolls_serving_back(ctx: StageContext) -> None:
     r1, r2, _ = _three_revisions(ctx)
     for exported, scores in ((r1, {0: 0.1, 1: 0.5}), (r2, {1: 0.5, 2: 0.9})):
         assert len(promote_guarded(ctx, evaluate_with(ctx, exported, scores))) == 1
-    assert ctx.state.serving("p").revision == 2
+    assert ctx.index.serving("p").revision == 2
     good = [_rewarded("p", [0.9, 0.8], revision=2) for _ in range(3)]
     assert guards.observe_rewards(ctx, good) == []
     not_serving = [_rewarded("p", [0.0, 0.0], revision=1) for _ in range(5)]
@@ -138,7 +139,7 @@ def test_low_online_reward_rolls_serving_back(ctx: StageContext) -> None:
     rolled = guards.observe_rewards(ctx, bad)
     assert [(e.from_revision, e.to_revision) for e in rolled] == [(2, 1)]
     assert "online reward" in rolled[0].reason
-    assert ctx.state.serving("p").revision == 1 and ctx.state.hot_set() == ["p@1"]
+    assert ctx.index.serving("p").revision == 1 and ctx.index.hot_set() == ["p@1"]
     announced = wait_for(lambda: _of(ctx.settings, "promotions", "policy_rolled_back"), 30)
     assert announced[0]["to_revision"] == 1
     entry = CatalogIndex(ctx.settings).get("p")
@@ -166,12 +167,12 @@ def test_serving_guards_hold_in_a_worker_process(ctx: StageContext, tmp_path: Pa
         letter = wait_for(lambda: read_topic(ctx.settings, "dead-letters"), 120, interval=0.5,
                           message="the forged promotion dead-lettered")
         assert letter[0]["stage"] == "promote" and "not above serving" in letter[0]["error"]
-        assert ctx.state.serving("p").revision == 2
+        assert ctx.index.serving("p").revision == 2
         produce_raw(ctx.settings, "rollouts", [(b"p", encode_event(e)) for e in poor])
         rolled = wait_for(lambda: _of(ctx.settings, "promotions", "policy_rolled_back"), 120,
                           interval=0.5, message="serving rolled back by the reward worker")
     finally:
         stop_worker(proc, log)
     assert (rolled[0]["from_revision"], rolled[0]["to_revision"]) == (2, 1)
-    assert ctx.state.serving("p").revision == 1
+    assert ctx.index.serving("p").revision == 1
     assert _of(ctx.settings, "promotions", "policy_promoted") == []  # the worker promoted none

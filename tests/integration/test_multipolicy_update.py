@@ -19,8 +19,8 @@ from schemas.errors import PoisonEventError, PolicyFailures
 from schemas.events import Completion, RolloutRewarded
 from streams.runner.runner import Received
 from tests.integration.stage_support import in_process_stage
-from workers.pipeline import stages
 from workers.pipeline.context import StageContext
+from workers.pipeline.update import update
 
 BAD_TOKEN = 10**6
 
@@ -61,7 +61,7 @@ def _count_passes(ctx: StageContext) -> list[list[str]]:
 def test_update_steps_many_policies_in_one_call(ctx: StageContext) -> None:
     calls = _count_passes(ctx)
     events = [_rewarded("a", 0), _rewarded("b", 1), _rewarded("a", 2), _rewarded("c", 3)]
-    outputs = stages.update(ctx, events)
+    outputs = update(ctx, events)
     assert calls == [["a", "b", "c"]]
     assert [(o.policy_id, o.step) for o in outputs] == [("a", 1), ("b", 1), ("c", 1)]
     a = next(o for o in outputs if isinstance(o, PolicyUpdated) and o.policy_id == "a")
@@ -71,12 +71,12 @@ def test_update_steps_many_policies_in_one_call(ctx: StageContext) -> None:
 
 def test_a_failing_policy_does_not_cost_the_others_their_step(ctx: StageContext) -> None:
     with pytest.raises(PolicyFailures) as info:
-        stages.update(ctx, [_rewarded("a", 0), _rewarded("bad", 1, token=BAD_TOKEN)])
+        update(ctx, [_rewarded("a", 0), _rewarded("bad", 1, token=BAD_TOKEN)])
     assert [o.policy_id for o in info.value.outputs] == ["a"]  # type: ignore[attr-defined]
     assert isinstance(info.value.failures["bad"], PoisonEventError)
     assert ctx.trainer.steps_done("a") == 1
     with pytest.raises(PoisonEventError):  # alone: the policy's own error, as before
-        stages.update(ctx, [_rewarded("bad", 2, token=BAD_TOKEN)])
+        update(ctx, [_rewarded("bad", 2, token=BAD_TOKEN)])
 
 
 async def test_runner_sends_good_policies_and_dead_letters_only_the_bad(

@@ -23,7 +23,8 @@ from schemas.codec import encode_event
 from schemas.events import AdapterEvaluated, AdapterExported, PolicyPromoted, PolicyUpdated
 from tests.helpers import wait_for
 from tests.integration.ops_helpers import commit, free_port, produce
-from workers.pipeline.state import PolicyState, RevisionPointer
+from tests.support.catalog import evaluate_and_promote, record
+from workers.catalog.writer import Catalog
 from workers.serving.assignment import engine_key, register_engine
 
 pytestmark = pytest.mark.integration
@@ -64,9 +65,9 @@ def _write_pipeline(settings: Settings, redis_client: redis.Redis) -> None:
         producer.send(settings.topic(topic), key=PID.encode(), value=encode_event(event))
     producer.flush(timeout=30)
     producer.close()
-    state = PolicyState(settings, redis_client)
-    state.record_revision(PID, RevisionPointer(revision=1, sha256=SHA, path="/a/r1"))
-    state.set_serving(PID, 1)
+    catalog = Catalog(settings, redis_client)
+    evaluate_and_promote(catalog, PID, record(catalog, PID, SHA, step=3))
+    catalog.close()
     # One serving engine holding the promoted adapter, as its controller would publish it.
     register_engine(settings, redis_client, "engine-a", "http://127.0.0.1:9")
     redis_client.zadd(engine_key(settings, "engine-a", "assigned"), {f"{PID}@1": 1.0})

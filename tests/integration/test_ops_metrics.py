@@ -29,6 +29,7 @@ from schemas.events import (
 from streams.ops import metrics
 from tests.helpers import wait_for
 from tests.integration.ops_helpers import free_port
+from workers.serving import metrics as serving_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -61,9 +62,9 @@ def test_record_output_updates_the_metric_of_each_kind() -> None:
     assert _value("lorastream_serving_revision", policy=pid) == 1
 
     engine = f"e{pid}"
-    metrics.set_hot_set(engine, 3)
-    metrics.set_residency(engine, "gpu", 2)
-    metrics.note_cold_load(engine)
+    serving_metrics.set_hot_set(engine, 3)
+    serving_metrics.set_residency(engine, "gpu", 2)
+    serving_metrics.note_cold_load(engine)
     assert _value("lorastream_hot_set_size", engine=engine) == 3
     assert _value("lorastream_adapters", engine=engine, state="gpu") == 2
     assert _value("lorastream_cold_loads_total", engine=engine) == 1

@@ -29,12 +29,13 @@ from tests.helpers import wait_for
 from tests.integration.stage_support import evaluate_with, export_step, promote_guarded
 from tests.integration.worker_support import produce_raw
 from tests.serving_support import make_adapter
+from tests.support.catalog import serve
 from workers.artifacts.store import WEIGHTS_FILE, ArtifactStore, adapter_config
 from workers.catalog.index import CatalogIndex
+from workers.catalog.writer import Catalog
 from workers.models.base import LoraSpec
-from workers.pipeline import guards, stages
+from workers.pipeline import guards, rollout
 from workers.pipeline.context import StageContext
-from workers.pipeline.state import PolicyState, RevisionPointer
 from workers.serving.client import SGLangClient, SGLangError
 
 TOKEN = "engine-admin-token"
@@ -47,12 +48,12 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _snapshot(ctx: StageContext) -> dict[str, Any]:
-    state, entry = ctx.state, CatalogIndex(ctx.settings).get("p")
+    index, entry = ctx.index, ctx.index.get("p")
     assert entry is not None
-    return {"head": state.head("p").revision, "serving": state.serving("p").revision,
-            "hot": state.hot_set(),
-            "revisions": {n: state.revision("p", n).sha256 for n in (1, 2)},
-            "heldout": sorted(h.event_id for h in state.heldout("p")),
+    return {"head": index.head("p").revision, "serving": index.serving("p").revision,
+            "hot": index.hot_set(),
+            "revisions": {n: index.revision("p", n).sha256 for n in (1, 2)},
+            "heldout": sorted(h.event_id for h in ctx.state.heldout("p")),
             "catalog": (entry.serving, entry.candidate, sorted(entry.revisions))}
 
 
@@ -64,7 +65,7 @@ def test_redis_flushed_and_rebuilt_from_the_catalog(settings: Settings,
     train = InteractionLogged(policy_id="p", prompt="train?")
     produce_raw(settings, "interactions", [(b"p", encode_event(e)) for e in [*held, train]]
                 + [(b"p", b"{not json")])
-    stages.store_heldout(ctx, held)  # what the rollout stage did with them
+    rollout.store_heldout(ctx, held)  # what the rollout stage did with them
     r1, r2 = export_step(ctx, "p", 2), export_step(ctx, "p", 4)
     assert len(promote_guarded(ctx, evaluate_with(ctx, r1, {0: 0.1, 1: 0.5}))) == 1
     before = _snapshot(ctx)
@@ -73,13 +74,13 @@ def test_redis_flushed_and_rebuilt_from_the_catalog(settings: Settings,
 
     keys = list(redis_client.scan_iter(match=f"{settings.redis_prefix}*"))
     redis_client.delete(*keys)  # the namespace's FLUSHDB
-    assert ctx.state.head("p").revision == 0 and CatalogIndex(settings).get("p") is None
+    assert ctx.index.head("p").revision == 0 and CatalogIndex(settings).get("p") is None
 
     done = _cli(settings, "catalog", "rebuild", "--json")
     assert done.returncode == 0, done.stderr
     assert _snapshot(ctx) == before  # held-out prompts too: replayed from `interactions`
     r3 = export_step(ctx, "p", 6)  # numbering continues without a gap or a reuse
-    assert r3.revision == 3 and ctx.state.head("p").revision == 3
+    assert r3.revision == 3 and ctx.index.head("p").revision == 3
     del r2
     ctx.catalog.close()
 
@@ -92,7 +93,8 @@ def engine_port() -> int:
 
 
 @pytest.fixture
-def served(settings: Settings, tiny_model_dir: Path, tmp_path: Path) -> Settings:
+def served(settings: Settings, tiny_model_dir: Path, tmp_path: Path,
+           catalog: Catalog) -> Settings:
     """alice@1 in the artifact store, recorded, serving: the hot set an engine must hold."""
     run = settings.model_copy(update={"base_model": tiny_model_dir,
                                       "engine_admin_token": TOKEN})
@@ -100,9 +102,7 @@ def served(settings: Settings, tiny_model_dir: Path, tmp_path: Path) -> Settings
     tensors = safetensors.torch.load_file(str(src / WEIGHTS_FILE))
     ref = ArtifactStore(run.artifacts).put_adapter(
         tensors, adapter_config(LoraSpec(), str(tiny_model_dir)))
-    state = PolicyState(run)
-    state.record_revision("alice", RevisionPointer(1, sha256=ref.sha256, path=str(ref.path)))
-    state.set_serving("alice", 1)
+    serve(catalog, "alice", ref.sha256)
     return run
 
 

@@ -30,10 +30,11 @@ from tests.integration.stage_support import in_process_stage
 from tests.integration.worker_support import produce_raw, read_topic, start_worker, stop_worker
 from tests.rollout_support import Calls, stored_revision
 from tests.serving_support import make_adapter
+from tests.support.catalog import record
 from workers.artifacts.store import ArtifactStore
-from workers.pipeline import stages
+from workers.catalog.writer import Catalog
 from workers.pipeline.context import StageContext
-from workers.pipeline.state import PolicyState
+from workers.pipeline.rollout import rollout
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
 from workers.serving.server import ServerThread
 
@@ -49,14 +50,16 @@ def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture
-def run(settings: Settings, tiny_model_dir: Path, adapter_dirs: list[Path]) -> Settings:
-    """Small groups; p0..p2 have exported heads (r1..r3) in Redis and the artifact store."""
+def run(settings: Settings, tiny_model_dir: Path, adapter_dirs: list[Path],
+        catalog: Catalog) -> Settings:
+    """Small groups; p0..p2 have exported heads (r1..r3) in the catalog and the artifact store."""
     s = settings.model_copy(update={"base_model": tiny_model_dir, "group_size": 2,
                                     "max_new_tokens": 4, "max_in_flight": 2})
-    state, store = PolicyState(s), ArtifactStore(s.artifacts)
+    store = ArtifactStore(s.artifacts)
     for i, path in enumerate(adapter_dirs):
-        state.record_revision(f"p{i}", stored_revision(store, path, i + 1))
-    state.r.close()
+        sha = stored_revision(store, path, i + 1).sha256
+        for step in range(1, i + 2):
+            record(catalog, f"p{i}", str(sha), step)
     return s
 
 
@@ -105,7 +108,7 @@ async def test_a_batch_of_four_policies_is_one_engine_call_and_a_poison_fails_al
         assert ctx.state.in_flight(policy) == 2
     assert ctx.state.in_flight_many([*POLICIES, "never-seen"]) == {
         **dict.fromkeys(POLICIES, 2), "never-seen": 0}
-    (alone,) = stages.rollout(ctx, train[1])  # the one-event path: same id, same samples
+    (alone,) = rollout(ctx, train[1])  # the one-event path: same id, same samples
     assert isinstance(alone, RolloutGenerated)
     assert (alone.event_id, alone.revision) == (sent[1].event_id, sent[1].revision)
     assert [c.token_ids for c in alone.completions] == [c.token_ids for c in sent[1].completions]

@@ -15,9 +15,10 @@ from prometheus_client import REGISTRY
 from infra.settings import Settings
 from tests.helpers import wait_for_async
 from tests.serving_support import base_dir, make_adapter
+from tests.support.catalog import evaluate_and_promote, record
 from workers.artifacts.store import WEIGHTS_FILE, ArtifactStore, adapter_config
+from workers.catalog.writer import Catalog
 from workers.models.base import LoraSpec
-from workers.pipeline.state import PolicyState, RevisionPointer
 from workers.serving.assignment import set_pinned
 from workers.serving.client import SGLangClient
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
@@ -38,24 +39,22 @@ def engine_url(base_dir: Path) -> Iterator[str]:
         yield server.url
 
 
-def publish(settings: Settings, base: Path, tmp: Path, policy: str, revision: int,
+def publish(catalog: Catalog, base: Path, tmp: Path, policy: str, revision: int,
             seed: int) -> str:
     """Export a revision into the artifact store and record it, as the export stage does."""
     src = make_adapter(base, tmp / f"{policy}-{revision}", seed=seed, scale=0.5)
     tensors = safetensors.torch.load_file(str(src / WEIGHTS_FILE))
-    ref = ArtifactStore(settings.artifacts).put_adapter(tensors,
-                                                        adapter_config(LoraSpec(), str(base)))
-    PolicyState(settings).record_revision(
-        policy, RevisionPointer(revision, sha256=ref.sha256, path=str(ref.path)))
+    ref = ArtifactStore(catalog.settings.artifacts).put_adapter(
+        tensors, adapter_config(LoraSpec(), str(base)))
+    assert record(catalog, policy, ref.sha256, step=revision) == revision
     return ref.sha256
 
 
 def test_promoted_revision_serves_through_router(settings: Settings, redis_client: redis.Redis,
                                                  base_dir: Path, engine_url: str,
-                                                 tmp_path: Path) -> None:
-    state = PolicyState(settings, redis_client)
-    publish(settings, base_dir, tmp_path, "alice", 1, seed=1)
-    state.set_serving("alice", 1)
+                                                 tmp_path: Path, catalog: Catalog) -> None:
+    publish(catalog, base_dir, tmp_path, "alice", 1, seed=1)
+    evaluate_and_promote(catalog, "alice", 1)
     direct = SGLangClient(engine_url)
 
     async def scenario() -> None:
@@ -72,8 +71,8 @@ def test_promoted_revision_serves_through_router(settings: Settings, redis_clien
             (base,) = await asyncio.to_thread(direct.generate, "hello", sampling_params=PARAMS)
             assert gen.logprobs != base.logprobs  # the adapter, not the base, answered
 
-            publish(settings, base_dir, tmp_path, "alice", 2, seed=2)
-            state.set_serving("alice", 2)  # promotion: alias + hot set move together
+            publish(catalog, base_dir, tmp_path, "alice", 2, seed=2)
+            evaluate_and_promote(catalog, "alice", 2)  # promotion: alias + hot set move together
             await wait_for_async(lambda: _route_name(router, "alice"), 15.0, "alice@2 routed")
             await wait_for_async(lambda: _state(ctl, "alice@1", Residency.EVICTED), 15.0,
                         "alice@1 drained")
@@ -113,15 +112,14 @@ async def _state(ctl: ResidencyController, name: str, want: Residency) -> bool:
 
 def test_tampered_artifact_fails_cleanly_and_waves_are_bounded(
         settings: Settings, redis_client: redis.Redis, base_dir: Path, engine_url: str,
-        tmp_path: Path) -> None:
-    state = PolicyState(settings, redis_client)
-    bad_sha = publish(settings, base_dir, tmp_path, "eve", 1, seed=3)
+        tmp_path: Path, catalog: Catalog) -> None:
+    bad_sha = publish(catalog, base_dir, tmp_path, "eve", 1, seed=3)
     weights = ArtifactStore(settings.artifacts).adapter_path(bad_sha) / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # corrupt at rest
-    state.set_serving("eve", 1)
+    evaluate_and_promote(catalog, "eve", 1)
     for i in range(6):
-        publish(settings, base_dir, tmp_path, f"p{i}", 1, seed=10 + i)
-        state.set_serving(f"p{i}", 1)
+        publish(catalog, base_dir, tmp_path, f"p{i}", 1, seed=10 + i)
+        evaluate_and_promote(catalog, f"p{i}", 1)
 
     async def scenario() -> None:
         stop = asyncio.Event()

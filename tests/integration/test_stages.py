@@ -16,8 +16,13 @@ from infra.settings import Settings
 from schemas import AdapterEvaluated, AdapterExported, InteractionLogged, PolicyUpdated
 from schemas.errors import PoisonEventError
 from workers.models.base import load_base_model
-from workers.pipeline import stages
 from workers.pipeline.context import StageContext
+from workers.pipeline.evaluate import evaluate
+from workers.pipeline.export import export
+from workers.pipeline.promote import promote
+from workers.pipeline.reward import reward
+from workers.pipeline.rollout import rollout
+from workers.pipeline.update import update
 
 
 @pytest.fixture
@@ -33,62 +38,63 @@ def _train(policy: str, i: int) -> InteractionLogged:
 
 
 def _through_update(ctx: StageContext, interaction: InteractionLogged) -> PolicyUpdated:
-    (ro,) = stages.rollout(ctx, interaction)
-    (rw,) = stages.reward(ctx, ro)
-    (up,) = stages.update(ctx, [rw])
+    (ro,) = rollout(ctx, interaction)
+    (rw,) = reward(ctx, ro)
+    (up,) = update(ctx, [rw])
     assert isinstance(up, PolicyUpdated)
     return up
 
 
 def test_heldout_prompts_are_stored_not_sampled(ctx: StageContext) -> None:
     ev = InteractionLogged(policy_id="p", prompt="held out?", task="length", split="eval")
-    assert stages.rollout(ctx, ev) == []
-    assert stages.rollout(ctx, ev) == []  # redelivery: still one held-out prompt
+    assert rollout(ctx, ev) == []
+    assert rollout(ctx, ev) == []  # redelivery: still one held-out prompt
     assert [h.event_id for h in ctx.state.heldout("p")] == [ev.event_id]
 
 
 def test_unknown_task_is_poison_before_any_sampling(ctx: StageContext) -> None:
     ev = InteractionLogged(policy_id="p", prompt="x?", task="nope")
     with pytest.raises(PoisonEventError, match="unknown reward function 'nope'"):
-        stages.rollout(ctx, ev)
+        rollout(ctx, ev)
 
 
 def test_rollout_is_reproducible_for_a_redelivered_interaction(ctx: StageContext) -> None:
     ev = _train("p", 0)
-    (a,) = stages.rollout(ctx, ev)
-    (b,) = stages.rollout(ctx, ev)
+    (a,) = rollout(ctx, ev)
+    (b,) = rollout(ctx, ev)
     assert a.event_id == b.event_id
     assert [c.token_ids for c in a.completions] == [c.token_ids for c in b.completions]
     assert len(a.completions) == 4 and a.revision == 0
 
 
 def test_chain_exports_evaluates_and_promotes(ctx: StageContext, tiny_model_dir: Path) -> None:
-    stages.rollout(ctx, InteractionLogged(policy_id="p", prompt="held?", task="length",
+    rollout(ctx, InteractionLogged(policy_id="p", prompt="held?", task="length",
                                           task_params={"target_chars": 0}, split="eval"))
     first = _through_update(ctx, _train("p", 0))
     assert first.step == 1 and first.checkpoint is None
-    assert stages.export(ctx, first) == []
+    assert export(ctx, first) == []
     second = _through_update(ctx, _train("p", 1))
     assert second.step == 2 and second.checkpoint is not None
 
-    (exp,) = stages.export(ctx, second)
+    (exp,) = export(ctx, second)
     assert isinstance(exp, AdapterExported) and exp.revision == 1
-    (again,) = stages.export(ctx, second)  # redelivered update: same revision, same artifact
+    (again,) = export(ctx, second)  # redelivered update: same revision, same artifact
     assert (again.revision, again.sha256, again.event_id) == (1, exp.sha256, exp.event_id)
-    assert ctx.state.head("p").revision == 1
+    assert ctx.index.head("p").revision == 1
     files = sorted(p.name for p in Path(exp.path).iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
 
-    (ev,) = stages.evaluate(ctx, exp)
+    (ev,) = evaluate(ctx, exp)
     assert isinstance(ev, AdapterEvaluated)
     assert ev.baseline_revision == 0 and ev.prompts == 1
-    forced = ev.model_copy(update={"passed": True})
-    (promo,) = stages.promote(ctx, forced)
+    # A passed verdict, consistent with its scores (the promote stage checks them again).
+    forced = ev.model_copy(update={"passed": True, "score": ev.baseline_score + 1.0})
+    (promo,) = promote(ctx, forced)
     assert promo.serve_name == "p@1"
-    assert ctx.state.serving("p").revision == 1
-    assert ctx.state.hot_set() == ["p@1"]
-    assert stages.promote(ctx, forced) == []  # idempotent
-    assert stages.promote(ctx, ev.model_copy(update={"passed": False})) == []
+    assert ctx.index.serving("p").revision == 1
+    assert ctx.index.hot_set() == ["p@1"]
+    assert promote(ctx, forced) == []  # idempotent
+    assert promote(ctx, ev.model_copy(update={"passed": False})) == []
 
     base, tok = load_base_model(tiny_model_dir)
     ids = tok("hello there", return_tensors="pt")["input_ids"]
@@ -102,7 +108,7 @@ def test_export_refuses_a_checkpoint_outside_the_store(ctx: StageContext) -> Non
     up = PolicyUpdated(policy_id="p", step=2, loss=0.0, mean_reward=0.0, tokens=1,
                        checkpoint="/etc/passwd")
     with pytest.raises(PoisonEventError, match="outside the artifact store"):
-        stages.export(ctx, up)
+        export(ctx, up)
 
 
 def test_embedded_engine_runs_on_the_configured_threads(ctx: StageContext) -> None:

@@ -20,9 +20,9 @@ from schemas.events import InteractionLogged, RolloutGenerated
 from tests.rollout_support import Calls, stored_revision
 from tests.serving_support import base_dir, make_adapter  # noqa: F401  (fixture)
 from workers.artifacts.store import ArtifactStore
-from workers.pipeline import stages
+from workers.catalog.index import BASE, RevisionPointer
 from workers.pipeline.context import StageContext
-from workers.pipeline.state import BASE, RevisionPointer
+from workers.pipeline.rollout import rollout, rollout_many
 from workers.serving.client import SGLangClient, SGLangError
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
 from workers.serving.sampling import EngineSampler, Sample, SampleRequest
@@ -84,7 +84,8 @@ def test_generate_many_mixes_adapters_in_one_call_with_the_single_path_samples(
 
 
 class HeadsOnly:
-    """The bit of `PolicyState` the rollout stage reads: training heads, held-out prompts."""
+    """The bits of the catalog index and `PolicyState` the rollout stage reads: training heads,
+    held-out prompts."""
 
     def __init__(self, heads: dict[str, RevisionPointer]) -> None:
         self.heads = heads
@@ -106,7 +107,8 @@ def ctx(sampler: EngineSampler, base_dir: Path, adapter_dirs: list[Path],  # noq
     store = ArtifactStore(settings.artifacts)
     heads = {"alice": stored_revision(store, adapter_dirs[0], 1),
              "bob": stored_revision(store, adapter_dirs[1], 2)}
-    return StageContext(settings=settings, state=HeadsOnly(heads),  # type: ignore[arg-type]
+    both = HeadsOnly(heads)
+    return StageContext(settings=settings, state=both, index=both,  # type: ignore[arg-type]
                         _engine=sampler, _store=store)
 
 
@@ -129,7 +131,7 @@ def test_rollout_many_samples_every_policy_in_one_call_as_the_single_path_does(
     train = [_train("alice", 0), _train("bob", 1), _train("carol", 2), _train("alice", 3)]
     held = InteractionLogged(policy_id="bob", prompt="held?", task="length", split="eval")
     calls = Calls(ctx.engine.client)
-    outs = stages.rollout_many(ctx, [train[0], held, *train[1:]])
+    outs = rollout_many(ctx, [train[0], held, *train[1:]])
     assert calls.n == 1
     assert set(calls.lora_paths[0]) == {"alice@1", "bob@2", None}
     assert all(isinstance(o, RolloutGenerated) for o in outs)
@@ -137,7 +139,7 @@ def test_rollout_many_samples_every_policy_in_one_call_as_the_single_path_does(
     assert [o.revision for o in outs] == [1, 2, 0, 1]  # type: ignore[attr-defined]
     assert ctx.state.heldout == [held]  # type: ignore[attr-defined]
     for interaction, out in zip(train, outs, strict=True):
-        (alone,) = stages.rollout(ctx, interaction)
+        (alone,) = rollout(ctx, interaction)
         assert isinstance(out, RolloutGenerated) and isinstance(alone, RolloutGenerated)
         _same_rollout(out, alone)
         assert len(out.completions) == 3
@@ -149,7 +151,7 @@ def test_a_poison_interaction_fails_alone(ctx: StageContext) -> None:
     bad = _train("alice", 5, task="no-such-reward")
     calls = Calls(ctx.engine.client)
     with pytest.raises(EventFailures) as failed:
-        stages.rollout_many(ctx, [good[0], bad, *good[1:]])
+        rollout_many(ctx, [good[0], bad, *good[1:]])
     assert list(failed.value.failures) == [bad.event_id]
     assert isinstance(failed.value.failures[bad.event_id], PoisonEventError)
     assert "unknown reward function 'no-such-reward'" in str(failed.value.failures[bad.event_id])
@@ -157,7 +159,7 @@ def test_a_poison_interaction_fails_alone(ctx: StageContext) -> None:
         g.event_id for g in good]
     assert calls.n == 1
     with pytest.raises(PoisonEventError):  # alone, the error is raised as is
-        stages.rollout(ctx, bad)
+        rollout(ctx, bad)
 
 
 def test_a_policy_the_engine_refuses_fails_only_its_own_interactions(
@@ -170,7 +172,7 @@ def test_a_policy_the_engine_refuses_fails_only_its_own_interactions(
     calls = Calls(ctx.engine.client)
     calls.refuse = lambda paths: "bob@2" in paths
     with pytest.raises(EventFailures) as failed:
-        stages.rollout_many(ctx, interactions)
+        rollout_many(ctx, interactions)
     failures = failed.value.failures
     assert sorted(failures) == sorted(interactions[i].event_id for i in (1, 2, 4))
     assert isinstance(failures[interactions[1].event_id], SGLangError)
