@@ -124,7 +124,7 @@ def bare_worker() -> None:
     import faust
 
     from streams.app import faust_app, topic
-    from streams.runner.runner import STREAM_WINDOW_S
+    from workers.pipeline.units import STREAM_WINDOW_S
 
     settings = Settings()
     app = faust_app(settings, group_id(settings, ["rollout"]))
