@@ -41,10 +41,11 @@ import torch
 from loadtests._smollm2 import smollm2_dir
 from workers.artifacts.store import ArtifactStore, adapter_config, fsync_path
 from workers.models.base import LoraSpec, load_base_model
+from workers.reference.trainer import PolicyTrainer
 from workers.serving.client import SGLangClient
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
 from workers.serving.server import ServerThread
-from workers.training.grpo import PolicyTrainer, TrainGroup
+from workers.training.grpo import TrainGroup
 
 PROMPT = "What is the capital of France?"
 FIRST_ANSWER = {"max_new_tokens": 1, "temperature": 0.0}

@@ -19,7 +19,8 @@ from workers.artifacts.store import (
     serialize_tensors,
 )
 from workers.models.base import LoraSpec, load_base_model
-from workers.training.grpo import PolicyTrainer, TrainGroup
+from workers.reference.trainer import PolicyTrainer
+from workers.training.grpo import TrainGroup
 
 LORA = LoraSpec(rank=2, alpha=4.0)
 

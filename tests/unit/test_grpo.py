@@ -11,9 +11,9 @@ from schemas.events import InteractionLogged
 from workers.artifacts.store import ArtifactStore, adapter_config
 from workers.models.base import LoraSpec
 from workers.reference.sampler import LocalEngine
+from workers.reference.trainer import PolicyTrainer
 from workers.rewards.functions import score_completions
 from workers.training.grpo import (
-    PolicyTrainer,
     TrainGroup,
     group_advantages,
     grpo_loss,

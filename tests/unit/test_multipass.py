@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig
 
-from workers.training.grpo import TrainGroup, _make_batch
+from workers.training.grpo import TrainGroup, make_batch
 from workers.training.multipass import concat, pack, token_activation_mb
 
 
@@ -26,8 +26,8 @@ def test_token_estimate_scales_with_layers_widths_and_dtype() -> None:
 
 
 def test_concat_right_pads_each_policy_batch() -> None:
-    a = _make_batch([TrainGroup([1, 2], [[3], [4, 5]], [[-1.0], [-1.0, -2.0]], [0.0, 1.0])], 0)
-    b = _make_batch([TrainGroup([7], [[8, 9, 10]], [[-3.0, -3.0, -3.0]], [2.0])], 0)
+    a = make_batch([TrainGroup([1, 2], [[3], [4, 5]], [[-1.0], [-1.0, -2.0]], [0.0, 1.0])], 0)
+    b = make_batch([TrainGroup([7], [[8, 9, 10]], [[-3.0, -3.0, -3.0]], [2.0])], 0)
     both = concat([a, b], pad_id=0)
     assert both.ids.tolist() == [[1, 2, 3, 0], [1, 2, 4, 5], [7, 8, 9, 10]]
     assert both.cmask.sum(dim=1).tolist() == [1, 2, 3]

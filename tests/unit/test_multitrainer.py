@@ -13,7 +13,8 @@ from peft import PeftModel
 from schemas.errors import PoisonEventError, TrainingRejected
 from workers.artifacts.store import ArtifactStore, adapter_config
 from workers.models.base import LoraSpec, load_base_model
-from workers.training.grpo import PolicyTrainer, StepResult, TrainGroup
+from workers.reference.trainer import PolicyTrainer
+from workers.training.grpo import StepResult, TrainGroup
 from workers.training.multitrainer import MultiPolicyTrainer
 
 PROMPTS = {"a": ["What is 2+2?", "Say hi"], "b": ["Name a color"],

@@ -9,7 +9,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from workers.models.base import LoraSpec
-from workers.training.grpo import TrainGroup, _make_batch
+from workers.training.grpo import TrainGroup, make_batch
 from workers.training.multipass import concat
 from workers.training.multitrainer import MultiPolicyTrainer
 from workers.training.sharedprefix import packed_shape, share_prefixes
@@ -21,7 +21,7 @@ def _group(prompt: list[int], completions: list[list[int]]) -> TrainGroup:
 
 
 def test_rows_of_one_prompt_and_slot_share_one_sequence() -> None:
-    batch = _make_batch([_group([5, 6], [[7], [8, 9]]), _group([5], [[3, 4]])], pad_id=0)
+    batch = make_batch([_group([5, 6], [[7], [8, 9]]), _group([5], [[3, 4]])], pad_id=0)
     packed = share_prefixes(batch, [0, 0, 0], pad_id=0)
     assert packed.ids.tolist() == [[5, 6, 7, 8, 9], [5, 3, 4, 0, 0]]
     assert packed.positions.tolist() == [[0, 1, 2, 2, 3], [0, 1, 2, 0, 0]]
@@ -60,7 +60,7 @@ def test_packed_logps_and_grads_equal_the_row_layout(tiny_model_dir: Path, keep_
                 p.normal_(0.0, 0.05, generator=gen)  # B != 0: the adapters matter
         groups = [_group(pr, [torch.randint(5, 60, (n,), generator=gen).tolist()
                               for n in (3, 1, 4)]) for pr in prompts]
-        batches.append(_make_batch(groups, trainer._pad_id))
+        batches.append(make_batch(groups, trainer._pad_id))
         slots += [slot] * batches[-1].ids.shape[0]
     batch = concat(batches, trainer._pad_id)
     weights = torch.randn(batch.ids.shape[0], batch.ids.shape[1] - 1, generator=gen,

@@ -30,13 +30,14 @@ HYPERPARAMETERS = ("group_size", "max_new_tokens", "temperature", "learning_rate
 
 @functools.cache
 def trainer_version() -> str:
-    """Package version plus a hash of the GRPO trainer's source: changes whenever the code that
-    computes the update does, even between releases."""
+    """Package version plus a hash of the trainer's source (GRPO's math and the multi-policy
+    step): changes whenever the code that computes the update does, even between releases."""
     try:
         version = importlib.metadata.version("lorastream")
     except importlib.metadata.PackageNotFoundError:
         version = "0+unknown"
-    source = (Path(__file__).parents[1] / "training" / "grpo.py").read_bytes()
+    training = Path(__file__).parents[1] / "training"
+    source = b"".join((training / name).read_bytes() for name in ("grpo.py", "multitrainer.py"))
     return f"lorastream {version} grpo:{hashlib.sha256(source).hexdigest()[:12]}"
 
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PretrainedConfig
 
-from workers.training.grpo import _Batch
+from workers.training.grpo import Batch
 
 PASS_ACTIVATION_MB = 160.0
 """Default budget (MiB of `token_activation_mb` x padded tokens) for one pass of a joint step:
@@ -61,14 +61,14 @@ def pack(shapes: Sequence[tuple[int, int]], token_mb: float,
     return passes
 
 
-def concat(batches: list[_Batch], pad_id: int) -> _Batch:
+def concat(batches: list[Batch], pad_id: int) -> Batch:
     """Stack per-policy batches (right-padded to one width) in the given order."""
     width = max(b.ids.shape[1] for b in batches)
 
     def pad(t: torch.Tensor, w: int, value: float) -> torch.Tensor:
         return torch.nn.functional.pad(t, (0, w - t.shape[1]), value=value)
 
-    return _Batch(
+    return Batch(
         ids=torch.cat([pad(b.ids, width, pad_id) for b in batches]),
         attention=torch.cat([pad(b.attention, width, 0) for b in batches]),
         cmask=torch.cat([pad(b.cmask, width, 0) for b in batches]),

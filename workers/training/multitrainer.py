@@ -29,13 +29,13 @@ from schemas.errors import PoisonEventError, TrainingRejected
 from workers.models.base import LoraSpec, load_base_model
 from workers.training import checkpoint as ckpt_io
 from workers.training.grpo import (
+    Batch,
     StepResult,
     TrainGroup,
-    _Batch,
-    _make_batch,
-    _policy_seed,
-    _validate,
     grpo_loss,
+    make_batch,
+    policy_seed,
+    validate_groups,
 )
 from workers.training.multilora import MultiLora
 from workers.training.multipass import PASS_ACTIVATION_MB, concat, pack, token_activation_mb
@@ -65,7 +65,7 @@ class _Policy:
 class _Item:
     policy_id: str
     policy: _Policy
-    batch: _Batch
+    batch: Batch
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -129,7 +129,7 @@ class MultiPolicyTrainer:
         """Get or create; the init depends only on (seed, policy_id), as in PolicyTrainer."""
         if policy_id in self._policies:
             return self._policies[policy_id]
-        gen = torch.Generator().manual_seed(_policy_seed(self.seed, policy_id))
+        gen = torch.Generator().manual_seed(policy_seed(self.seed, policy_id))
         slot, self._next_slot = self._next_slot, self._next_slot + 1
         params = self.multi.add_slot(slot, self.lora.rank, self.lora.alpha, gen)
         policy = _Policy(slot, params, self._new_optimizer(params))
@@ -255,12 +255,12 @@ class MultiPolicyTrainer:
         items: list[_Item] = []
         for policy_id, groups in batches.items():
             try:
-                _validate(groups, self._vocab)
+                validate_groups(groups, self._vocab)
             except (PoisonEventError, TrainingRejected) as exc:
                 results[policy_id] = exc
                 continue
             items.append(_Item(policy_id, self._policy(policy_id),
-                               _make_batch(groups, self._pad_id)))
+                               make_batch(groups, self._pad_id)))
         shapes = [packed_shape(it.batch) for it in items]
         for chunk in pack(shapes, self._token_mb, self.pass_activation_mb):
             self._train([items[i] for i in chunk], results)

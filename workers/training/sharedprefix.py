@@ -1,6 +1,6 @@
 """Shared-prefix layout for a training pass: each group's prompt runs once, not once per row.
 
-A GRPO group is G completions of ONE prompt from ONE policy, and `_make_batch` lays it out as G
+A GRPO group is G completions of ONE prompt from ONE policy, and `make_batch` lays it out as G
 rows that each repeat the prompt. Under causal attention a prompt token never sees what follows
 it, so its activations are the same in all G rows: the rows of one (policy slot, prompt) are
 packed into one sequence, the prompt once and then each completion, with a block attention mask
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.training.grpo import _Batch
+from workers.training.grpo import Batch
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Packed:
         return blocked.masked_fill(self.allowed, 0.0)[:, None]
 
 
-def _row_parts(batch: _Batch) -> list[tuple[int, int]]:
+def _row_parts(batch: Batch) -> list[tuple[int, int]]:
     """(prompt length, completion length) of each row; a completion follows its prompt."""
     lengths = batch.attention.sum(dim=1).tolist()
     comp = batch.cmask.sum(dim=1).to(torch.long).tolist()
@@ -57,7 +57,7 @@ def _row_parts(batch: _Batch) -> list[tuple[int, int]]:
 _Members = dict[tuple[int | None, tuple[int, ...]], list[int]]
 
 
-def _sequences(batch: _Batch, row_slots: list[int | None]
+def _sequences(batch: Batch, row_slots: list[int | None]
                ) -> tuple[list[tuple[int, int]], list[list[int]], _Members, int]:
     """Each row's (prompt, completion) lengths, the ids, the rows of each (slot, prompt) in
     first-seen order, and the packed width (the longest prompt + its completions)."""
@@ -71,7 +71,7 @@ def _sequences(batch: _Batch, row_slots: list[int | None]
     return parts, ids, members, width
 
 
-def share_prefixes(batch: _Batch, row_slots: list[int | None], pad_id: int) -> Packed:
+def share_prefixes(batch: Batch, row_slots: list[int | None], pad_id: int) -> Packed:
     """Pack rows with the same (slot, prompt) into one sequence, in first-seen order."""
     parts, ids, members, width = _sequences(batch, row_slots)
     n_seq = len(members)
@@ -105,7 +105,7 @@ def share_prefixes(batch: _Batch, row_slots: list[int | None], pad_id: int) -> P
                   rows_t, cols)
 
 
-def packed_shape(batch: _Batch) -> tuple[int, int]:
+def packed_shape(batch: Batch) -> tuple[int, int]:
     """[sequences, width] of one policy's batch once its groups share their prompts."""
     _, _, members, width = _sequences(batch, [0] * batch.ids.shape[0])
     return len(members), width
