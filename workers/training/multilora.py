@@ -47,8 +47,8 @@ class Routing:
     mask: torch.Tensor | None = None  # [rows, sum of present ranks]
     concat: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """No-grad forwards' concatenated A/B per layer, made once per routing: a sampling pass
-    runs one forward per token, and re-concatenating ~200 layers' factors each time cost ~7%
-    of a mixed 48-row SmolLM2 decode."""
+    runs one forward per token, and re-concatenating every layer's factors each time was a
+    measurable share of a mixed decode (docs/performance.md)."""
 
     def set(self, row_slots: Sequence[int | None], dtype: torch.dtype) -> None:
         """None rows use the bare base model (their mask row is all zero)."""
