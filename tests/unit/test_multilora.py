@@ -1,4 +1,4 @@
-"""The batched multi-LoRA layer against peft as the oracle (float64, training.md 5.2).
+"""The batched multi-LoRA layer against peft as the oracle (float64).
 
 peft refuses mixed-adapter batches in training mode, so the oracle runs each adapter's rows in
 its own pass; the multi-LoRA model runs all rows (several policies and a base-only row) in one

@@ -4,7 +4,7 @@ Same public API as `PolicyTrainer` (step, steps_done, has_policy, adapter_state,
 plus `step_many`, which trains several policies in one step: their rows go through batched
 passes over the resident base (`workers.training.multilora`), packed under an activation-memory
 budget (`workers.training.multipass`), with each group's prompt computed once for its G completions
-(`workers.training.sharedprefix`), and each policy steps once. Isolation follows training.md 5.2:
+(`workers.training.sharedprefix`), and each policy steps once. Policies stay isolated:
 each policy's loss is normalised by its own token count and the losses are summed (parameters are
 disjoint, so each adapter gets exactly its own gradient); gradient norms are clipped per policy;
 each policy has its own AdamW, stepped only when that policy was in the step. A policy whose
