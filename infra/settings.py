@@ -7,12 +7,37 @@ prefix, consumer group and Redis key prefix) inside one interpreter.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RewardEndpoint(BaseModel):
+    """An HTTP reward model or judge (`workers/rewards/http.py`): POST a list of groups, get
+    one score per completion back."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = Field(min_length=1)
+    version: int = Field(default=1, ge=0)
+    """Recorded with every reward it gives; bump it when the judge's scoring changes."""
+    timeout_s: float = Field(default=10.0, gt=0.0)
+    retries: int = Field(default=3, ge=0)
+    """Attempts after the first for a failed call (timeout, connection error, 5xx, 429)."""
+    backoff_s: float = Field(default=0.2, gt=0.0)
+    """First retry delay; doubled per attempt, with jitter."""
+    max_groups_per_call: int = Field(default=32, ge=1)
+    """Groups one call carries (each group's completions always travel together)."""
+    max_concurrency: int = Field(default=64, ge=1)
+    """Calls in flight at once per process."""
+    breaker_failures: int = Field(default=5, ge=1)
+    """Consecutive failed calls that open the circuit: calls fail fast while it is open."""
+    breaker_reset_s: float = Field(default=10.0, gt=0.0)
+    """How long the circuit stays open before one trial call may close it again."""
 
 
 class Settings(BaseSettings):
@@ -86,6 +111,12 @@ class Settings(BaseSettings):
     to Redis once per batch, and the batch is acked when it is done."""
     seed: int = 0
 
+    # Rewards beyond the built-ins and installed plugins (`workers/rewards/registry.py`).
+    reward_plugins: dict[str, str] = Field(default_factory=dict)
+    """Reward name -> `module:function`, for reward code that is not an installed plugin."""
+    reward_endpoints: dict[str, RewardEndpoint] = Field(default_factory=dict)
+    """Reward name -> an HTTP judge, e.g. `{"my-judge": {"url": "http://judge:8080/score"}}`."""
+
     # Guards (see `workers/pipeline/guards.py`). Unknown policy = a syntactically valid id that is
     # not registered in the catalog, checked only when `require_registered_policies` is on.
     require_registered_policies: bool = False
@@ -120,5 +151,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
+        if isinstance(value, dict | list):
+            value = json.dumps(value, default=str)
         env[f"LORASTREAM_{name.upper()}"] = str(value)
     return env

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,7 +32,6 @@ from workers.training.grpo import (
     Batch,
     StepResult,
     TrainGroup,
-    grpo_loss,
     make_batch,
     policy_seed,
     validate_groups,
@@ -40,6 +39,8 @@ from workers.training.grpo import (
 from workers.training.multilora import MultiLora
 from workers.training.multipass import PASS_ACTIVATION_MB, concat, pack, token_activation_mb
 from workers.training.multisample import Completion, SampleRequest, sample_many
+from workers.training.objectives import Part, needs_reference, order_groups, policy_loss
+from workers.training.perpolicy import PolicyTraining, complete, export_targeted, trainable
 from workers.training.sharedprefix import Packed, packed_shape, share_prefixes
 
 HEAD_CHUNK = 256
@@ -59,6 +60,7 @@ class _Policy:
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.AdamW
     steps: int = 0
+    training: PolicyTraining = field(default_factory=PolicyTraining)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class _Item:
     policy_id: str
     policy: _Policy
     batch: Batch
+    parts: list[Part]  # rows of each objective (`workers.training.objectives`)
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -106,6 +109,7 @@ class MultiPolicyTrainer:
             gradient_checkpointing_kwargs={"use_reentrant": False})
         self.base.eval()
         self._policies: dict[str, _Policy] = {}
+        self._training: dict[str, PolicyTraining] = {}  # `configure`d policies
         self._next_slot = 0
         self._lock = threading.RLock()
         pad = self.tokenizer.pad_token_id
@@ -131,16 +135,43 @@ class MultiPolicyTrainer:
             return self._policies[policy_id]
         gen = torch.Generator().manual_seed(policy_seed(self.seed, policy_id))
         slot, self._next_slot = self._next_slot, self._next_slot + 1
-        params = self.multi.add_slot(slot, self.lora.rank, self.lora.alpha, gen)
-        policy = _Policy(slot, params, self._new_optimizer(params))
+        training = self.training_of(policy_id)
+        params = self.multi.add_slot(slot, training.lora.rank, training.lora.alpha, gen)
+        params = trainable(self.multi, slot, params, training.lora)
+        policy = _Policy(slot, params, self._new_optimizer(params, training.lr), 0, training)
         self._policies[policy_id] = policy
         return policy
 
-    def _new_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    def training_of(self, policy_id: str) -> PolicyTraining:
+        """The policy's own configuration, else the trainer's (the pipeline's) defaults."""
+        return self._training.get(policy_id) or PolicyTraining(
+            self.lora, self.lr, self.clip_eps, self.kl_beta)
+
+    @_locked
+    def configure(self, policy_id: str, training: PolicyTraining) -> None:
+        """Give a policy its own configuration; it applies from its next step. A new adapter
+        shape (rank, alpha, targets) restarts the policy's adapter and optimiser."""
+        self._training[policy_id] = training
+        policy = self._policies.get(policy_id)
+        if policy is None or policy.training == training:
+            return
+        if policy.training.lora != training.lora:
+            steps = policy.steps
+            del self._policies[policy_id]
+            self.multi.remove_slot(policy.slot)
+            self._policy(policy_id).steps = steps
+            return
+        for group in policy.optimizer.param_groups:
+            group["lr"] = training.lr
+        policy.training = training
+
+    def _new_optimizer(self, params: list[torch.nn.Parameter],
+                       lr: float | None = None) -> torch.optim.AdamW:
         # No weight decay: a zero-advantage step must not shrink the adapter. Fused: one kernel
         # for all of a policy's LoRA tensors, several times faster than foreach on CPU
         # (docs/performance.md); the same update up to rounding.
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0, fused=True)
+        return torch.optim.AdamW(params, lr=self.lr if lr is None else lr, weight_decay=0.0,
+                                 fused=True)
 
     def _require(self, policy_id: str) -> _Policy:
         if policy_id not in self._policies:
@@ -177,9 +208,11 @@ class MultiPolicyTrainer:
         out = torch.zeros(shape, dtype=dtype)
         return out.index_put((packed.rows, packed.cols), flat)
 
-    def _ref_logps(self, packed: Packed, shape: tuple[int, int]) -> torch.Tensor | None:
-        """One shared base pass (LoRA off for every row) is the KL reference of all policies."""
-        if self.kl_beta <= 0:
+    def _ref_logps(self, packed: Packed, shape: tuple[int, int],
+                   needed: bool) -> torch.Tensor | None:
+        """One shared base pass (LoRA off for every row) is the KL and DPO reference of all
+        policies."""
+        if not needed:
             return None
         with torch.no_grad(), self.multi.route([None] * packed.ids.shape[0]):
             return self._logps(packed, shape, keep_head=False)
@@ -192,7 +225,8 @@ class MultiPolicyTrainer:
                                        for _ in range(it.batch.ids.shape[0])]
         packed = share_prefixes(batch, row_slots, self._pad_id)
         shape = (batch.ids.shape[0], batch.ids.shape[1] - 1)
-        ref = self._ref_logps(packed, shape)
+        ref = self._ref_logps(packed, shape, any(
+            needs_reference(it.policy.training, it.parts) for it in items))
         bounds, start = [], 0
         for it in items:
             bounds.append((start, start + it.batch.ids.shape[0]))
@@ -205,18 +239,12 @@ class MultiPolicyTrainer:
                 logp = self._logps(packed, shape, keep_head=not recompute)
                 total: torch.Tensor | None = None
                 for it, (s, e) in zip(items, bounds, strict=True):
-                    mask = batch.cmask[s:e, 1:]
-                    r = None if ref is None else ref[s:e]
-                    loss = grpo_loss(logp[s:e], batch.old[s:e].to(logp.dtype), r,
-                                     batch.adv[s:e], mask, self.clip_eps, self.clip_eps,
-                                     self.kl_beta)
+                    loss, kl = policy_loss(it.parts, it.policy.training, logp[s:e],
+                                           batch.old[s:e], None if ref is None else ref[s:e],
+                                           batch.adv[s:e], batch.cmask[s:e, 1:])
                     if not torch.isfinite(loss):
                         out[it.policy_id] = None
                         continue
-                    kl = 0.0
-                    if r is not None:
-                        d = (r - logp[s:e]).detach()
-                        kl = float(((torch.exp(d) - d - 1) * mask).sum() / mask.sum().clamp(min=1))
                     out[it.policy_id] = (float(loss.detach()), kl, 0.0)
                     total = loss if total is None else total + loss
                 if total is not None and total.requires_grad:
@@ -256,11 +284,12 @@ class MultiPolicyTrainer:
         for policy_id, groups in batches.items():
             try:
                 validate_groups(groups, self._vocab)
+                ordered, parts = order_groups(groups)
             except (PoisonEventError, TrainingRejected) as exc:
                 results[policy_id] = exc
                 continue
             items.append(_Item(policy_id, self._policy(policy_id),
-                               make_batch(groups, self._pad_id)))
+                               make_batch(ordered, self._pad_id), parts))
         shapes = [packed_shape(it.batch) for it in items]
         for chunk in pack(shapes, self._token_mb, self.pass_activation_mb):
             self._train([items[i] for i in chunk], results)
@@ -333,11 +362,13 @@ class MultiPolicyTrainer:
     @_locked
     def adapter_state(self, policy_id: str) -> dict[str, torch.Tensor]:
         """PEFT saved-key format (adapter name stripped), ready to export as a revision."""
-        return self.multi.export(self._require(policy_id).slot)
+        policy = self._require(policy_id)
+        return export_targeted(self.multi, policy.slot, policy.training.lora)
 
     def _set_weights(self, policy: _Policy, tensors: dict[str, torch.Tensor]) -> None:
         try:
-            self.multi.load(policy.slot, tensors)
+            self.multi.load(policy.slot, complete(self.multi, policy.slot,
+                                                  policy.training.lora, tensors))
         except ValueError as exc:
             raise PoisonEventError(str(exc)) from exc
 
@@ -348,7 +379,7 @@ class MultiPolicyTrainer:
         """Start (or restart) a policy from exported weights with a fresh optimizer."""
         policy = self._policy(policy_id)
         self._set_weights(policy, tensors)
-        policy.optimizer = self._new_optimizer(policy.params)
+        policy.optimizer = self._new_optimizer(policy.params, policy.training.lr)
         if step is not None:
             policy.steps = step
 
@@ -356,20 +387,20 @@ class MultiPolicyTrainer:
     def save_checkpoint(self, policy_id: str, directory: Path) -> None:
         """Adapter + AdamW moments as safetensors, hyper-params + step as JSON (no pickle)."""
         policy = self._require(policy_id)
-        ckpt_io.save(directory, policy_id=policy_id, step=policy.steps, lora=self.lora,
+        ckpt_io.save(directory, policy_id=policy_id, step=policy.steps, lora=policy.training.lora,
                      adapter=self.adapter_state(policy_id), optimizer=policy.optimizer,
-                     keys=list(self.multi.export(policy.slot)),
+                     keys=list(self.adapter_state(policy_id)),
                      shapes=[list(p.shape) for p in policy.params])
 
     @_locked
     def load_checkpoint(self, policy_id: str, directory: Path) -> None:
         """Resume exactly where save_checkpoint left off (weights, moments, step)."""
-        ckpt = ckpt_io.load(directory, self.lora)
+        ckpt = ckpt_io.load(directory, self.training_of(policy_id).lora)
         policy = self._policy(policy_id)
         shapes = ckpt.meta.get("shapes")
         if shapes is not None and shapes != [list(p.shape) for p in policy.params]:
             raise PoisonEventError(f"checkpoint in {directory} has other parameter shapes")
         self._set_weights(policy, ckpt.adapter)
-        policy.optimizer = self._new_optimizer(policy.params)
+        policy.optimizer = self._new_optimizer(policy.params, policy.training.lr)
         ckpt.restore_optimizer(policy.optimizer, len(policy.params))
         policy.steps = ckpt.step
