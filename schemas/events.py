@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 SCHEMA_VERSION = 1
 MAX_PROMPT_CHARS = 8192
@@ -23,6 +23,9 @@ PolicyId = Annotated[
 """Policy ids become Redis keys, serve names and artifact paths: no path characters."""
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+Objective = Literal["grpo", "sft", "dpo"]
+"""How a policy learns from a log: `workers/training/objectives.py`."""
 
 
 def new_event_id() -> str:
@@ -56,6 +59,22 @@ class InteractionLogged(Event):
     task_params: dict[str, float | int | str | bool] = Field(default_factory=dict)
     split: Literal["train", "eval"] = "train"
     user_id: str | None = Field(default=None, max_length=128)
+    objective: Objective | None = None
+    """`grpo`: sampled and rewarded; `sft`: the `reference`, `chosen`, or a `response` with
+    positive feedback is the target; `dpo`: `chosen` over `rejected`, or two logged responses
+    to one prompt with different feedback. None: the policy's configured objective (grpo
+    unless `lorastream policy create --objective` said otherwise)."""
+    chosen: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    rejected: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    """A preference pair (both or neither): `chosen` is the better answer to `prompt`."""
+
+    @model_validator(mode="after")
+    def _pair(self) -> InteractionLogged:
+        if (self.chosen is None) != (self.rejected is None):
+            raise ValueError("chosen and rejected come together (a preference pair)")
+        if self.chosen is not None and self.chosen == self.rejected:
+            raise ValueError("chosen and rejected are the same answer")
+        return self
 
 
 class Completion(BaseModel):
@@ -78,6 +97,11 @@ class RolloutGenerated(Event):
     prompt_ids: list[int]
     completions: list[Completion] = Field(min_length=1)
     temperature: float = Field(gt=0.0)
+    objective: Objective = "grpo"
+    """`grpo`: sampled. `sft`: the completion is the logged target; `dpo`: the logged pair,
+    chosen then rejected. Neither is sampled (revision 0, log-probs unused)."""
+    partner: InteractionLogged | None = None
+    """A dpo pair made of two logged responses: the other interaction of the pair."""
 
 
 class RolloutRewarded(Event):
@@ -117,6 +141,12 @@ class PolicyUpdated(Event):
     """The rewards messages this step trained on (provenance of the revision it ends up in)."""
     reward_fns: dict[str, int] = Field(default_factory=dict)
     """Reward function name → version, of the groups this step trained on."""
+    objectives: dict[str, int] = Field(default_factory=dict)
+    """Objective → how many of this step's groups trained with it."""
+    config_id: str | None = Field(default=None, max_length=64)
+    """The policy configuration this step used (`workers/pipeline/configs.py`)."""
+    config: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
+    """Its values: objective, reward, learning rate, rank, alpha, targets, loss knobs."""
 
 
 class AdapterExported(Event):
@@ -142,12 +172,18 @@ class AdapterEvaluated(Event):
     sha256: Sha256
     path: str
     score: float
+    """On the held-out test set: reported, never used to decide."""
     baseline_revision: int = Field(ge=0)
     baseline_score: float
     prompts: int = Field(ge=0)
     passed: bool
     reason: str = ""
     """Why it passed or not, for people reading the evaluations topic."""
+    selection_score: float | None = None
+    """On the held-out selection set: what the promotion gate compares (None: the same set as
+    `score`, when there are too few held-out prompts to split)."""
+    selection_baseline_score: float | None = None
+    selection_prompts: int = Field(default=0, ge=0)
 
 
 class PolicyPromoted(Event):

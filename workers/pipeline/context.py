@@ -15,9 +15,13 @@ from typing import TYPE_CHECKING
 from infra.settings import Settings
 from schemas.events import SourcePosition
 from workers.catalog.index import CatalogIndex, RevisionPointer, serve_name
+from workers.pipeline.configs import PolicyConfigs
 from workers.pipeline.state import PolicyState
+from workers.rewards.registry import Rewards
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from workers.artifacts.store import ArtifactStore
     from workers.catalog.writer import Catalog
     from workers.models.base import LoraSpec
@@ -32,6 +36,10 @@ class StageContext:
     settings: Settings
     state: PolicyState
     index: CatalogIndex
+    rewards: Rewards = field(default_factory=Rewards.builtins)
+    """Every reward this process knows (built-ins, plugins, HTTP judges), loaded at start-up."""
+    configs: PolicyConfigs = field(init=False)
+    """Each policy's effective configuration (its catalog record over the settings)."""
     _engine: EngineSampler | None = field(default=None, repr=False)
     _embedded: EmbeddedEngine | None = field(default=None, repr=False)
     _trainer: MultiPolicyTrainer | None = field(default=None, repr=False)
@@ -39,11 +47,28 @@ class StageContext:
     _catalog: Catalog | None = field(default=None, repr=False)
     _sources: dict[str, SourcePosition] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.configs = PolicyConfigs(self.settings, self.index)
 
     @classmethod
     def create(cls, settings: Settings) -> StageContext:
+        """A misconfigured reward (a plugin that does not load, a name defined twice) raises
+        here, so a worker stops at start-up instead of dead-lettering good events."""
         state = PolicyState(settings)
-        return cls(settings=settings, state=state, index=CatalogIndex(settings, state.r))
+        return cls(settings=settings, state=state, index=CatalogIndex(settings, state.r),
+                   rewards=Rewards.load(settings))
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The base model's tokenizer alone (logged targets need no engine)."""
+        with self._lock:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.base_path))
+            return self._tokenizer
 
     @property
     def base_path(self) -> Path:

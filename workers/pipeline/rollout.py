@@ -2,7 +2,9 @@
 
 `interactions` → `rollouts`. `rollout_many` is what the stream calls with a unit of
 interactions (`WithinInFlightRoom` forms the units); `rollout` is its one-event form. Held-out
-prompts take `store_heldout`, a whole-batch path: they are only stored, never sampled.
+prompts take `store_heldout`, a whole-batch path: they are only stored, never sampled. Logs
+whose objective is `sft` or `dpo` are not sampled either: their logged targets or pairs become
+the group (`workers/pipeline/offline.py`).
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from schemas.errors import EventFailures, PoisonEventError, RetryableError
+from schemas.errors import EventFailures, RetryableError
 from schemas.events import Completion, InteractionLogged, RolloutGenerated
 from schemas.ids import derive_id, derive_seed
 from workers.pipeline.context import StageContext
 from workers.pipeline.guards import Admission, refuse_paused, refuse_unregistered
 from workers.pipeline.inflight import TakenBySampling
+from workers.pipeline.offline import offline_rollout
 from workers.pipeline.stage import Stage
 from workers.pipeline.units import WithinInFlightRoom
-from workers.rewards.functions import REWARD_FUNCTIONS
 
 if TYPE_CHECKING:
     from workers.serving.sampling import Sample
@@ -38,15 +40,18 @@ def store_heldout(ctx: StageContext, interactions: list[InteractionLogged]) -> l
     the ids handled; anything else (training prompts, an unknown reward function) takes the
     per-event path, which samples or dead-letters it.
     """
-    held = storable_heldout(interactions)
+    held = storable_heldout(interactions, ctx)
     if held:
         ctx.state.add_heldout_many(held)
     return [i.event_id for i in held]
 
 
-def storable_heldout(interactions: list[InteractionLogged]) -> list[InteractionLogged]:
-    """The held-out prompts the evaluate stage can score (its reward function exists)."""
-    return [i for i in interactions if i.split == "eval" and i.task in REWARD_FUNCTIONS]
+def storable_heldout(interactions: list[InteractionLogged],
+                     ctx: StageContext) -> list[InteractionLogged]:
+    """The held-out prompts the evaluate stage can score (their reward exists)."""
+    eval_ = [i for i in interactions if i.split == "eval"]
+    configs = ctx.configs.get_many([i.policy_id for i in eval_])
+    return [i for i in eval_ if configs[i.policy_id].reward_for(i) in ctx.rewards]
 
 
 def rollout(ctx: StageContext, interaction: InteractionLogged) -> list[BaseModel]:
@@ -66,6 +71,7 @@ class _Planned:
     interaction: InteractionLogged
     revision: int
     adapter: str | None
+    objective: str = "grpo"
 
 
 def rollout_many(ctx: StageContext,
@@ -97,9 +103,16 @@ def rollout_many(ctx: StageContext,
             continue
         if p is not None:
             planned.append(p)
-    samples = _sample_planned(ctx, planned, failures)
-    outputs: list[BaseModel] = [_rollout_event(ctx, p, samples[p.interaction.event_id])
-                                for p in planned if p.interaction.event_id in samples]
+    logged = _logged(ctx, [p for p in planned if p.objective != "grpo"], failures)
+    samples = _sample_planned(ctx, [p for p in planned if p.objective == "grpo"], failures)
+    outputs: list[BaseModel] = []
+    for p in planned:
+        eid = p.interaction.event_id
+        if p.objective != "grpo":
+            if (group := logged.get(eid)) is not None:
+                outputs.append(group)
+        elif eid in samples:
+            outputs.append(_rollout_event(ctx, p, samples[eid]))
     if failures and len(interactions) == 1:
         raise next(iter(failures.values()))
     if failures:
@@ -111,13 +124,16 @@ def _plan_rollout(ctx: StageContext, interaction: InteractionLogged,
                   heads: dict[str, tuple[int, str | None] | Exception]) -> _Planned | None:
     """Check one interaction, store it if held out, else resolve its policy's head adapter
     (once per policy per call: `heads` caches the revision, or the error every one of that
-    policy's interactions then fails with)."""
-    if interaction.task not in REWARD_FUNCTIONS:
-        known = ", ".join(sorted(REWARD_FUNCTIONS))
-        raise PoisonEventError(f"unknown reward function {interaction.task!r}; known: {known}")
+    policy's interactions then fails with). Its reward and objective are its own, else its
+    policy's (`workers/pipeline/configs.py`); logged targets need no head."""
+    config = ctx.configs.get(interaction.policy_id)
+    ctx.rewards.get(config.reward_for(interaction))  # unknown: poison, before any sampling
     if interaction.split == "eval":
         ctx.state.add_heldout(interaction)
         return None
+    objective = config.objective_for(interaction)
+    if objective != "grpo":
+        return _Planned(interaction, 0, None, objective)
     policy = interaction.policy_id
     if policy not in heads:
         try:
@@ -131,6 +147,20 @@ def _plan_rollout(ctx: StageContext, interaction: InteractionLogged,
     if isinstance(resolved, Exception):
         raise resolved
     return _Planned(interaction, *resolved)
+
+
+def _logged(ctx: StageContext, planned: list[_Planned],
+            failures: dict[str, Exception]) -> dict[str, RolloutGenerated | None]:
+    """The groups of logged targets and pairs (None: nothing to train on yet)."""
+    out: dict[str, RolloutGenerated | None] = {}
+    for p in planned:
+        try:
+            out[p.interaction.event_id] = offline_rollout(ctx, p.interaction, p.objective)
+        except RetryableError:
+            raise
+        except Exception as exc:
+            failures[p.interaction.event_id] = exc
+    return out
 
 
 def _sample_planned(ctx: StageContext, planned: list[_Planned],

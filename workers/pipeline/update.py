@@ -17,6 +17,7 @@ from schemas.errors import PolicyFailures
 from schemas.events import PolicyUpdated, RolloutRewarded
 from schemas.ids import derive_id
 from workers.pipeline import journal
+from workers.pipeline.configs import configure_trainer, step_fields
 from workers.pipeline.context import StageContext
 from workers.pipeline.guards import Admission, refuse_paused
 from workers.pipeline.inflight import FreedByTraining
@@ -38,6 +39,7 @@ def update(ctx: StageContext, events: list[RolloutRewarded]) -> list[BaseModel]:
     by_policy: dict[str, list[RolloutRewarded]] = {}
     for e in events:
         by_policy.setdefault(e.policy_id, []).append(e)
+    configure_trainer(ctx, list(by_policy))  # each policy's own rank, lr, objective knobs
     failures: dict[str, Exception] = {}
     for policy in by_policy:  # resume from the newest durable step (exactly-once after a crash)
         try:
@@ -78,7 +80,7 @@ def _group(event: RolloutRewarded) -> TrainGroup:
     return TrainGroup(prompt_ids=rollout.prompt_ids,
                       completions=[c.token_ids for c in rollout.completions],
                       old_logprobs=[c.logprobs for c in rollout.completions],
-                      rewards=event.rewards)
+                      rewards=event.rewards, objective=rollout.objective)
 
 
 def _updated(ctx: StageContext, policy: str, events: list[RolloutRewarded],
@@ -104,6 +106,7 @@ def _updated(ctx: StageContext, policy: str, events: list[RolloutRewarded],
         checkpoint=checkpoint,
         sources=[s for e in events if (s := ctx.source_of(e.event_id)) is not None],
         reward_fns={e.reward_fn: e.reward_version for e in events},
+        **step_fields(ctx, policy, events),
     )
 
 

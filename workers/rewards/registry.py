@@ -28,6 +28,7 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol, TypeVar
@@ -215,6 +216,11 @@ class Rewards:
             rewards[name] = HttpReward(name, endpoint)
         return cls(rewards)
 
+    @classmethod
+    def builtins(cls) -> Rewards:
+        """Only the built-ins (a context made by hand in a test)."""
+        return cls({n: function_reward(n, v, load_target(v)) for n, v in BUILTINS.items()})
+
     def names(self) -> list[str]:
         return sorted(self._rewards)
 
@@ -253,8 +259,15 @@ class Rewards:
 
     def score_many_sync(self, groups: Sequence[tuple[str, InteractionLogged, Sequence[str]]]
                         ) -> list[list[float] | Exception]:
-        """`score_many` from a thread without a running event loop (the model thread)."""
-        return asyncio.run(self.score_many(groups))
+        """`score_many` from synchronous code (the model thread); from a thread whose event
+        loop is running, on a helper thread of its own (never blocking that loop's work with
+        a nested loop)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.score_many(groups))
+        with ThreadPoolExecutor(1, thread_name_prefix="lorastream-reward") as pool:
+            return pool.submit(asyncio.run, self.score_many(groups)).result()
 
     def score_sync(self, name: str, interaction: InteractionLogged,
                    texts: Sequence[str]) -> list[float]:
