@@ -16,10 +16,11 @@ from schemas.errors import PoisonEventError
 from tests.support.objectives import dpo_group, sft_group, tokens
 from workers.artifacts.store import ArtifactStore, adapter_config
 from workers.models.base import LoraSpec, load_base_model
+from workers.pipeline.configs import expand_targets
 from workers.training.grpo import StepResult, TrainGroup
 from workers.training.multitrainer import MultiPolicyTrainer
 from workers.training.objectives import dpo_loss, order_groups, sft_loss
-from workers.training.perpolicy import PolicyTraining, expand_targets
+from workers.training.perpolicy import PolicyTraining
 
 
 def test_sft_loss_is_the_mean_nll_of_completion_tokens() -> None:

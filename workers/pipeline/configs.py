@@ -35,6 +35,12 @@ if TYPE_CHECKING:
     from workers.training.perpolicy import PolicyTraining
 
 MAX_AGE_S = 1.0
+ALIASES: dict[str, tuple[str, ...]] = {
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj", "experts"),
+}
+"""Names `--targets` accepts for groups of modules; fused MoE expert stacks count as `mlp`
+(`workers.training.perpolicy`)."""
 MAX_CACHED = 50_000
 """Beyond this many cached policies, entries older than `MAX_AGE_S` are dropped."""
 
@@ -46,9 +52,9 @@ class PolicyConfig:
     objective: str
     reward: str | None
     learning_rate: float
-    rank: int
-    alpha: float
-    targets: tuple[str, ...]
+    lora_rank: int
+    lora_alpha: float
+    lora_targets: tuple[str, ...]
     kl_beta: float
     clip_eps: float
     dpo_beta: float
@@ -59,13 +65,15 @@ class PolicyConfig:
                               ).hexdigest()[:16]
 
     def values(self) -> dict[str, float | int | str | bool | None]:
+        """Named as the settings they override (`Settings.learning_rate`, `lora_rank`, ...)."""
         out: dict[str, Any] = asdict(self)
-        out["targets"] = ",".join(self.targets)
+        out["lora_targets"] = ",".join(self.lora_targets)
         return out
 
     @property
     def lora(self) -> LoraSpec:
-        return LoraSpec(rank=self.rank, alpha=self.alpha, target_modules=self.targets)
+        return LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha,
+                        target_modules=self.lora_targets)
 
     def training(self) -> PolicyTraining:
         """What the multi-policy trainer needs of it (imports torch: the update stage only)."""
@@ -97,12 +105,23 @@ def effective(settings: Settings, lora: dict[str, Any] | None,
     return PolicyConfig(
         objective=pick("objective", "grpo"), reward=t.get("reward"),
         learning_rate=float(pick("learning_rate", settings.learning_rate)),
-        rank=int(lora.get("rank") or spec.rank), alpha=float(lora.get("alpha") or spec.alpha),
-        targets=tuple(lora.get("target_modules") or spec.target_modules),
+        lora_rank=int(lora.get("rank") or spec.rank),
+        lora_alpha=float(lora.get("alpha") or spec.alpha),
+        lora_targets=tuple(lora.get("target_modules") or spec.target_modules),
         kl_beta=float(pick("kl_beta", settings.kl_beta)),
         clip_eps=float(pick("clip_eps", settings.clip_eps)),
         dpo_beta=float(pick("dpo_beta", settings.dpo_beta)),
     )
+
+
+def expand_targets(names: Sequence[str]) -> tuple[str, ...]:
+    """`attn,mlp`-style names to module names, in a stable order without duplicates."""
+    out: list[str] = []
+    for name in names:
+        for module in ALIASES.get(name, (name,)):
+            if module not in out:
+                out.append(module)
+    return tuple(out)
 
 
 class PolicyConfigs:

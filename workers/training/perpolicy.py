@@ -10,19 +10,12 @@ peft model with those targets would hold.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from workers.models.base import LoraSpec
 from workers.training.multilora import PEFT_PREFIX, MultiLora
-
-ALIASES: dict[str, tuple[str, ...]] = {
-    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj", "experts"),
-}
-"""Names `--targets` accepts for groups of modules; fused MoE expert stacks count as `mlp`."""
 
 
 @dataclass(frozen=True)
@@ -34,16 +27,6 @@ class PolicyTraining:
     clip_eps: float = 0.2
     kl_beta: float = 0.0
     dpo_beta: float = 0.1
-
-
-def expand_targets(names: Sequence[str]) -> tuple[str, ...]:
-    """`attn,mlp`-style names to module names, in a stable order without duplicates."""
-    out: list[str] = []
-    for name in names:
-        for module in ALIASES.get(name, (name,)):
-            if module not in out:
-                out.append(module)
-    return tuple(out)
 
 
 def _layer_targeted(name: str, targets: frozenset[str], expert: bool) -> bool:
