@@ -87,6 +87,6 @@ def watch_serving(ctx: StageContext, outputs: list[BaseModel]) -> None:
 
 STAGE = Stage(
     name="reward", reads="rollouts", event=RolloutGenerated, handle=reward_many,
-    writes="rewards", units=WholeBatch(), slots=FreedWhenLost(), delivery=Delivery.PER_BATCH,
+    writes="rewards", units=WholeBatch(scale=4), slots=FreedWhenLost(), delivery=Delivery.PER_BATCH,
     on_loop=True, observe=watch_serving,
 )

@@ -167,11 +167,16 @@ class OneByOne:
             yield [d]
 
 
+@dataclass(frozen=True)
 class WholeBatch:
-    """The whole batch is one unit."""
+    """The whole batch is one unit; `scale` x `stream_batch` events a batch. A stage that waits
+    on a remote service once per batch (the reward stage's judge) amortises that wait over
+    more events with a bigger batch (`loadtests/rewards.py`)."""
+
+    scale: int = 1
 
     def take(self, settings: Settings) -> tuple[int, float]:
-        return settings.stream_batch, STREAM_WINDOW_S
+        return settings.stream_batch * self.scale, STREAM_WINDOW_S
 
     async def units(self, ctx: StageContext, batch: list[D]) -> AsyncIterator[list[D]]:
         if batch:

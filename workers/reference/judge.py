@@ -1,6 +1,7 @@
 """A small reward judge over HTTP, for tests and benchmarks: the protocol of
-`workers/rewards/http.py`, scoring each completion like the built-in `length` reward (so a
-judge's rewards can be compared with the in-process function's), after a fixed delay per call.
+`workers/rewards/http.py`, scoring each completion like the built-in `length` reward without
+a charset (so a judge's rewards can be compared with the in-process function's), after a fixed
+delay per call.
 
 `python -m workers.reference.judge --port 8765 --delay-ms 50` serves it in its own process;
 `Judge` runs it on the caller's event loop. `fail_first` answers that many calls with a 500
@@ -17,14 +18,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from schemas.events import InteractionLogged
-from workers.rewards.functions import length_reward
-
 
 def length_scores(group: dict[str, Any]) -> list[float]:
-    interaction = InteractionLogged(policy_id=group["policy_id"], prompt=group["prompt"],
-                                    task="length", task_params=group.get("task_params") or {})
-    return [length_reward(interaction, c) for c in group["completions"]]
+    """`workers.rewards.functions.length_reward` without a charset, in plain arithmetic: the
+    judge's own work must stay small beside its fixed delay (it shares the benchmark's cores)."""
+    params = group.get("task_params") or {}
+    target, scale = float(params.get("target_chars", 0.0)), float(params.get("scale", 8.0))
+    return [scale / (scale + abs(len(c) - target)) for c in group["completions"]]
 
 
 @dataclass

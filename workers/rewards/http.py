@@ -36,6 +36,7 @@ import orjson
 from infra.settings import RewardEndpoint
 from schemas.errors import PoisonEventError, RetryableError
 from schemas.events import InteractionLogged
+from workers.rewards.registry import SCORE_SECONDS
 
 Group = tuple[InteractionLogged, Sequence[str]]
 Result = list[float] | Exception
@@ -100,6 +101,10 @@ class _Client:
 class HttpReward:
     """An HTTP judge as a `workers.rewards.registry.Reward`."""
 
+    times_groups = True
+    """It observes its calls' latencies in `lorastream_reward_seconds` (each group of a call
+    has the call's latency), not the whole unit's."""
+
     def __init__(self, name: str, endpoint: RewardEndpoint) -> None:
         self.name, self.version, self.source = name, endpoint.version, endpoint.url
         self.endpoint = endpoint
@@ -114,8 +119,9 @@ class HttpReward:
         client, own = self._client_for_loop()
         size = self.endpoint.max_groups_per_call
         chunks = [groups[i:i + size] for i in range(0, len(groups), size)]
+        started = time.perf_counter()
         try:
-            answers = await asyncio.gather(*(self._call(client, c) for c in chunks))
+            answers = await asyncio.gather(*(self._timed(client, c, started) for c in chunks))
         finally:
             if own:
                 await client.session.close()
@@ -141,6 +147,12 @@ class HttpReward:
             self._client = client
             return client, False
         return client, True
+
+    async def _timed(self, client: _Client, chunk: Sequence[Group],
+                     started: float) -> list[Result]:
+        results = await self._call(client, chunk)
+        SCORE_SECONDS.labels(reward=self.name).observe(time.perf_counter() - started)
+        return results
 
     async def _call(self, client: _Client, chunk: Sequence[Group]) -> list[Result]:
         """One call for `chunk`, retried; every group gets its scores or its failure."""
@@ -189,15 +201,14 @@ class HttpReward:
                 zip(scores, chunk, strict=True)]
 
     def _group_scores(self, scores: Any, n: int) -> Result:
-        if (not isinstance(scores, list) or len(scores) != n
-                or not all(isinstance(x, int | float) and not isinstance(x, bool)
-                           for x in scores)):
-            return RetryableError(f"reward {self.name!r} answered {scores!r:.200} for a group "
-                                  f"of {n} completions")
-        out = [float(x) for x in scores]
-        if not all(math.isfinite(x) for x in out):
+        if isinstance(scores, list) and len(scores) == n and all(
+                type(x) is float or type(x) is int for x in scores):  # no bools, no strings
+            out = [float(x) for x in scores]
+            if math.isfinite(sum(out)):
+                return out
             return RetryableError(f"reward {self.name!r} answered a non-finite score")
-        return out
+        return RetryableError(f"reward {self.name!r} answered {scores!r:.200} for a group of "
+                              f"{n} completions")
 
 
 def _payload(interaction: InteractionLogged, texts: Sequence[str]) -> dict[str, Any]:

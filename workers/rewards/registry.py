@@ -47,13 +47,14 @@ BUILTINS: dict[str, str] = {
 }
 """The built-in rewards, as entry point values (`workers/rewards/functions.py`)."""
 
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.055, 0.06, 0.07, 0.08, 0.09, 0.1, 0.125,
+                   0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1, 2, 5, 10, 30)
 SCORE_SECONDS = Histogram(
     "lorastream_reward_seconds",
-    "Time to score one rollout group, from the start of its scoring to its rewards (waits for "
-    "a call slot, batching and retries included), by reward name.",
-    ["reward"],
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.06, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1,
-             2, 5, 10, 30),
+    "Time from the start of a unit's scoring to its groups' rewards, by reward name: one "
+    "observation per HTTP call (every group of a call has its latency: call-slot waits and "
+    "retries included), or per unit for an in-process reward.",
+    ["reward"], buckets=LATENCY_BUCKETS,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -249,8 +250,10 @@ class Rewards:
 
         async def run(name: str, idx: list[int]) -> None:
             started = time.perf_counter()
-            results = await self._rewards[name].score_many([groups[i][1:] for i in idx])
-            SCORE_SECONDS.labels(reward=name).observe(time.perf_counter() - started)
+            reward = self._rewards[name]
+            results = await reward.score_many([groups[i][1:] for i in idx])
+            if not getattr(reward, "times_groups", False):  # else it observed its calls
+                SCORE_SECONDS.labels(reward=name).observe(time.perf_counter() - started)
             for i, result in zip(idx, results, strict=True):
                 out[i] = result
 
