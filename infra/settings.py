@@ -102,6 +102,8 @@ class Settings(BaseSettings):
     clip_eps: float = Field(default=0.2, gt=0.0)
     dpo_beta: float = Field(default=0.1, gt=0.0)
     """DPO's beta (how far from the base a dpo policy may move per unit of preference)."""
+    dpo_sft_weight: float = Field(default=0.0, ge=0.0)
+    """Weight of the chosen answers' NLL added to DPO's loss (RPO; 0: plain DPO)."""
     export_every: int = Field(default=2, ge=1)
     promote_margin: float = 0.0
     update_batch: int = Field(default=4, ge=1)

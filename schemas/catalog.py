@@ -58,6 +58,7 @@ class TrainingConfig(_Part):
     kl_beta: float | None = Field(default=None, ge=0.0)
     clip_eps: float | None = Field(default=None, gt=0.0)
     dpo_beta: float | None = Field(default=None, gt=0.0)
+    dpo_sft_weight: float | None = Field(default=None, ge=0.0)
 
 
 class OffsetRange(_Part):

@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("--steps", type=int, default=128, help="training interactions per policy")
     p.add_argument("--keep", action="store_true", help="keep the demo's topics afterwards")
+    p.add_argument("--objective", choices=("grpo", "sft", "dpo"), default="grpo",
+                   help="what the three policies train with (and on which kind of logs)")
     p.set_defaults(handler=cmd_demo)
 
     p = sub.add_parser("dashboard", help="web dashboard for operators (lag, training, serving)")
@@ -132,7 +134,8 @@ def cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from streams.cli.demo import run_demo
 
-    return run_demo(settings, steps=args.steps, as_json=args.json, keep=args.keep)
+    return run_demo(settings, steps=args.steps, as_json=args.json, keep=args.keep,
+                    objective=args.objective)
 
 
 def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:

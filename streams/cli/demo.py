@@ -23,7 +23,9 @@ from schemas.events import InteractionLogged
 from streams.sdk.follow import PipelineFollower
 
 TIMEOUT_S = 540.0
-HELDOUT = 4
+HELDOUT = 8
+"""Held-out prompts per policy: split into a selection set (the promotion gate) and a test set
+(the reported reward), `workers.pipeline.state.split_heldout`."""
 WORDS = ["cat", "sun", "map", "key", "red", "box", "sky", "tea", "owl", "pen", "ice", "jam"]
 
 POLICIES: dict[str, dict] = {
@@ -86,7 +88,8 @@ def stop_worker(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     stop_child(proc, timeout)
 
 
-def run_demo(settings: Settings, *, steps: int, as_json: bool, keep: bool) -> int:
+def run_demo(settings: Settings, *, steps: int, as_json: bool, keep: bool,
+             objective: str = "grpo") -> int:
     from infra.admin import create_topics, delete_topics
     from infra.services import ensure_kafka, ensure_redis
     from infra.topics import topic_names
@@ -102,15 +105,22 @@ def run_demo(settings: Settings, *, steps: int, as_json: bool, keep: bool) -> in
     base = build_tiny_model(settings.data_dir / "models" / "tiny-llama")
     run = demo_settings(settings, base)
     create_topics(run)
+    interactions, prefers = demo_interactions(steps), PREFERS
+    if objective != "grpo":  # `streams/cli/demo_objectives.py`
+        from streams.cli import demo_objectives as by
+
+        say(f"creating three {objective} policies (their own objective, rank, lr)")
+        by.create_policies(run, objective)
+        interactions = by.objective_interactions(objective, steps, HELDOUT, _prompt)
+        prefers = by.PREFERS[objective]
     log_path = run.artifacts.parent / "worker.log"
     say(f"starting the pipeline worker (log: {log_path})")
     proc = start_worker(run, log_path)
     try:
         with InteractionProducer(run) as producer:
-            for event in demo_interactions(steps):
+            for event in interactions:
                 producer.send(event)
-        say(f"pushed {len(POLICIES) * (steps + HELDOUT)} interaction logs "
-            f"for {len(POLICIES)} policies")
+        say(f"pushed {len(interactions)} interaction logs for {len(POLICIES)} policies")
         follower = PipelineFollower(run, list(POLICIES), interactions=steps)
         ok = follower.follow(TIMEOUT_S, on_progress=say, alive=lambda: proc.poll() is None)
     finally:
@@ -118,7 +128,7 @@ def run_demo(settings: Settings, *, steps: int, as_json: bool, keep: bool) -> in
         if not keep:
             delete_topics(run, topic_names(run))
     summary = follower.summary(time.monotonic() - started)
-    print(follower.table(PREFERS))
+    print(follower.table(prefers))
     if as_json:
         print(orjson.dumps(summary).decode())
     if not ok:

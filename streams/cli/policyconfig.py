@@ -25,6 +25,8 @@ def add_create(psub: argparse._SubParsersAction) -> None:
     p.add_argument("--kl-beta", type=float, help="GRPO's KL coefficient")
     p.add_argument("--clip-eps", type=float, help="GRPO's clip range")
     p.add_argument("--dpo-beta", type=float, help="DPO's beta")
+    p.add_argument("--dpo-sft-weight", type=float,
+                   help="weight of the chosen answers' NLL added to DPO's loss (RPO)")
     p.add_argument("--namespace", help="tenant (default: unchanged, or 'default')")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_policy_create)
@@ -39,7 +41,8 @@ def cmd_policy_create(args: argparse.Namespace, settings: Settings) -> int:
             settings, args.policy_id, objective=args.objective, rank=args.rank,
             alpha=args.alpha, targets=targets, learning_rate=args.learning_rate,
             reward=args.reward, kl_beta=args.kl_beta, clip_eps=args.clip_eps,
-            dpo_beta=args.dpo_beta, namespace=args.namespace)
+            dpo_beta=args.dpo_beta, dpo_sft_weight=args.dpo_sft_weight,
+            namespace=args.namespace)
     except (PolicyConfigError, CatalogError) as exc:
         print(f"policy create refused: {exc}", file=sys.stderr)
         return 1

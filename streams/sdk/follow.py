@@ -26,6 +26,9 @@ class PolicyProgress:
     trained: int = 0
     """Rollout groups consumed by the trainer (a step trains on one or more groups)."""
     train_rewards: list[float] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)
+    sampled: bool = False
+    """Any step trained on sampled (grpo) groups: else its rewards are only labels."""
     exported: set[int] = field(default_factory=set)
     evaluated: dict[int, dict[str, Any]] = field(default_factory=dict)
     promoted: dict[int, float] = field(default_factory=dict)
@@ -106,6 +109,8 @@ class PipelineFollower:
             prog.steps = max(prog.steps, event["step"])
             prog.trained += len(event["rollout_ids"])
             prog.train_rewards.append(event["mean_reward"])
+            prog.train_losses.append(event["loss"])
+            prog.sampled |= "grpo" in (event.get("objectives") or {"grpo": 1})
         elif kind == "exports":
             prog.exported.add(event["revision"])
         elif kind == "evaluations":
@@ -145,10 +150,11 @@ class PipelineFollower:
 
     def table(self, prefers: dict[str, str]) -> str:
         head = ("policy", "prefers", "groups", "steps", "exported", "evaluated", "promoted",
-                "serving", "reward before", "reward after", "train reward first→last 3 steps")
+                "serving", "reward before", "reward after",
+                "train reward (sft/dpo: loss) first→last 3 steps")
         rows = [head]
         for pid, p in self.progress.items():
-            tr = p.train_rewards
+            tr = p.train_rewards if p.sampled else p.train_losses
             trend = (f"{_mean(tr[:3]):.3f}→{_mean(tr[-3:]):.3f}" if tr else "-")
             rows.append((pid, prefers.get(pid, ""), str(p.trained), str(p.steps),
                          str(len(p.exported)),

@@ -45,6 +45,7 @@ def create_policy(settings: Settings, policy_id: str, *, objective: Objective = 
                   targets: Sequence[str] | None = None, learning_rate: float | None = None,
                   reward: str | None = None, kl_beta: float | None = None,
                   clip_eps: float | None = None, dpo_beta: float | None = None,
+                  dpo_sft_weight: float | None = None,
                   namespace: str | None = None) -> PolicyRegistered | None:
     """Record the policy's configuration; returns the new record, or None if it was already
     exactly this. Raises `PolicyConfigError` for a bad value, `CatalogError` for a change the
@@ -66,7 +67,8 @@ def create_policy(settings: Settings, policy_id: str, *, objective: Objective = 
                           target_modules=modules)
         training = TrainingConfig(objective=objective, reward=reward,
                                   learning_rate=learning_rate, kl_beta=kl_beta,
-                                  clip_eps=clip_eps, dpo_beta=dpo_beta)
+                                  clip_eps=clip_eps, dpo_beta=dpo_beta,
+                                  dpo_sft_weight=dpo_sft_weight)
     except ValueError as exc:
         raise PolicyConfigError(str(exc)) from exc
     from workers.catalog.provenance import cached_base_hash

@@ -58,9 +58,12 @@ def _self(model: Any, **kw: Any) -> SimpleNamespace:
     return SimpleNamespace(**{**base, **kw})
 
 
-def _dpo_self(model: Any, beta: float, ref_model: Any = None) -> SimpleNamespace:
+def _dpo_self(model: Any, beta: float, ref_model: Any = None,
+              sft_weight: float = 0.0) -> SimpleNamespace:
+    types, weights = (["sigmoid", "sft"], [1.0, sft_weight]) if sft_weight else (["sigmoid"],
+                                                                                [1.0])
     return _self(model, ref_model=ref_model, ld_alpha=None, precompute_ref_logps=False,
-                 f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_weights=[1.0],
+                 f_divergence_type="reverse_kl", loss_types=types, loss_weights=weights,
                  beta=beta, label_smoothing=0.0, use_weighting=False,
                  args=SimpleNamespace(gradient_checkpointing_kwargs=None))
 
@@ -90,7 +93,8 @@ def _masked(shape: tuple[int, int], completion: torch.Tensor, seed: int) -> torc
     return -torch.rand(shape, generator=gen, dtype=F64) * 3 * completion
 
 
-def test_dpo_loss_and_gradient_match_trl() -> None:
+@pytest.mark.parametrize("sft_weight", [0.0, 0.7])
+def test_dpo_loss_and_gradient_match_trl(sft_weight: float) -> None:
     pairs, width = 3, 7
     completion = torch.zeros(2 * pairs, width + 1, dtype=torch.long)
     for row, (start, end) in enumerate([(2, 6), (3, 5), (1, 8), (2, 4), (3, 8), (1, 3)]):
@@ -100,12 +104,12 @@ def test_dpo_loss_and_gradient_match_trl() -> None:
     ref = _masked((2 * pairs, width), shifted, 1)
     ones = torch.ones_like(completion)
     inputs = {"input_ids": ones, "attention_mask": ones, "completion_mask": completion}
-    want = dpo_trainer.DPOTrainer._compute_loss(_dpo_self(_Given(logp), 0.25, _Given(ref)),
-                                                _Given(logp), inputs, False)
+    want = dpo_trainer.DPOTrainer._compute_loss(
+        _dpo_self(_Given(logp), 0.25, _Given(ref), sft_weight), _Given(logp), inputs, False)
     (want_grad,) = torch.autograd.grad(want, logp)
     order = [i for k in range(pairs) for i in (k, pairs + k)]  # ours: chosen, rejected, ...
     ours_logp = logp.detach()[order].clone().requires_grad_()
-    got = dpo_loss(ours_logp, ref[order], shifted[order], 0.25)
+    got = dpo_loss(ours_logp, ref[order], shifted[order], 0.25, sft_weight)
     (got_grad,) = torch.autograd.grad(got, ours_logp)
     assert got.item() == pytest.approx(want.item(), rel=1e-14)
     # on completion tokens: elsewhere TRL's fused head gives constant zeros (no gradient)
@@ -154,11 +158,13 @@ def _peft_copy(tiny: Path, trainer: MultiPolicyTrainer, policy: str, lora: LoraS
     return model
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo"])
-def test_the_trainers_step_loss_is_trls(tiny_model_dir: Path, objective: str) -> None:
+@pytest.mark.parametrize(("objective", "sft_weight"), [("sft", 0.0), ("dpo", 0.0), ("dpo", 0.5)])
+def test_the_trainers_step_loss_is_trls(tiny_model_dir: Path, objective: str,
+                                        sft_weight: float) -> None:
     lora = LoraSpec(rank=2, alpha=8.0)
     trainer = MultiPolicyTrainer(tiny_model_dir, LoraSpec(), dtype=F64)
-    trainer.configure("p", PolicyTraining(lora, lr=0.05, dpo_beta=0.3))
+    trainer.configure("p", PolicyTraining(lora, lr=0.05, dpo_beta=0.3,
+                                          dpo_sft_weight=sft_weight))
     tok = trainer.tokenizer
     prompts = [tokens(tok, p) for p in ("Say hi", "2+2?")]
     groups = ([sft_group(tok, p, t) for p, t in zip(prompts, ("hi", "four"), strict=True)]
@@ -175,7 +181,8 @@ def test_the_trainers_step_loss_is_trls(tiny_model_dir: Path, objective: str) ->
         want = sft_trainer.SFTTrainer.compute_loss(_sft_self(model), model, inputs)
     else:
         inputs = _rows(groups, [0, 1], pad)
-        want = dpo_trainer.DPOTrainer._compute_loss(_dpo_self(model, 0.3), model, inputs, False)
+        want = dpo_trainer.DPOTrainer._compute_loss(_dpo_self(model, 0.3, None, sft_weight),
+                                                    model, inputs, False)
     got = trainer.step_many({"p": groups})["p"]
     assert isinstance(got, StepResult)
     assert got.loss == pytest.approx(want.item(), rel=1e-6)  # TRL's fused head is float32

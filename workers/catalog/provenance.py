@@ -24,8 +24,8 @@ from workers.catalog.lifecycle import offset_ranges
 from workers.keys import RedisKeys
 
 HYPERPARAMETERS = ("group_size", "max_new_tokens", "temperature", "learning_rate", "lora_rank",
-                   "lora_alpha", "kl_beta", "clip_eps", "dpo_beta", "export_every",
-                   "max_in_flight", "seed", "update_batch")
+                   "lora_alpha", "kl_beta", "clip_eps", "dpo_beta", "dpo_sft_weight",
+                   "export_every", "max_in_flight", "seed", "update_batch")
 
 
 @functools.cache

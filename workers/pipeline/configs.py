@@ -58,6 +58,7 @@ class PolicyConfig:
     kl_beta: float
     clip_eps: float
     dpo_beta: float
+    dpo_sft_weight: float
 
     @property
     def config_id(self) -> str:
@@ -80,7 +81,7 @@ class PolicyConfig:
         from workers.training.perpolicy import PolicyTraining
 
         return PolicyTraining(self.lora, self.learning_rate, self.clip_eps, self.kl_beta,
-                              self.dpo_beta)
+                              self.dpo_beta, self.dpo_sft_weight)
 
     def reward_for(self, interaction: InteractionLogged) -> str:
         """The policy's reward if it names one, else the one the interaction's task names."""
@@ -111,6 +112,7 @@ def effective(settings: Settings, lora: dict[str, Any] | None,
         kl_beta=float(pick("kl_beta", settings.kl_beta)),
         clip_eps=float(pick("clip_eps", settings.clip_eps)),
         dpo_beta=float(pick("dpo_beta", settings.dpo_beta)),
+        dpo_sft_weight=float(pick("dpo_sft_weight", settings.dpo_sft_weight)),
     )
 
 

@@ -10,7 +10,8 @@ any mix of them become one loss in the multi-policy step.
   prompt; `-logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))` averaged over pairs, with
   sequence log-probs summed over completion tokens and the reference from the base with the
   adapter disabled: TRL's `DPOTrainer` (`loss_type="sigmoid"`, reverse KL, no label
-  smoothing).
+  smoothing); with `dpo_sft_weight` w > 0, plus w x the chosen completions' mean token NLL
+  (RPO: TRL's `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, w]`).
 
 A policy's loss is the sum of its objectives' losses, each normalised within itself, and the
 multi-policy trainer sums policies' losses (their parameters are disjoint), so a joint step of
@@ -61,12 +62,18 @@ def sequence_logps(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (logp * mask.to(logp.dtype)).sum(dim=-1)
 
 
-def dpo_loss(logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor,
-             beta: float) -> torch.Tensor:
-    """Sigmoid DPO over pairs laid out as rows (chosen, rejected, chosen, rejected, ...)."""
+def dpo_loss(logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, beta: float,
+             sft_weight: float = 0.0) -> torch.Tensor:
+    """Sigmoid DPO over pairs laid out as rows (chosen, rejected, chosen, rejected, ...), plus
+    `sft_weight` x the chosen completions' mean token NLL (RPO; TRL's
+    `loss_type=["sigmoid", "sft"]`): DPO alone may lower both answers' likelihood, the NLL term
+    keeps the chosen one likely."""
     ratio = sequence_logps(logp, mask) - sequence_logps(ref.to(logp.dtype), mask)
     delta = ratio[0::2] - ratio[1::2]
-    return -F.logsigmoid(beta * delta).mean()
+    loss = -F.logsigmoid(beta * delta).mean()
+    if sft_weight:
+        loss = loss + sft_weight * sft_loss(logp[0::2], mask[0::2])
+    return loss
 
 
 def order_groups(groups: Sequence[TrainGroup]) -> tuple[list[TrainGroup], list[Part]]:
@@ -116,7 +123,7 @@ def policy_loss(parts: Sequence[Part], training: PolicyTraining, logp: torch.Ten
         else:
             if r is None:
                 raise RuntimeError("dpo needs the reference log-probs")
-            loss = dpo_loss(logp[s:e], r, m, training.dpo_beta)
+            loss = dpo_loss(logp[s:e], r, m, training.dpo_beta, training.dpo_sft_weight)
         total = loss if total is None else total + loss
     if total is None:
         raise PoisonEventError("a step needs at least one group")

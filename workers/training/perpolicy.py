@@ -27,6 +27,7 @@ class PolicyTraining:
     clip_eps: float = 0.2
     kl_beta: float = 0.0
     dpo_beta: float = 0.1
+    dpo_sft_weight: float = 0.0
 
 
 def _layer_targeted(name: str, targets: frozenset[str], expert: bool) -> bool:
