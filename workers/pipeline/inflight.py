@@ -6,7 +6,9 @@ reward stage dead-lettered it, the update stage refused or failed it). The count
 Redis fields per policy (`sampled`, `trained`); `workers.pipeline.units.WithinInFlightRoom`
 reads their difference to form rollout units. Each stage names its role in the ledger, and the
 runner tells the ledger three things: a unit is handed to the stage, the call is over (and which
-events failed), or events were refused before any call.
+events failed), or events were refused before any call. Logged `sft` targets and `dpo` pairs are
+not sampled from the policy, so staleness does not apply: they take no slot and give none back
+(`takes_slot`, `holds_slot`).
 """
 
 from __future__ import annotations

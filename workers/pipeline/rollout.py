@@ -77,7 +77,8 @@ class _Planned:
 def rollout_many(ctx: StageContext,
                  interactions: Sequence[InteractionLogged]) -> list[BaseModel]:
     """Sample every training interaction of `interactions` (any mix of policies) in ONE engine
-    call; store the held-out ones. One `RolloutGenerated` per training interaction, in order.
+    call; store the held-out ones. One `RolloutGenerated` per training interaction, in order
+    (an `sft` or `dpo` log gives its logged group instead, or none while it has none yet).
 
     Each interaction samples from its own policy's training head with its own derived seed, so
     its rollout (ids, revision, samples) is what `rollout` gives it alone: batching is only a
