@@ -1,11 +1,13 @@
-"""A reward plugin package installed the way pip installs one: its module and a `.dist-info`
-with `entry_points.txt` in a site directory (a temporary one, put on `sys.path` for the test
-and taken off afterwards), so `importlib.metadata` finds it exactly as it finds an installed
-distribution. Nothing in the shared virtualenv changes."""
+"""A reward plugin package installed by pip: a tiny setuptools project declaring
+`lorastream.rewards` entry points, `pip install --target` into a site directory (a temporary
+one, put on `sys.path` for the test and taken off afterwards), so `importlib.metadata` finds it
+exactly as it finds a distribution installed in the virtualenv. The shared virtualenv itself
+does not change (other developers' processes share it)."""
 
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,18 +38,23 @@ def unversioned(interaction, completion):
 
 def install_plugin(site: Path, *, package: str = "lorastream_test_plugin",
                    entries: dict[str, str] | None = None) -> Path:
-    """Write the package and its dist-info into `site` (a directory the caller puts on
-    sys.path); returns `site`."""
+    """Build the plugin as a real distribution (a `pyproject.toml` declaring its entry points)
+    and `pip install` it into `site`, a directory the caller puts on sys.path; returns `site`.
+    pip writes the `.dist-info` itself, so the test sees what a user's install gives."""
     entries = entries or {"monotone": f"{package}:monotone",
                           "judge-like": f"{package}:judge_like"}
-    site.mkdir(parents=True, exist_ok=True)
-    (site / f"{package}.py").write_text(PLUGIN_SOURCE)
-    info = site / f"{package}-0.1.0.dist-info"
-    info.mkdir(exist_ok=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1.0\n")
-    lines = "\n".join(f"{name} = {target}" for name, target in entries.items())
-    (info / "entry_points.txt").write_text(f"[lorastream.rewards]\n{lines}\n")
-    (info / "RECORD").write_text("")
+    source = site.parent / f"{package}-src"
+    source.mkdir(parents=True, exist_ok=True)
+    (source / f"{package}.py").write_text(PLUGIN_SOURCE)
+    points = "\n".join(f'"{name}" = "{target}"' for name, target in entries.items())
+    (source / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        f'[project]\nname = "{package.replace("_", "-")}"\nversion = "0.1.0"\n\n'
+        f'[project.entry-points."lorastream.rewards"]\n{points}\n\n'
+        f'[tool.setuptools]\npy-modules = ["{package}"]\n')
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-index", "--no-build-isolation", "--target", str(site), str(source)],
+                   check=True, capture_output=True, timeout=120)
     importlib.invalidate_caches()
     return site
 

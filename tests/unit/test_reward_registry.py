@@ -19,9 +19,14 @@ from workers.rewards.registry import RewardConfigError, Rewards, declare
 IT = InteractionLogged(policy_id="p", prompt="q?", task="length")
 
 
+@pytest.fixture(scope="module")
+def installed_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return install_plugin(tmp_path_factory.mktemp("plugin") / "site")  # pip, once per module
+
+
 @pytest.fixture
-def plugin_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    site = install_plugin(tmp_path / "site")
+def plugin_site(installed_site: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    site = installed_site
     monkeypatch.syspath_prepend(str(site))
     yield site
     uninstall()
