@@ -6,6 +6,7 @@ disturbs the pipeline's own consumers.
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,10 @@ class PolicyProgress:
     exported: set[int] = field(default_factory=set)
     evaluated: dict[int, dict[str, Any]] = field(default_factory=dict)
     promoted: dict[int, float] = field(default_factory=dict)
+    refused: set[int] = field(default_factory=set)
+    """Passing revisions the promote stage refused (a better one serves by then)."""
     dead_letters: int = 0
+    """Dead letters of the stages up to the trainer (interactions that will not train)."""
 
     @property
     def reward_before(self) -> float | None:
@@ -54,7 +58,7 @@ class PolicyProgress:
         return (
             self.trained + self.dead_letters >= interactions
             and len(self.evaluated) >= self.steps // export_every
-            and passed <= set(self.promoted)
+            and passed <= set(self.promoted) | self.refused
         )
 
 
@@ -118,7 +122,10 @@ class PipelineFollower:
         elif kind == "promotions":
             prog.promoted[event["revision"]] = event["score"]
         elif kind == "dead-letters":
-            prog.dead_letters += 1
+            if event.get("stage") == "promote":
+                prog.refused.add(_revision_of(event))
+            else:
+                prog.dead_letters += 1
 
     def done(self) -> bool:
         every = self.settings.export_every
@@ -164,6 +171,14 @@ class PipelineFollower:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
+
+
+def _revision_of(letter: dict[str, Any]) -> int:
+    """The revision of a dead-lettered evaluation (-1 when its bytes are not one)."""
+    try:
+        return int(orjson.loads(base64.b64decode(letter["original_b64"]))["revision"])
+    except (ValueError, KeyError, TypeError):
+        return -1
 
 
 def _mean(xs: list[float]) -> float:
