@@ -20,6 +20,7 @@ from schemas.events import Completion, RolloutRewarded
 from streams.runner.runner import Received
 from tests.integration.stage_support import in_process_stage
 from workers.pipeline.context import StageContext
+from workers.pipeline.journal import journal_of, step_of
 from workers.pipeline.update import update
 
 BAD_TOKEN = 10**6
@@ -66,7 +67,7 @@ def test_update_steps_many_policies_in_one_call(ctx: StageContext) -> None:
     assert [(o.policy_id, o.step) for o in outputs] == [("a", 1), ("b", 1), ("c", 1)]
     a = next(o for o in outputs if isinstance(o, PolicyUpdated) and o.policy_id == "a")
     assert a.rollout_ids == [events[0].rollout.event_id, events[2].rollout.event_id]
-    assert a.checkpoint is not None and ctx.state.checkpoint_step("a") == 1
+    assert a.checkpoint is not None and step_of(journal_of(ctx).head("a")) == 1
 
 
 def test_a_failing_policy_does_not_cost_the_others_their_step(ctx: StageContext) -> None:

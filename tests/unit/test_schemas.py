@@ -123,3 +123,29 @@ def test_committed_json_schemas_are_current(tmp_path: Path) -> None:
     assert generated == sorted(p.name for p in committed.iterdir())
     for name in generated:
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_an_event_without_an_id_gets_its_records_coordinates() -> None:
+    """A producer in another language may leave `event_id` out; the same record redelivered
+    must decode to the same id (else it is trained twice), another record to another id."""
+    raw = orjson.dumps({"policy_id": "alice", "prompt": "hi?"})
+    first = decode_event(InteractionLogged, raw, ("p.interactions", 1, 42))
+    again = decode_event(InteractionLogged, raw, ("p.interactions", 1, 42))
+    other = decode_event(InteractionLogged, raw, ("p.interactions", 1, 43))
+    assert first.event_id == again.event_id != other.event_id
+    given = orjson.dumps({"policy_id": "alice", "prompt": "hi?", "event_id": "mine"})
+    assert decode_event(InteractionLogged, given, ("p.interactions", 1, 42)).event_id == "mine"
+
+
+@pytest.mark.parametrize("version", [999, -1, 0, 2])
+def test_unsupported_schema_versions_are_refused_with_the_reason(version: int) -> None:
+    raw = orjson.dumps({"policy_id": "alice", "prompt": "hi?", "schema_version": version})
+    with pytest.raises(PoisonEventError, match=f"unsupported schema_version {version}"):
+        decode_event(InteractionLogged, raw)
+
+
+def test_json_schema_says_what_is_required() -> None:
+    schema = json_schemas()["interaction_logged"]
+    assert sorted(schema["required"]) == ["policy_id", "prompt"]
+    assert schema["properties"]["schema_version"]["enum"] == [1]
+    assert "Kafka coordinates" in schema["properties"]["event_id"]["description"]

@@ -6,12 +6,9 @@ checkpoint becomes an adapter-only revision (PEFT `adapter_config.json` +
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import BaseModel
 
 from schemas.catalog import LoraConfig
-from schemas.errors import PoisonEventError
 from schemas.events import AdapterExported, PolicyUpdated
 from schemas.ids import derive_id
 from workers.artifacts.store import ArtifactRef, adapter_config
@@ -25,10 +22,7 @@ def export(ctx: StageContext, event: PolicyUpdated) -> list[BaseModel]:
     StepLog(ctx.settings, ctx.state.r).note(event)  # until the revision it ends up in is recorded
     if event.checkpoint is None:
         return []
-    staged = Path(event.checkpoint)
-    if not staged.resolve().is_relative_to(ctx.store.root.resolve()):
-        raise PoisonEventError(f"staged checkpoint {staged} is outside the artifact store")
-    tensors = ctx.store.load_tensors(staged)
+    tensors = ctx.store.load_staged(event.checkpoint)
     base_name = str(ctx.base_path)
     ref = ctx.store.put_adapter(tensors, adapter_config(ctx.lora, base_name))
     revision = record_revision(ctx, event, ref)
@@ -40,7 +34,7 @@ def export(ctx: StageContext, event: PolicyUpdated) -> list[BaseModel]:
             step=event.step,
             parent_revision=revision - 1,
             sha256=ref.sha256,
-            path=str(ref.path),
+            path=ctx.store.location(ref.path),
             size_bytes=ref.size_bytes,
             rank=ctx.lora.rank,
             alpha=ctx.lora.alpha,

@@ -11,7 +11,9 @@ differ:
 - `bulk`: a whole-batch fast path taken before units are formed (held-out prompts are stored);
 - `delivery`: whether a unit's outputs must be on the broker before the next unit starts;
 - `on_loop`: a pure function of microseconds runs on the event loop, not the model thread;
-- `observe`: what is done with outputs once they are sent (online rollback watches rewards).
+- `observe`: what is done with outputs once they are sent (online rollback watches rewards);
+- `on_assigned`: what the stage does when a rebalance gives this worker its partitions of the
+  input topic (the update stage drops the policies it no longer owns).
 """
 
 from __future__ import annotations
@@ -75,3 +77,5 @@ class Stage(Generic[E]):
     delivery: Delivery = Delivery.PER_UNIT
     on_loop: bool = False
     observe: Callable[[StageContext, list[BaseModel]], Any] | None = None
+    on_assigned: Callable[[StageContext, set[int]], None] | None = None
+    """Called with the partitions of `reads` this worker owns after each rebalance."""
