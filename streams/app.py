@@ -16,7 +16,7 @@ import faust
 from infra.security import faust_credentials
 from infra.settings import Settings
 from streams.agents import STAGES, add_agents
-from workers.pipeline import faults
+from workers.pipeline import faults, preflight
 from workers.pipeline.context import StageContext
 
 
@@ -78,7 +78,12 @@ def topic(app: faust.App, settings: Settings, name: str) -> faust.TopicT:
 
 
 def run_worker(settings: Settings, stages: Sequence[str], loglevel: str = "WARNING") -> None:
-    """Run the stages until SIGINT/SIGTERM; Faust commits offsets on the way out."""
+    """Check what the stages need, then run them until SIGINT/SIGTERM (Faust commits offsets
+    on the way out). A misconfigured worker exits with one message before consuming."""
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
+    preflight.require(settings, [STAGES[s] for s in stages])
     app = create_app(settings, stages)
     worker = faust.Worker(app, loglevel=loglevel, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from infra import admin, services
+from infra import admin, objectstore, services
+from infra.objectstore import S3Server
 from infra.settings import Settings
 from workers.catalog.writer import Catalog
 
@@ -103,3 +104,27 @@ def redis_client(settings: Settings) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(settings.redis_url)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3-compatible server (SeaweedFS) on loopback for the whole session. Its binary is
+    built by `infra/dev.sh setup` (or `python -m infra.objectstore`); under CI a missing one
+    is built here, elsewhere the test is skipped with how to build it."""
+    base = Settings()
+    binary = objectstore.find_weed(base)
+    if binary is None:
+        if not os.environ.get("CI"):
+            pytest.skip("SeaweedFS `weed` is not built: run `python -m infra.objectstore`")
+        binary = objectstore.build_weed(base)
+    server = S3Server(binary, tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_settings(settings: Settings, s3_server: S3Server) -> Settings:
+    """This test's settings with the artifact store's shared copy in a bucket of its own."""
+    bucket = settings.app_id.lower()
+    s3_server.create_bucket(bucket)
+    return objectstore.s3_settings(settings, s3_server, bucket, "artifacts")

@@ -12,6 +12,7 @@ from schemas.catalog import LoraConfig
 from schemas.events import AdapterExported, PolicyUpdated
 from schemas.ids import derive_id
 from workers.artifacts.store import ArtifactRef, adapter_config
+from workers.catalog.archive import archive
 from workers.catalog.provenance import StepLog, build_provenance, cached_base_hash
 from workers.pipeline.context import StageContext
 from workers.pipeline.stage import Stage, single
@@ -58,6 +59,7 @@ def record_revision(ctx: StageContext, event: PolicyUpdated, ref: ArtifactRef) -
     provenance = build_provenance(ctx.settings, notes, parent=entry.head, base_hash=base_hash,
                                   first_step=parent_step + 1, last_step=event.step,
                                   fallback_ts=event.ts)
+    provenance = archive(ctx.settings, ctx.store, pid, event.step, provenance)
     record = catalog.record_revision(pid, step=event.step, sha256=ref.sha256,
                                      size_bytes=ref.size_bytes, provenance=provenance)
     steps.forget(pid, upto=event.step)
@@ -65,4 +67,4 @@ def record_revision(ctx: StageContext, event: PolicyUpdated, ref: ArtifactRef) -
 
 
 STAGE = Stage(name="export", reads="updates", event=PolicyUpdated, handle=single(export),
-              writes="exports")
+              writes="exports", requires=("base_model",))

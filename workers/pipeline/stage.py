@@ -77,5 +77,8 @@ class Stage(Generic[E]):
     delivery: Delivery = Delivery.PER_UNIT
     on_loop: bool = False
     observe: Callable[[StageContext, list[BaseModel]], Any] | None = None
+    requires: tuple[str, ...] = ()
+    """What the stage needs besides its topics and Redis (`workers/pipeline/preflight.py`):
+    `base_model`, `engine`. A worker checks it at start-up, before consuming."""
     on_assigned: Callable[[StageContext, set[int]], None] | None = None
     """Called with the partitions of `reads` this worker owns after each rebalance."""

@@ -153,5 +153,5 @@ def rebalanced(ctx: StageContext, partitions: set[int]) -> None:
 STAGE = Stage(
     name="update", reads="rewards", event=RolloutRewarded, handle=update, writes="updates",
     units=PerPolicyRounds(policies=8), slots=FreedByTraining(),
-    admission=Admission((refuse_paused,)), on_assigned=rebalanced,
+    admission=Admission((refuse_paused,)), on_assigned=rebalanced, requires=("base_model",),
 )
