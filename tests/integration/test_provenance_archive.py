@@ -6,17 +6,15 @@ the records (DeleteRecords; time-based retention waits for the broker's check in
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
+import pytest
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from infra.admin import admin_client, client_config
-from infra.settings import REPO_ROOT, Settings, settings_env
+from infra.settings import Settings
 from schemas.codec import encode_event
 from schemas.events import (
     Completion,
@@ -26,6 +24,7 @@ from schemas.events import (
     RolloutRewarded,
     SourcePosition,
 )
+from streams.cli.main import build_parser
 from workers.pipeline.context import StageContext
 from workers.pipeline.export import export
 
@@ -53,7 +52,7 @@ def _expire(settings: Settings, topics: list[str]) -> None:
 
 
 def test_a_revision_leads_back_to_its_interactions_after_retention(
-        settings: Settings, tiny_model_dir: Path) -> None:
+        settings: Settings, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = settings.model_copy(update={"base_model": tiny_model_dir})
     ctx = StageContext.create(run)
     events = [_rewarded(i) for i in range(3)]
@@ -77,11 +76,10 @@ def test_a_revision_leads_back_to_its_interactions_after_retention(
     assert out is not None and out.revision == 1  # type: ignore[attr-defined]
 
     _expire(run, ["rewards", "interactions"])
-    done = subprocess.run([sys.executable, "-m", "streams.cli", "trained-on", "p", "1"],
-                          env={**os.environ, **settings_env(run)}, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    traced = [orjson.loads(line) for line in done.stdout.splitlines()]
+    capsys.readouterr()
+    args = build_parser().parse_args(["trained-on", "p", "1"])  # what `lorastream` runs
+    assert args.handler(args, run) == 0
+    traced = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(t["event_id"], t["prompt"]) for t in traced] == [
         (e.rollout.interaction.event_id, e.rollout.interaction.prompt) for e in events]
     ctx.catalog.close()
