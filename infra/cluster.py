@@ -11,6 +11,8 @@ is written can be lost with that node. Each node keeps its data and pid file und
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,9 +199,6 @@ def stop_node(node: Node, timeout: float = 60.0, kill: bool = False) -> bool:
     if pid is None:
         return False
     if kill:
-        import os
-        import signal
-
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: node_pid(node) is None, timeout, lambda: True)
     else:
@@ -209,8 +208,21 @@ def stop_node(node: Node, timeout: float = 60.0, kill: bool = False) -> bool:
 
 
 def stop_cluster(settings: Settings, brokers: int = 3, timeout: float = 60.0) -> int:
-    """Stop every node we started; returns how many were running."""
-    return sum(stop_node(n, timeout) for n in nodes(settings, brokers))
+    """Stop every node we started, all at once (one by one, the last nodes wait for a
+    controller quorum that is already gone); returns how many were running."""
+    return stop_nodes(nodes(settings, brokers), timeout)
+
+
+def stop_nodes(members: list[Node], timeout: float = 60.0) -> int:
+    running = [(n, pid) for n in members if (pid := node_pid(n)) is not None]
+    for _, pid in running:
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: all(node_pid(n) is None for n, _ in running), timeout, lambda: True)
+    for node, pid in running:
+        if node_pid(node) is not None:
+            os.kill(pid, signal.SIGKILL)
+        node.paths.pid_file.unlink(missing_ok=True)
+    return len(running)
 
 
 def running_nodes(settings: Settings) -> list[Node]:

@@ -122,8 +122,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
     """Stop only what `infra up` started (pid files); external services keep running."""
     _quiet(args)
-    for node in cluster.running_nodes(settings):
-        cluster.stop_node(node)
+    running = cluster.running_nodes(settings)
+    cluster.stop_nodes(running)
+    for node in running:
         print(f"kafka  node {node.node_id} ({node.address}) stopped")
     for name, stop, status in (
         ("kafka", services.stop_kafka, services.kafka_status),

@@ -99,3 +99,22 @@ def test_reassignment_and_idleness_bound_what_a_trainer_holds(run: Settings) -> 
 
     ownership.stepped(a, [], now=10**9)  # far in the future: everything is idle
     assert a.trainer.policies() == []
+
+
+async def test_faust_assignments_reach_the_update_stage(run: Settings) -> None:
+    """The worker's app connects the stage's hook to Faust's `on_partitions_assigned`."""
+    from faust.types import TP
+
+    from streams.app import create_app
+
+    a = StageContext.create(run.model_copy(update={"partitions": 2}))
+    policies = [f"v{i}" for i in range(6)]
+    update(a, [_rewarded(p, i) for i, p in enumerate(policies)])
+    app = create_app(a.settings, ["update"], ctx=a)
+    keep = ownership.partition_of("v0", 2)
+    await app.on_partitions_revoked.send(set())
+    await app.on_partitions_assigned.send({TP(a.settings.topic("rewards"), keep),
+                                           TP(a.settings.topic("rollouts"), 1 - keep)})
+    held = a.trainer.policies()
+    assert "v0" in held and sorted(held) == sorted(
+        p for p in policies if ownership.partition_of(p, 2) == keep)
