@@ -96,12 +96,13 @@ def _base_model(path: Path | None) -> list[str]:
     return []
 
 
-def _engine(url: str) -> list[str]:
+def _engine(urls: str) -> list[str]:
+    """Every engine named (a comma-separated list fails over from one to the next)."""
     from workers.serving.client import SGLangClient
 
-    if not SGLangClient(url, timeout=5).health():
-        return [f"serving engine {url} does not answer /health (LORASTREAM_ENGINE_URL)"]
-    return []
+    return [f"serving engine {url} does not answer /health (LORASTREAM_ENGINE_URL)"
+            for url in (u.strip() for u in urls.split(",") if u.strip())
+            if not SGLangClient(url, timeout=5).health()]
 
 
 def _artifacts(settings: Settings) -> list[str]:
