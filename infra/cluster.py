@@ -52,6 +52,24 @@ class Node:
         return f"{self.host}:{self.port + 1}"
 
 
+def free_block(width: int = 6, lo: int = 20000, hi: int = 32000) -> int:
+    """A base port with `width` free ports from it, below the kernel's ephemeral range (a
+    port picked there can be taken by a client's outgoing connection before a node binds it)."""
+    import random
+    import socket
+
+    for _ in range(500):
+        base = random.randrange(lo, hi - width)
+        try:
+            for port in range(base, base + width):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise ServiceError(f"no {width} free ports in {lo}-{hi}")
+
+
 def cluster_root(settings: Settings) -> Path:
     return settings.data_dir / "kafka-cluster"
 
@@ -187,7 +205,8 @@ def ensure_cluster(settings: Settings, brokers: int = 3, timeout: float = 180.0,
         start_node(settings, node, members)
     if not wait_until(lambda: brokers_answering(clustered) >= brokers, timeout,
                       lambda: all(node_pid(n) is not None for n in members)):
-        logs = "\n".join(f"node {n.node_id} ({n.paths.log}):\n{tail(n.paths.log, 8)}"
+        logs = "\n".join(f"node {n.node_id} ({n.paths.logs_dir}):\n"
+                         f"{tail(n.paths.logs_dir / 'broker' / 'server.log', 8)}"
                          for n in members)
         raise ServiceError(f"the cluster did not come up within {timeout:.0f} s:\n{logs}")
     return clustered

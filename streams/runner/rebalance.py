@@ -3,7 +3,9 @@
 
 Faust sends `on_partitions_revoked` once the batch in hand is done and its offsets are
 committed, and `on_partitions_assigned` before any event of the new assignment is handled;
-the hook runs on the model thread, after any model work already queued there.
+the hook runs on the model thread, after any model work already queued there. From the start
+of a rebalance until the assignment, units do not wait for in-flight room
+(`workers.pipeline.units.DRAINING`), so the batch in hand finishes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import faust
 
 from infra.settings import Settings
 from streams.ops import metrics
+from workers.pipeline import units
 from workers.pipeline.context import StageContext
 from workers.pipeline.stage import Stage
 
@@ -29,6 +32,13 @@ def connect(app: faust.App, settings: Settings, ctx: StageContext, stages: Seque
             executor: Executor) -> None:
     hooked = [s for s in stages if s.on_assigned is not None]
     revoked_at: list[float] = []
+    started = app.on_rebalance_start
+
+    def draining() -> None:  # Faust calls this first, on the consumer's thread
+        units.DRAINING.set()
+        started()
+
+    app.on_rebalance_start = draining  # type: ignore[method-assign]
 
     async def on_revoked(sender: Any, revoked: set[Any], **_: Any) -> None:
         revoked_at[:] = [time.monotonic()]
@@ -40,6 +50,7 @@ def connect(app: faust.App, settings: Settings, ctx: StageContext, stages: Seque
             owned = {tp.partition for tp in assigned if tp.topic == topic}
             if stage.on_assigned is not None:
                 await loop.run_in_executor(executor, stage.on_assigned, ctx, owned)
+        units.DRAINING.clear()
         paused = time.monotonic() - revoked_at[0] if revoked_at else 0.0
         metrics.REBALANCES.inc()
         metrics.REBALANCE_SECONDS.set(paused)

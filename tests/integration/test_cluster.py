@@ -5,7 +5,6 @@ and lose nothing, while one node is down."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,28 +17,10 @@ from infra import admin, cluster
 from infra.settings import REPO_ROOT, Settings, settings_env
 
 
-def _free_block(width: int = 6) -> int:
-    """A base port with `width` free ports from it (3 nodes x client + controller)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + width >= 65535:
-            continue
-        try:
-            for p in range(base, base + width):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port block")
-
-
 @pytest.fixture
 def three(infra_settings: Settings, tmp_path: Path) -> Iterator[Settings]:
     s = infra_settings.model_copy(update={
-        "bootstrap_servers": f"127.0.0.1:{_free_block()}", "data_dir": tmp_path / "data",
+        "bootstrap_servers": f"127.0.0.1:{cluster.free_block()}", "data_dir": tmp_path / "data",
         "topic_prefix": "c3.", "app_id": "c3", "partitions": 3})
     shared = infra_settings.data_dir / "kafka" / "libs"
     libs = s.data_dir / "kafka" / "libs"
