@@ -55,6 +55,9 @@ SCHEDULE = ((0.15, "kill-broker"), (0.30, "kill-update-b"), (0.45, "start-update
             (0.60, "kill-engine"), (0.75, "restart-update-a"), (0.90, "restore"))
 FAULTS = {"kill-broker", "kill-update-b", "kill-engine", "restart-update-a"}
 HELD_OUT = 2
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+"""Eight model processes on a few cores: one intra-op thread each (two OpenMP teams per core
+make every barrier sleep; a tiny model's step took 5x longer)."""
 
 
 def log(msg: str) -> None:
@@ -100,8 +103,8 @@ class ClusterStack(FaultStack):
                 [sys.executable, "-m", "streams.cli", "engine", "--port",
                  str(self.engine_ports[i]), "--engine-id", f"e{i}", "--max-lora-rank", "8",
                  "--max-loaded-loras", "64"],
-                env={**os.environ, **settings_env(self.settings)}, cwd=REPO_ROOT, stdout=out,
-                stderr=subprocess.STDOUT)
+                env={**os.environ, **ONE_THREAD, **settings_env(self.settings)}, cwd=REPO_ROOT,
+                stdout=out, stderr=subprocess.STDOUT)
 
     def wait_engines(self, timeout_s: float = 300.0) -> None:
         """Workers check at start-up that an engine answers: start them once both do."""
@@ -119,8 +122,8 @@ class ClusterStack(FaultStack):
         with open(self.root / f"worker-{name}.log", "ab") as out:
             self.extra[name] = subprocess.Popen(
                 [sys.executable, "-m", "streams.cli", "worker", "--stages", stages],
-                env={**os.environ, **settings_env(s)}, cwd=REPO_ROOT, stdout=out,
-                stderr=subprocess.STDOUT)
+                env={**os.environ, **ONE_THREAD, **settings_env(s)}, cwd=REPO_ROOT,
+                stdout=out, stderr=subprocess.STDOUT)
 
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
         proc.send_signal(signal.SIGKILL)
@@ -181,7 +184,7 @@ def inject(stack: ClusterStack, kind: str, down: set[str]) -> None:
         stack.start_engine(0)
 
 
-_STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d+)")
+_STAMP = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d+)")
 
 
 def rebalances(root: Path) -> list[float]:
@@ -189,7 +192,7 @@ def rebalances(root: Path) -> list[float]:
     stamps = []
     for path in root.glob("worker-update-*.log"):
         for line in path.read_text(errors="replace").splitlines():
-            if "rebalance:" in line and (m := _STAMP.match(line)):
+            if "rebalance:" in line and (m := _STAMP.search(line)):
                 stamps.append(time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")))
     merged: list[float] = []
     for t in sorted(stamps):  # every member logs the same rebalance
@@ -286,24 +289,30 @@ def run(n: int, policies: int, root: Path, timeout_s: float = 3600.0) -> dict[st
         seconds = time.monotonic() - started
         log("drained; auditing")
         result = audit(s, train_ids)
+        assigned = rebalances(root)
         return {"brokers": 3, "workers": len(stack.extra), "engines": len(stack.engines),
                 "events": n, "policies": policies,
                 "faults_injected": sum(1 for k, _ in faults if k in FAULTS),
-                "rebalances": len(rebalances(root)), **result,
-                "resume_s": _resume(s, faults), "worker_restarts": restarts,
+                "rebalances": len(assigned), **result,
+                "resume": _resume(s, faults, assigned), "worker_restarts": restarts,
                 "resent_chunks": producer.resent_chunks, "seconds": round(seconds, 1)}
     finally:
         stack.close()
 
 
-def _resume(s: Settings, faults: list[tuple[str, float]]) -> dict[str, float | None]:
-    """Per update-worker fault: seconds until the first step trained after it."""
+def _resume(s: Settings, faults: list[tuple[str, float]], assigned: list[float]
+            ) -> dict[str, dict[str, float | None]]:
+    """Per update-worker fault: seconds until the update group had its new assignment, and
+    until the first step trained after that assignment."""
     stamps = sorted(u["ts"] for u in read_ids(s, "updates") if u.get("kind") == "policy_updated")
-    out: dict[str, float | None] = {}
+    out: dict[str, dict[str, float | None]] = {}
     for kind, t in faults:
-        if "update" in kind:
-            after = next((x for x in stamps if x > t), None)
-            out[kind] = None if after is None else round(after - t, 2)
+        if "update" not in kind:
+            continue
+        at = next((a for a in assigned if a >= t - 1.0), None)
+        step = next((x for x in stamps if at is not None and x > at), None)
+        out[kind] = {"assigned_s": None if at is None else round(at - t, 1),
+                     "training_s": None if step is None else round(step - t, 1)}
     return out
 
 
