@@ -7,11 +7,12 @@ On a private stack (`loadtests/fault_stack.py`'s AOF Redis, a three-node KRaft c
 stage (`rollout,reward` x2, `update` x2, `export,evaluate,promote` x2, each pair one consumer
 group) and two CPU engines (`lorastream engine`; the workers fail over between them) on a tiny
 Llama, push N interaction logs over P policies (plus a few held-out prompts per policy) in
-chunks with `acks=all`, and by share of N produced inject: 15% SIGKILL a broker, 30% SIGKILL
-update worker B, 45% restart it, 60% SIGKILL an engine, 75% SIGKILL update worker A and start it
-again at once (each update-worker change is a rebalance of the update group); the broker and
-the engine are restarted at 90%. A worker that exits by itself is restarted (as a supervisor
-would). Then wait until every group has consumed everything.
+chunks with `acks=all`, at most `AHEAD` ahead of training, and by share of N trained inject:
+15% SIGKILL a broker, 30% SIGKILL update worker B, 45% restart it, 60% SIGKILL an engine, 75%
+SIGKILL update worker A and start it again at once (each update-worker change is a rebalance
+of the update group); the broker and the engine are restarted at 90%. A worker that exits by
+itself is restarted (as a supervisor would). Then wait until every group has consumed
+everything.
 
 Audit, from the topics and the catalog: `lost` = training interactions in no trainer step and
 not dead-lettered; `duplicated` = interactions trained in more than one distinct step;
@@ -55,6 +56,9 @@ SCHEDULE = ((0.15, "kill-broker"), (0.30, "kill-update-b"), (0.45, "start-update
             (0.60, "kill-engine"), (0.75, "restart-update-a"), (0.90, "restore"))
 FAULTS = {"kill-broker", "kill-update-b", "kill-engine", "restart-update-a"}
 HELD_OUT = 2
+AHEAD = 4000
+"""How far the producer runs ahead of training: faults are scheduled by training progress, and
+the producer keeps sending (and retrying chunks a broker fault fails) throughout."""
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 """Eight model processes on a few cores: one intra-op thread each (two OpenMP teams per core
 make every barrier sleep; a tiny model's step took 5x longer)."""
@@ -144,6 +148,12 @@ def _interactions(n: int, policies: int) -> tuple[list[tuple[str, bytes, bytes]]
                                task_params={"target_chars": i % 7}) for i in range(n)]
     rows = [(e.event_id, e.policy_id.encode(), encode_event(e)) for e in [*held, *train]]
     return rows, [e.event_id for e in train]
+
+
+def _trained(s: Settings) -> int:
+    """Rewards the update group has consumed (committed offsets move after handling)."""
+    rows = admin.consumer_lag(s, group_id(s, ["update"]))
+    return sum(r.committed for r in rows if r.topic == s.topic("rewards"))
 
 
 def _drained(s: Settings) -> bool:
@@ -265,18 +275,19 @@ def run(n: int, policies: int, root: Path, timeout_s: float = 3600.0) -> dict[st
             for j, side in enumerate("ab"):
                 stack.start_named(f"{group}-{side}", stages, engine=j)
         producer = Producer(s, rows, topic="interactions")
-        producer.send_until(policies * HELD_OUT)
         held = policies * HELD_OUT
         started = time.monotonic()
         down: set[str] = set()
         faults: list[tuple[str, float]] = []
         restarts = 0
         for share, kind in SCHEDULE:
-            target = held + int(share * n)
-            while producer.sent < target:
-                producer.send_until(min(target, producer.sent + 1000))
+            while (done := _retrying(lambda: _trained(s))) < int(share * n):
+                producer.send_until(min(len(rows), held + done + AHEAD))
                 restarts += _supervise(stack, down)
-            log(f"{producer.sent - held} sent: {kind}")
+                if time.monotonic() - started > timeout_s:
+                    raise TimeoutError(f"training stalled at {done} of {n}")
+                time.sleep(1.0)
+            log(f"{producer.sent - held} sent, {done} trained: {kind}")
             faults.append((kind, time.time()))
             inject(stack, kind, down)
         producer.send_until(len(rows))
