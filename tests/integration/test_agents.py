@@ -16,7 +16,7 @@ from infra.settings import Settings
 from schemas import DeadLetter, InteractionLogged, RolloutGenerated, RolloutRewarded, decode_event
 from schemas.codec import encode_event
 from schemas.events import Completion
-from tests.integration.stage_support import in_process_stage
+from tests.support.stages import in_process_stage
 
 AgentUnderTest = tuple[Any, Any, Any]
 """(agent, subscription to its sink, subscription to its dead letters)."""

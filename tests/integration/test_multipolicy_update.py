@@ -7,7 +7,6 @@ channels (as in test_agents), so the test sees exactly what the update agent sen
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,9 +17,11 @@ from schemas.codec import encode_event
 from schemas.errors import PoisonEventError, PolicyFailures
 from schemas.events import Completion, RolloutRewarded
 from streams.runner.runner import Received
-from tests.integration.stage_support import in_process_stage
+from tests.support.stages import in_process_stage
 from workers.pipeline.context import StageContext
 from workers.pipeline.update import update
+
+pytestmark = pytest.mark.run_settings(export_every=1, update_batch=2)
 
 BAD_TOKEN = 10**6
 
@@ -39,9 +40,7 @@ def _rewarded(policy: str, i: int, token: int = 5) -> RolloutRewarded:
 
 
 @pytest.fixture
-def ctx(settings: Settings, tiny_model_dir: Path) -> StageContext:
-    run = settings.model_copy(update={"base_model": tiny_model_dir, "export_every": 1,
-                                      "update_batch": 2})
+def ctx(run: Settings) -> StageContext:
     return StageContext.create(run)
 
 

@@ -25,18 +25,21 @@ from infra.settings import Settings
 from schemas import DeadLetter, InteractionLogged, RolloutGenerated, decode_event
 from schemas.codec import encode_event
 from streams.runner.runner import Received, StageRunner
-from tests.helpers import wait_for, wait_for_async
-from tests.integration.stage_support import in_process_stage
-from tests.integration.worker_support import produce_raw, read_topic, start_worker, stop_worker
-from tests.rollout_support import Calls, stored_revision
-from tests.serving_support import make_adapter
+from tests.support.adapters import make_adapter, stored_revision
 from tests.support.catalog import record
+from tests.support.kafka import produce_raw, read_topic
+from tests.support.processes import start_worker, stop_process
+from tests.support.serving import Calls
+from tests.support.stages import in_process_stage
+from tests.support.waiting import wait_for, wait_for_async
 from workers.artifacts.store import ArtifactStore
 from workers.catalog.writer import Catalog
 from workers.pipeline.context import StageContext
 from workers.pipeline.rollout import rollout
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
 from workers.serving.server import ServerThread
+
+pytestmark = pytest.mark.run_settings(group_size=2, max_new_tokens=4, max_in_flight=2)
 
 POLICIES = ["p0", "p1", "p2", "base"]
 """p0..p2 sample from exported revisions (adapters), `base` from the bare base."""
@@ -50,17 +53,15 @@ def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture
-def run(settings: Settings, tiny_model_dir: Path, adapter_dirs: list[Path],
-        catalog: Catalog) -> Settings:
-    """Small groups; p0..p2 have exported heads (r1..r3) in the catalog and the artifact store."""
-    s = settings.model_copy(update={"base_model": tiny_model_dir, "group_size": 2,
-                                    "max_new_tokens": 4, "max_in_flight": 2})
-    store = ArtifactStore(s.artifacts)
+def seeded(run: Settings, adapter_dirs: list[Path], catalog: Catalog) -> Settings:
+    """`run` (small groups) where p0..p2 have exported heads (r1..r3) in the catalog and the
+    artifact store."""
+    store = ArtifactStore(run.artifacts)
     for i, path in enumerate(adapter_dirs):
         sha = stored_revision(store, path, i + 1).sha256
         for step in range(1, i + 2):
             record(catalog, f"p{i}", str(sha), step)
-    return s
+    return run
 
 
 def _train(policy: str, i: int, task: str = "length") -> InteractionLogged:
@@ -69,8 +70,8 @@ def _train(policy: str, i: int, task: str = "length") -> InteractionLogged:
 
 
 @pytest.fixture
-def rollout_agent(run: Settings) -> Iterator[tuple[Any, StageRunner, Calls]]:
-    agent, runner = in_process_stage(run, "rollout")
+def rollout_agent(seeded: Settings) -> Iterator[tuple[Any, StageRunner, Calls]]:
+    agent, runner = in_process_stage(seeded, "rollout")
     calls = Calls(runner.ctx.engine.client)  # starts the embedded engine
     yield agent, runner, calls
     runner.ctx.close()
@@ -146,10 +147,10 @@ def engine(tiny_model_dir: Path) -> Iterator[ServerThread]:
 
 
 def test_a_worker_on_the_broker_answers_many_policies_in_few_engine_batches(
-        run: Settings, engine: ServerThread, tmp_path: Path) -> None:
+        seeded: Settings, engine: ServerThread, tmp_path: Path) -> None:
     """All interactions are on the topic before the worker starts (under one key, so in one
     partition and one fetch); each gets exactly one rollout, in far fewer engine batches."""
-    run = run.model_copy(update={"engine_url": engine.url, "engine_admin_token": TOKEN})
+    run = seeded.model_copy(update={"engine_url": engine.url, "engine_admin_token": TOKEN})
     train = [_train(p, i) for i in range(2) for p in POLICIES]
     poison = _train("p2", 9, task="no-such-reward")
     produce_raw(run, "interactions", [(b"k", encode_event(e)) for e in [poison, *train]])
@@ -160,7 +161,7 @@ def test_a_worker_on_the_broker_answers_many_policies_in_few_engine_batches(
                             240, interval=0.5, message="a rollout for every interaction")
         letters = wait_for(lambda: read_topic(run, "dead-letters"), 60, message="the poison")
     finally:
-        stop_worker(proc, log)
+        stop_process(proc, log)
     answered = Counter(r["interaction"]["event_id"] for r in rollouts)
     assert answered == Counter(e.event_id for e in train)  # exactly one each
     assert [(d["policy_id"], d["offset"]) for d in letters] == [("p2", 0)]

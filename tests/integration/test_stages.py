@@ -24,11 +24,11 @@ from workers.pipeline.reward import reward
 from workers.pipeline.rollout import rollout
 from workers.pipeline.update import update
 
+pytestmark = pytest.mark.run_settings(export_every=2, group_size=4, max_new_tokens=6)
+
 
 @pytest.fixture
-def ctx(settings: Settings, tiny_model_dir: Path) -> StageContext:
-    run = settings.model_copy(update={"base_model": tiny_model_dir, "export_every": 2,
-                                      "group_size": 4, "max_new_tokens": 6})
+def ctx(run: Settings) -> StageContext:
     return StageContext.create(run)
 
 

@@ -17,8 +17,8 @@ from transformers import AutoTokenizer
 from infra.settings import Settings
 from schemas.errors import EventFailures, PoisonEventError
 from schemas.events import InteractionLogged, RolloutGenerated
-from tests.rollout_support import Calls, stored_revision
-from tests.serving_support import base_dir, make_adapter  # noqa: F401  (fixture)
+from tests.support.adapters import make_adapter, stored_revision
+from tests.support.serving import Calls
 from workers.artifacts.store import ArtifactStore
 from workers.catalog.index import BASE, RevisionPointer
 from workers.pipeline.context import StageContext
@@ -35,24 +35,24 @@ differently shaped (and differently padded) batch when it shares the call with o
 
 
 @pytest.fixture(scope="module")
-def server(base_dir: Path) -> Iterator[ServerThread]:  # noqa: F811
-    config = EngineConfig(base_path=base_dir, max_lora_rank=8, max_loaded_loras=8)
+def server(tiny_model_dir: Path) -> Iterator[ServerThread]:
+    config = EngineConfig(base_path=tiny_model_dir, max_lora_rank=8, max_loaded_loras=8)
     srv = ServerThread(CpuEngine(config), admin_token=TOKEN).start()
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def adapter_dirs(base_dir: Path, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
                  ) -> list[Path]:
     root = tmp_path_factory.mktemp("rollout-adapters")
-    return [make_adapter(base_dir, root / f"a{i}", seed=i) for i in range(2)]
+    return [make_adapter(tiny_model_dir, root / f"a{i}", seed=i) for i in range(2)]
 
 
 @pytest.fixture
-def sampler(server: ServerThread, base_dir: Path) -> EngineSampler:  # noqa: F811
+def sampler(server: ServerThread, tiny_model_dir: Path) -> EngineSampler:
     return EngineSampler(SGLangClient(server.url, api_key=TOKEN),
-                         AutoTokenizer.from_pretrained(str(base_dir)))
+                         AutoTokenizer.from_pretrained(str(tiny_model_dir)))
 
 
 def _close(a: list[Sample], b: list[Sample]) -> None:
@@ -99,11 +99,11 @@ class HeadsOnly:
 
 
 @pytest.fixture
-def ctx(sampler: EngineSampler, base_dir: Path, adapter_dirs: list[Path],  # noqa: F811
+def ctx(sampler: EngineSampler, tiny_model_dir: Path, adapter_dirs: list[Path],
         tmp_path: Path) -> StageContext:
     """alice and bob sample from exported revisions (two adapters), carol from the base."""
-    settings = Settings(base_model=base_dir, artifact_dir=tmp_path / "artifacts", group_size=3,
-                        max_new_tokens=6, temperature=0.9)
+    settings = Settings(base_model=tiny_model_dir, artifact_dir=tmp_path / "artifacts",
+                        group_size=3, max_new_tokens=6, temperature=0.9)
     store = ArtifactStore(settings.artifacts)
     heads = {"alice": stored_revision(store, adapter_dirs[0], 1),
              "bob": stored_revision(store, adapter_dirs[1], 2)}

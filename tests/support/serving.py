@@ -1,17 +1,11 @@
-"""Helpers for the rollout-batching tests: count the sampler's /generate calls, and give a
-policy an exported head revision made from a PEFT adapter dir."""
+"""Serving seen from a test: count (and, on demand, refuse) a client's /generate requests, so
+a test can tell how many engine calls the stages made."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
-
-from workers.artifacts.store import ArtifactStore
-from workers.catalog.index import RevisionPointer
 from workers.serving.client import SGLangClient, SGLangError
 
 
@@ -32,10 +26,3 @@ class Calls:
         if self.refuse(paths):
             raise SGLangError(400, "refused by the test")
         return self._generate(prompts, **kwargs)
-
-
-def stored_revision(store: ArtifactStore, adapter_dir: Path, revision: int) -> RevisionPointer:
-    """Put a PEFT adapter dir into the artifact store as a policy's `revision`."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    ref = store.put_adapter(load_file(str(adapter_dir / "adapter_model.safetensors")), config)
-    return RevisionPointer(revision, sha256=ref.sha256, path=str(ref.path))
