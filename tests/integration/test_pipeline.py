@@ -11,6 +11,7 @@ import base64
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import orjson
 import pytest
@@ -47,11 +48,12 @@ def worker(run: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def _interactions(policy: str) -> list[InteractionLogged]:
-    spec = {"task": "length", "task_params": {"target_chars": 0}}
-    held = [InteractionLogged(policy_id=policy, prompt=f"held {i}?", split="eval", **spec)
-            for i in range(2)]
-    return held + [InteractionLogged(policy_id=policy, prompt=f"train {i}?", **spec)
-                   for i in range(STEPS)]
+    def length(prompt: str, split: Literal["train", "eval"] = "train") -> InteractionLogged:
+        return InteractionLogged(policy_id=policy, prompt=prompt, split=split, task="length",
+                                 task_params={"target_chars": 0})
+
+    held = [length(f"held {i}?", split="eval") for i in range(2)]
+    return held + [length(f"train {i}?") for i in range(STEPS)]
 
 
 def test_interactions_flow_to_evaluations_and_a_servable_revision(

@@ -17,9 +17,9 @@ import asyncio
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from faust.types import AgentT
 
 from infra.settings import Settings
 from schemas import DeadLetter, InteractionLogged, RolloutGenerated, decode_event
@@ -30,7 +30,7 @@ from tests.support.catalog import record
 from tests.support.kafka import produce_raw, read_topic
 from tests.support.processes import start_worker, stop_process
 from tests.support.serving import Calls
-from tests.support.stages import in_process_stage
+from tests.support.stages import all_of, in_process_stage
 from tests.support.waiting import wait_for, wait_for_async
 from workers.artifacts.store import ArtifactStore
 from workers.catalog.writer import Catalog
@@ -70,20 +70,16 @@ def _train(policy: str, i: int, task: str = "length") -> InteractionLogged:
 
 
 @pytest.fixture
-def rollout_agent(seeded: Settings) -> Iterator[tuple[Any, StageRunner, Calls]]:
+def rollout_agent(seeded: Settings, monkeypatch: pytest.MonkeyPatch
+                  ) -> Iterator[tuple[AgentT, StageRunner, Calls]]:
     agent, runner = in_process_stage(seeded, "rollout")
-    calls = Calls(runner.ctx.engine.client)  # starts the embedded engine
+    calls = Calls(runner.ctx.engine.client, monkeypatch)  # starts the embedded engine
     yield agent, runner, calls
     runner.ctx.close()
 
 
-def _rollouts(outs: list[Any]) -> list[RolloutGenerated]:
-    assert all(isinstance(o, RolloutGenerated) for o in outs)
-    return outs
-
-
 async def test_a_batch_of_four_policies_is_one_engine_call_and_a_poison_fails_alone(
-        rollout_agent: tuple[Any, StageRunner, Calls]) -> None:
+        rollout_agent: tuple[AgentT, StageRunner, Calls]) -> None:
     agent, runner, calls = rollout_agent
     ctx: StageContext = runner.ctx
     train = [_train(p, i) for i in range(2) for p in POLICIES]  # 2 per policy: within room
@@ -92,7 +88,7 @@ async def test_a_batch_of_four_policies_is_one_engine_call_and_a_poison_fails_al
     batch = [Received(encode_event(e), "interactions", 0, k) for k, e in enumerate(events)]
     sink, dlq = runner.sink.__aiter__(), runner.dead_letters.__aiter__()
     async with agent.test_context():
-        sent = _rollouts(await asyncio.wait_for(runner.process_many(batch), 120))
+        sent = all_of(RolloutGenerated, await asyncio.wait_for(runner.process_many(batch), 120))
         got = [decode_event(RolloutGenerated, (await sink.get(timeout=10)).value) for _ in sent]
         letter = decode_event(DeadLetter, (await dlq.get(timeout=10)).value)
         assert await runner.process_many(batch) == []  # redelivered: seen, and poison again
@@ -116,7 +112,7 @@ async def test_a_batch_of_four_policies_is_one_engine_call_and_a_poison_fails_al
 
 
 async def test_a_policy_at_its_in_flight_limit_waits_for_its_trainer_in_a_later_unit(
-        rollout_agent: tuple[Any, StageRunner, Calls]) -> None:
+        rollout_agent: tuple[AgentT, StageRunner, Calls]) -> None:
     """max_in_flight=2: p0's third interaction is not sampled with the first unit; it goes in
     a unit of its own once the trainer has consumed one of p0's groups. The other policies are
     not held back by p0."""
@@ -132,7 +128,7 @@ async def test_a_policy_at_its_in_flight_limit_waits_for_its_trainer_in_a_later_
         assert not task.done() and calls.n == 1  # p0's third waits for its trainer
         assert (state.in_flight("p1"), state.in_flight("base")) == (1, 1)
         state.note_trained("p0")  # the trainer consumes one of p0's groups
-        sent = _rollouts(await asyncio.wait_for(task, 120))
+        sent = all_of(RolloutGenerated, await asyncio.wait_for(task, 120))
     assert calls.n == 2
     assert [r.interaction.event_id for r in sent] == [events[k].event_id for k in (0, 1, 2, 4, 3)]
     assert state.in_flight("p0") == 2

@@ -110,7 +110,7 @@ async def _state(ctl: ResidencyController, name: str, want: Residency) -> bool:
 
 def test_tampered_artifact_fails_cleanly_and_waves_are_bounded(
         settings: Settings, redis_client: redis.Redis, tiny_model_dir: Path, engine_url: str,
-        tmp_path: Path, catalog: Catalog) -> None:
+        tmp_path: Path, catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
     bad_sha = publish(catalog, tiny_model_dir, tmp_path, "eve", 1, seed=3)
     weights = ArtifactStore(settings.artifacts).adapter_path(bad_sha) / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # corrupt at rest
@@ -132,7 +132,7 @@ def test_tampered_artifact_fails_cleanly_and_waves_are_bounded(
             peak = max(peak, sum(t.state is Residency.LOADING for t in ctl.tracked.values()))
             return await original(*args, **kw)
 
-        ctl.engine.load_lora_adapter = counting  # type: ignore[method-assign]
+        monkeypatch.setattr(ctl.engine, "load_lora_adapter", counting)
         set_pinned(settings, redis_client, "e1", "p5@1", True)
         task = asyncio.create_task(ctl.run(stop))
         router = Router(settings, redis_client, cold_timeout_s=15.0)

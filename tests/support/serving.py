@@ -6,18 +6,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from workers.serving.client import SGLangClient, SGLangError
 
 
 class Calls:
-    """Counts (and, when `refuse` says so, refuses) a client's /generate requests."""
+    """Counts (and, when `refuse` says so, refuses) a client's /generate requests, for the rest
+    of the test."""
 
-    def __init__(self, client: SGLangClient) -> None:
+    def __init__(self, client: SGLangClient, monkeypatch: pytest.MonkeyPatch) -> None:
         self.n = 0
         self.lora_paths: list[list[str | None]] = []
         self.refuse: Callable[[list[str | None]], bool] = lambda paths: False
         self._generate = client.generate
-        client.generate = self  # type: ignore[method-assign]
+        monkeypatch.setattr(client, "generate", self)
 
     def __call__(self, prompts: Any, **kwargs: Any) -> Any:
         self.n += 1

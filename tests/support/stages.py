@@ -5,7 +5,8 @@ and a stage's agent run in-process with channels for its outputs."""
 from __future__ import annotations
 
 import inspect
-from typing import cast
+from collections.abc import Sequence
+from typing import TypeVar, cast
 
 import faust
 import torch
@@ -21,6 +22,21 @@ from workers.pipeline.evaluate import evaluate
 from workers.pipeline.export import export
 from workers.pipeline.promote import promote
 from workers.pipeline.state import score_key
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def only(kind: type[M], outputs: Sequence[object]) -> M:
+    """The one output of a stage call, checked to be a `kind` (stages return `list[BaseModel]`)."""
+    (out,) = outputs
+    assert isinstance(out, kind), out
+    return out
+
+
+def all_of(kind: type[M], outputs: Sequence[object]) -> list[M]:
+    """A stage call's outputs, each checked to be a `kind`."""
+    assert all(isinstance(o, kind) for o in outputs), outputs
+    return [o for o in outputs if isinstance(o, kind)]
 
 
 def export_step(ctx: StageContext, policy: str, step: int) -> AdapterExported:

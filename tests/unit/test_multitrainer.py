@@ -3,6 +3,7 @@ and mixed-policy sampling from the live adapters."""
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -22,8 +23,7 @@ PROMPTS = {"a": ["What is 2+2?", "Say hi"], "b": ["Name a color"],
            "c": ["Count to three", "Why?", "ok"]}
 
 
-def _trainer(path: Path, **kw: object) -> MultiPolicyTrainer:
-    return MultiPolicyTrainer(path, LoraSpec(), **kw)  # type: ignore[arg-type]
+_trainer = functools.partial(MultiPolicyTrainer, lora=LoraSpec())
 
 
 def _groups(trainer: MultiPolicyTrainer, prompts: list[str], seed: int) -> list[TrainGroup]:
@@ -136,8 +136,9 @@ def test_non_finite_policy_is_rejected_without_moving_others(tiny_model_dir: Pat
     assert isinstance(results["p"], PoisonEventError)
     assert (joint.steps_done("b"), joint.steps_done("c")) == (1, 1)
     _same_state(joint.adapter_state("b"), b_before, atol=0)
-    expected = alone.step("a", work["a"])
-    _close(results["a"], expected, rel=1e-9)  # type: ignore[arg-type]
+    expected, got = alone.step("a", work["a"]), results["a"]
+    assert isinstance(got, StepResult)
+    _close(got, expected, rel=1e-9)
     _same_state(joint.adapter_state("a"), alone.adapter_state("a"), atol=1e-12)
     with pytest.raises(TrainingRejected):
         joint.step("b", nan_old)

@@ -169,7 +169,8 @@ def test_openai_routes_name_the_adapter_in_model(server: ServerThread,
     assert len(comp["choices"][0]["logprobs"]["token_logprobs"]) >= 1
 
 
-def test_num_threads_applies_to_the_engine_threads_only(tiny_model_dir: Path) -> None:
+def test_num_threads_applies_to_the_engine_threads_only(tiny_model_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """OpenMP's thread count is per thread: the engine's setting must not change the caller's.
     (`torch.get_num_threads()` reports torch's process-wide default, so the per-thread count
     is read from the OpenMP runtime torch itself loaded.)"""
@@ -185,7 +186,7 @@ def test_num_threads_applies_to_the_engine_threads_only(tiny_model_dir: Path) ->
         seen.append(omp.omp_get_max_threads())
         return decode(rows)
 
-    sampler._decode = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(sampler, "_decode", spy)
     try:
         rows = [RowRequest(sampler.encode("hi"), None, max_new_tokens=1)]
         engine._executor.submit(sampler.generate, rows).result()
