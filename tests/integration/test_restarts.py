@@ -80,7 +80,8 @@ def test_redis_flushed_and_rebuilt_from_the_catalog(settings: Settings, run: Set
 
 @pytest.fixture
 def served(run: Settings, tiny_model_dir: Path, tmp_path: Path, catalog: Catalog) -> Settings:
-    """alice@1 in the artifact store, recorded, serving: the hot set an engine must hold."""
+    """alice@1 in the artifact store, recorded, serving: the hot set an engine must hold
+    (`run` carries the engine admin token its test marks)."""
     src = make_adapter(tiny_model_dir, tmp_path / "alice-1", seed=1, scale=0.5)
     tensors = safetensors.torch.load_file(str(src / WEIGHTS_FILE))
     ref = ArtifactStore(run.artifacts).put_adapter(
