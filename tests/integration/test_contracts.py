@@ -21,15 +21,10 @@ from schemas.ids import record_id
 from streams.app import group_id
 from streams.cli.main import build_parser
 from streams.runner.runner import Received
-from tests.helpers import wait_for
-from tests.integration.stage_support import in_process_stage
-from tests.integration.worker_support import (
-    drained,
-    produce_raw,
-    read_topic,
-    start_worker,
-    stop_worker,
-)
+from tests.support.kafka import drained, produce_raw, read_topic
+from tests.support.processes import start_worker, stop_process
+from tests.support.stages import in_process_stage
+from tests.support.waiting import wait_for
 from workers.pipeline import guards
 from workers.pipeline.context import StageContext
 
@@ -153,7 +148,7 @@ def test_dead_letters_are_listed_and_replayed_once_the_cause_is_fixed(
             assert replay.returncode == 0 and "replayed 2" in replay.stderr, replay.stderr
             wait_for(lambda: drained(run, group, ["rewards"]), 180, 0.5, "replay drained")
     finally:
-        stop_worker(worker, log)
+        stop_process(worker, log)
     updates = [u for u in read_topic(run, "updates", 0.5) if u.get("kind") == "policy_updated"]
     assert sorted(u["step"] for u in updates) == [1, 2]
     assert len(read_topic(run, "dead-letters", 0.5)) == 2

@@ -17,6 +17,7 @@ from infra.admin import admin_client, client_config
 from infra.settings import Settings
 from schemas.codec import encode_event
 from schemas.events import (
+    AdapterExported,
     Completion,
     InteractionLogged,
     PolicyUpdated,
@@ -66,14 +67,16 @@ def test_a_revision_leads_back_to_its_interactions_after_retention(
     producer.close(10)
 
     staged = ctx.store.stage("p", 2, {"w": torch.ones(2, 2)})
+    outs = []
     for step, chunk in ((1, [0, 1]), (2, [2])):
-        (out,) = export(ctx, PolicyUpdated(
+        outs += export(ctx, PolicyUpdated(
             policy_id="p", step=step, loss=0.0, mean_reward=0.5, tokens=3,
             rollout_ids=[events[i].rollout.event_id for i in chunk],
             sources=[SourcePosition(topic=sent[i].topic, partition=sent[i].partition,
                                     offset=sent[i].offset) for i in chunk],
-            checkpoint=str(staged) if step == 2 else None)) or [None]
-    assert out is not None and out.revision == 1  # type: ignore[attr-defined]
+            checkpoint=str(staged) if step == 2 else None))
+    (out,) = outs
+    assert isinstance(out, AdapterExported) and out.revision == 1
 
     _expire(run, ["rewards", "interactions"])
     capsys.readouterr()
