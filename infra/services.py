@@ -163,12 +163,20 @@ def _server_properties(settings: Settings, paths: KafkaPaths) -> str:
     return "".join(f"{k}={v}\n" for k, v in props.items())
 
 
-def _cluster_id() -> str:
-    """A Kafka-style cluster id: 16 random bytes, url-safe base64 without padding."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+def cluster_id() -> str:
+    """A Kafka-style cluster id: 16 random bytes, url-safe base64 without padding.
+
+    Url-safe base64 may begin with `-`, which the storage tool's parser reads as an option
+    (`--cluster-id/-t: expected one argument`: one start in 64 failed). Kafka's own
+    `Uuid.randomUuid()` draws again in that case; so does this.
+    """
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not text.startswith("-"):
+            return text
 
 
-def _java_cmd(paths: KafkaPaths, main: str, *args: str, heap: str = "-Xmx256m",
+def java_cmd(paths: KafkaPaths, main: str, *args: str, heap: str = "-Xmx256m",
               logs: str = "tools") -> list[str]:
     java = shutil.which("java")
     if java is None:
@@ -185,7 +193,7 @@ def run_kafka_tool(settings: Settings, main: str, *args: str,
     without a Kafka distribution. Jars are resolved on first use.
     """
     resolve_kafka_jars(settings)
-    cmd = _java_cmd(kafka_paths(settings), main, *args)
+    cmd = java_cmd(kafka_paths(settings), main, *args)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -193,8 +201,8 @@ def _format_storage(paths: KafkaPaths) -> None:
     """Format the KRaft log dir once (meta.properties marks a formatted dir)."""
     if (paths.data / "meta.properties").exists():
         return
-    cmd = _java_cmd(paths, "kafka.tools.StorageTool", "format", "--standalone",
-                    "-t", _cluster_id(), "-c", str(paths.props))
+    cmd = java_cmd(paths, "kafka.tools.StorageTool", "format", "--standalone",
+                    f"--cluster-id={cluster_id()}", "-c", str(paths.props))
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise ServiceError(f"formatting Kafka storage failed:\n{done.stdout}{done.stderr}")
@@ -207,7 +215,7 @@ def start_kafka(settings: Settings, timeout: float = 120.0, echo: Echo = stderr)
     resolve_kafka_jars(settings, echo)
     paths.props.write_text(_server_properties(settings, paths))
     _format_storage(paths)
-    cmd = _java_cmd(paths, "kafka.Kafka", str(paths.props), heap="-Xmx768m", logs="broker")
+    cmd = java_cmd(paths, "kafka.Kafka", str(paths.props), heap="-Xmx768m", logs="broker")
     cmd[2:2] = ["-Xms256m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
     echo(f"kafka: starting broker on {settings.bootstrap_servers} (log: {paths.log}) ...")
     with paths.log.open("ab") as log:

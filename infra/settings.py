@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     # Local state.
     data_dir: Path = REPO_ROOT / ".data"
     artifact_dir: Path | None = None
+    artifact_url: str | None = None
+    """A shared copy of the artifact store that every host reaches (`s3://bucket/prefix`,
+    `file:///mnt/shared/lorastream`); the local artifact dir is then its cache."""
+    s3_endpoint_url: str | None = None
+    """An S3-compatible server (SeaweedFS, MinIO, ...): `http://host:port`; unset = AWS."""
+    s3_access_key: str | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_region: str | None = None
     base_model: Path | None = None
 
     # Serving engine the rollout and evaluate stages sample from: an SGLang server (or
@@ -114,6 +122,11 @@ class Settings(BaseSettings):
     """Most events an unbatched stage takes off its stream at once; seen-checks and marks go
     to Redis once per batch, and the batch is acked when it is done."""
     seed: int = 0
+    trainer_max_policies: int = Field(default=256, ge=1)
+    """Most policies an update worker keeps in memory; beyond, the least recently stepped are
+    evicted to their journaled checkpoint (15-20 MB each for SmolLM2)."""
+    trainer_idle_evict_s: float = Field(default=600.0, gt=0.0)
+    """A policy not stepped for this long is evicted from the trainer's memory."""
 
     # Rewards beyond the built-ins and installed plugins (`workers/rewards/registry.py`).
     reward_plugins: dict[str, str] = Field(default_factory=dict)

@@ -92,8 +92,9 @@ def _retrying(fn: Callable[[], Any], until_s: float = 300.0) -> Any:
 class Producer:
     """Sends events in order; a chunk with a failed delivery is sent again (same ids)."""
 
-    def __init__(self, settings: Settings, events: list[tuple[str, bytes, bytes]]) -> None:
-        self.settings, self.events = settings, events
+    def __init__(self, settings: Settings, events: list[tuple[str, bytes, bytes]],
+                 topic: str = "rollouts") -> None:
+        self.settings, self.events, self.topic = settings, events, topic
         self.sent = 0
         self.resent_chunks = 0
         self._producer = KafkaProducer(**kafka_python_config(settings), acks="all",
@@ -101,7 +102,7 @@ class Producer:
                                        request_timeout_ms=10000, max_block_ms=30000)
 
     def send_until(self, upto: int, deadline_s: float = 300.0) -> None:
-        topic = self.settings.topic("rollouts")
+        topic = self.settings.topic(self.topic)
         deadline = time.monotonic() + deadline_s
         while self.sent < upto:
             chunk = self.events[self.sent:min(self.sent + CHUNK, upto)]

@@ -97,6 +97,11 @@ class Provenance(_Part):
     tokens: int = Field(ge=0)
     started_ts: float
     finished_ts: float
+    archive: str | None = None
+    """Where a copy of the `rollouts` records is kept beyond the topics' retention (a file of
+    the artifact store, `workers/catalog/archive.py`)."""
+    archive_sha256: Sha256 | None = None
+    archived_records: int = Field(default=0, ge=0)
 
 
 class CatalogRecord(Event):

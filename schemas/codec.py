@@ -14,6 +14,7 @@ from faust.serializers import codecs
 from pydantic import BaseModel, ValidationError
 
 from schemas.errors import PoisonEventError
+from schemas.ids import record_id
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -39,8 +40,16 @@ def encode_event(event: BaseModel) -> bytes:
     return CODEC.dumps(event.model_dump(mode="json"))
 
 
-def decode_event(model: type[M], raw: bytes | str | None) -> M:
-    """Decode and validate an event; any defect raises `PoisonEventError` with the reason."""
+Origin = tuple[str, int, int]
+"""A record's Kafka coordinates: topic, partition, offset."""
+
+
+def decode_event(model: type[M], raw: bytes | str | None, origin: Origin | None = None) -> M:
+    """Decode and validate an event; any defect raises `PoisonEventError` with the reason.
+
+    An event without an `event_id` gets one derived from `origin`, the record's coordinates
+    (a producer in another language may leave it out): Kafka redelivers the same record at the
+    same coordinates, so the copy dedups. Without an origin the model's default applies."""
     if raw is None:
         raise PoisonEventError("empty value (tombstone or null)")
     if isinstance(raw, str):
@@ -53,6 +62,8 @@ def decode_event(model: type[M], raw: bytes | str | None) -> M:
         raise PoisonEventError(f"malformed JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise PoisonEventError(f"expected a JSON object, got {type(data).__name__}")
+    if origin is not None and data.get("event_id") is None:
+        data["event_id"] = record_id(*origin)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

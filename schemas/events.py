@@ -11,9 +11,20 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+"""What this reader can decode; anything else is dead-lettered with the reason, never read as
+if it were version 1."""
 MAX_PROMPT_CHARS = 8192
 
 PolicyId = Annotated[
@@ -37,10 +48,27 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
-    event_id: str = Field(default_factory=new_event_id, min_length=1, max_length=128)
-    schema_version: int = SCHEMA_VERSION
+    event_id: str = Field(
+        default_factory=new_event_id, min_length=1, max_length=128,
+        description="Optional on the wire. A stage reading an event without one derives it "
+                    "from the record's Kafka coordinates (topic, partition, offset), so a "
+                    "redelivery of the same record has the same id; a producer that may "
+                    "retry a send should set it itself.")
+    schema_version: int = Field(
+        default=SCHEMA_VERSION,
+        json_schema_extra={"enum": list[JsonValue](sorted(SUPPORTED_SCHEMA_VERSIONS))},
+        description="Version of this event's schema; other versions are dead-lettered.")
     policy_id: PolicyId
-    ts: float = Field(default_factory=time.time)
+    ts: float = Field(default_factory=time.time,
+                      description="Unix seconds; the reader's clock when absent.")
+
+    @field_validator("schema_version")
+    @classmethod
+    def _supported_version(cls, version: int) -> int:
+        if version not in SUPPORTED_SCHEMA_VERSIONS:
+            raise ValueError(f"unsupported schema_version {version} (this reader takes "
+                             f"{sorted(SUPPORTED_SCHEMA_VERSIONS)})")
+        return version
 
 
 class InteractionLogged(Event):

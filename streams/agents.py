@@ -13,6 +13,7 @@ from typing import Any
 import faust
 
 from infra.settings import Settings
+from streams.runner import rebalance
 from streams.runner.runner import StageRunner
 from workers.pipeline import evaluate, export, promote, reward, rollout, update
 from workers.pipeline.context import StageContext
@@ -38,3 +39,4 @@ def add_agents(app: faust.App, settings: Settings, ctx: StageContext, names: lis
         runner = StageRunner(stage, ctx, sink=topic(app, settings, stage.writes),
                              dead_letters=dead_letters, executor=executor, control=control)
         app.agent(topic(app, settings, stage.reads), name=f"stage.{name}")(runner.run)
+    rebalance.connect(app, settings, ctx, [STAGES[n] for n in names], executor)

@@ -16,7 +16,7 @@ import faust
 from infra.security import faust_credentials
 from infra.settings import Settings
 from streams.agents import STAGES, add_agents
-from workers.pipeline import faults
+from workers.pipeline import faults, preflight
 from workers.pipeline.context import StageContext
 
 
@@ -45,6 +45,8 @@ def create_app(
 
 def faust_app(settings: Settings, app_id: str) -> faust.App:
     """The Faust app every stage process runs on (also the ingest benchmark's bare baseline)."""
+    datadir = settings.data_dir / "faust"
+    datadir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     return faust.App(
         app_id,
         broker=f"kafka://{settings.bootstrap_servers.replace(',', ';')}",
@@ -57,6 +59,9 @@ def faust_app(settings: Settings, app_id: str) -> faust.App:
         topic_disable_leader=True,
         topic_partitions=settings.partitions,
         web_enabled=False,
+        # Faust keeps per-app state in a directory ("{id}-data" in the working directory by
+        # default); under the git-ignored data directory it never litters a checkout.
+        datadir=str(datadir / "{conf.name}"),
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=settings.heartbeat_interval_s,
@@ -78,7 +83,12 @@ def topic(app: faust.App, settings: Settings, name: str) -> faust.TopicT:
 
 
 def run_worker(settings: Settings, stages: Sequence[str], loglevel: str = "WARNING") -> None:
-    """Run the stages until SIGINT/SIGTERM; Faust commits offsets on the way out."""
+    """Check what the stages need, then run them until SIGINT/SIGTERM (Faust commits offsets
+    on the way out). A misconfigured worker exits with one message before consuming."""
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
+    preflight.require(settings, [STAGES[s] for s in stages])
     app = create_app(settings, stages)
     worker = faust.Worker(app, loglevel=loglevel, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -40,6 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_revisions)
 
+    p = sub.add_parser("trained-on", help="the interaction logs a revision was trained on, "
+                                          "from its provenance archive (outlives retention)")
+    p.add_argument("policy_id")
+    p.add_argument("revision", type=int)
+    p.set_defaults(handler=cmd_trained_on)
+
     p = sub.add_parser("rollback", help="serve an earlier revision now (default: the last one "
                                         "that served before)")
     p.add_argument("policy_id")
@@ -130,6 +136,27 @@ def cmd_policy_show(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_trained_on(args: argparse.Namespace, settings: Settings) -> int:
+    """One JSON line per interaction log the revision's steps trained on."""
+    from schemas.catalog import Provenance
+    from workers.artifacts.store import ArtifactStore
+    from workers.catalog.archive import interactions
+    from workers.catalog.read import revisions_of
+
+    entry = _entry_or_fail(settings, args.policy_id)
+    if entry is None:
+        return 1
+    found = [r for r in revisions_of(settings, entry) if r["revision"] == args.revision]
+    if not found or not found[0].get("provenance"):
+        print(f"{args.policy_id} has no revision {args.revision} with provenance",
+              file=sys.stderr)
+        return 1
+    provenance = Provenance.model_validate(found[0]["provenance"])
+    for inter in interactions(ArtifactStore.for_settings(settings), provenance):
+        sys.stdout.write(inter.model_dump_json() + "\n")
+    return 0
+
+
 def cmd_revisions(args: argparse.Namespace, settings: Settings) -> int:
     from workers.catalog.read import revisions_of
 
@@ -153,6 +180,8 @@ def cmd_revisions(args: argparse.Namespace, settings: Settings) -> int:
             for rng in p["rollouts"]:
                 lines.append(f"  rollouts  {rng['topic']}[{rng['partition']}] offsets "
                              f"{','.join(str(o) for o in rng['offsets'])}")
+            if p.get("archive"):
+                lines.append(f"  archive   {p['archive']} ({p['archived_records']} records)")
         for ev in r["evaluations"]:
             lines.append(f"  eval      {ev['evaluator']} {ev['score']:.4f} vs r"
                          f"{ev['baseline_revision']} {ev['baseline_score']:.4f} "

@@ -83,7 +83,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
         metrics.serve(args.metrics_port, settings, group=group_id(settings, stages),
                       lag_interval_s=args.lag_interval)
-    run_worker(settings, stages, loglevel=args.loglevel)
+    from workers.pipeline.preflight import EX_CONFIG, Misconfigured
+
+    try:
+        run_worker(settings, stages, loglevel=args.loglevel)
+    except (Misconfigured, ValueError) as exc:
+        print(f"lorastream worker: {exc}", file=sys.stderr, flush=True)
+        return EX_CONFIG
     return 0
 
 

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from infra import admin, services
+from infra import admin, cluster, services
 from infra.services import ServiceError, ServiceStatus
 from infra.settings import Settings
 
@@ -24,6 +24,9 @@ def register(sub: Any) -> None:
     verbs = infra.add_subparsers(dest="infra_command", required=True)
     up = verbs.add_parser("up", help="ensure Redis and Kafka answer; create the pipeline topics")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait per service")
+    up.add_argument("--brokers", type=int, default=1,
+                    help="1: one local broker; N > 1: an N-node KRaft cluster (replication "
+                         "factor N, min.insync.replicas N-1) from the first bootstrap port on")
     up.set_defaults(handler=cmd_up)
     status = verbs.add_parser("status", help="what runs where")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -63,9 +66,17 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     """Ensure Redis and Kafka answer, then create the pipeline topics (idempotent)."""
     _quiet(args)
     t0 = time.monotonic()
+    brokers = getattr(args, "brokers", 1)
     try:
-        for ensure in (services.ensure_redis, services.ensure_kafka):
-            print(_describe(ensure(settings, timeout=args.timeout)), flush=True)
+        print(_describe(services.ensure_redis(settings, timeout=args.timeout)), flush=True)
+        if brokers > 1:
+            settings = cluster.ensure_cluster(settings, brokers, timeout=max(args.timeout, 180))
+            print(f"kafka  cluster   {brokers} brokers, replication factor {brokers}, "
+                  f"min.insync.replicas {max(1, brokers - 1)}\n"
+                  f"       export LORASTREAM_BOOTSTRAP_SERVERS={settings.bootstrap_servers}",
+                  flush=True)
+        else:
+            print(_describe(services.ensure_kafka(settings, timeout=args.timeout)), flush=True)
         created = admin.create_topics(settings)
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -111,6 +122,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
     """Stop only what `infra up` started (pid files); external services keep running."""
     _quiet(args)
+    running = cluster.running_nodes(settings)
+    cluster.stop_nodes(running)
+    for node in running:
+        print(f"kafka  node {node.node_id} ({node.address}) stopped")
     for name, stop, status in (
         ("kafka", services.stop_kafka, services.kafka_status),
         ("redis", services.stop_redis, services.redis_status),

@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from streams.cli import catalog as catalog_cli
     from streams.cli import commands
+    from streams.cli import deadletters as dead_letter_cli
     from streams.cli import engine as serving_cli
     from streams.cli import guards as guard_cli
     from streams.cli import infra as infra_cli
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     catalog_cli.register(sub)
     guard_cli.register(sub)
     serving_cli.register(sub)
+    dead_letter_cli.register(sub)
     return parser
 
 

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
+from workers.pipeline.preflight import EX_CONFIG
+
 log = logging.getLogger(__name__)
 
 
@@ -92,6 +94,10 @@ class Supervisor:
             self.child = self._spawn(self.argv)
             code = self.child.wait()
             if self._stopping.is_set():
+                return code
+            if code == EX_CONFIG:  # misconfigured: a restart would only say it again
+                log.critical("worker refused to start (exit %d: configuration); not restarting",
+                             code)
                 return code
             delay = history.record(time.monotonic(), time.monotonic() - started)
             if delay is None:

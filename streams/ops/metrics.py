@@ -41,6 +41,10 @@ LATENCY = Histogram(
     ["stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+REBALANCES = Counter("lorastream_rebalances_total", "Partition assignments this worker took "
+                     "part in.")
+REBALANCE_SECONDS = Gauge("lorastream_rebalance_seconds", "Revocation to assignment of the "
+                          "last rebalance (processing is paused in between).")
 OUTPUTS = Counter("lorastream_outputs_total", "Events sent downstream, by kind.", ["kind"])
 ROLLOUT_REWARD = Gauge("lorastream_rollout_reward", "Mean reward of the policy's last rollout "
                        "group.", ["policy"])

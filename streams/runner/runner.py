@@ -28,7 +28,7 @@ from typing import Any
 import faust
 from pydantic import BaseModel
 
-from schemas.codec import decode_event, encode_event
+from schemas.codec import Origin, decode_event, encode_event
 from schemas.errors import (
     EventFailures,
     PoisonEventError,
@@ -39,6 +39,7 @@ from schemas.errors import (
 from schemas.events import DeadLetter, Event
 from streams.ops import metrics
 from streams.runner.admission import AdmissionCache
+from streams.runner.origin import first_read_at
 from streams.runner.outbox import Outbox
 from workers.pipeline import faults, guards
 from workers.pipeline.context import StageContext
@@ -52,17 +53,27 @@ EXIT_UNHANDLED = 75  # EX_TEMPFAIL: a supervisor restarts the worker
 
 @dataclass(frozen=True)
 class Received:
-    """A raw record as it came off Kafka, with where it came from (for dead letters)."""
+    """A raw record as it came off Kafka, with where it came from (for dead letters) and, for
+    a re-sent record, where it was first read (its id derives from that, `schemas/ids.py`)."""
 
     raw: bytes | None
     topic: str | None = None
     partition: int | None = None
     offset: int | None = None
+    first_read: Origin | None = None
 
     @classmethod
     def of(cls, event: faust.EventT) -> Received:
         msg = event.message
-        return cls(msg.value, msg.topic, msg.partition, msg.offset)
+        return cls(msg.value, msg.topic, msg.partition, msg.offset, first_read_at(msg.headers))
+
+    @property
+    def origin(self) -> Origin | None:
+        if self.first_read is not None:
+            return self.first_read
+        if self.topic is None or self.partition is None or self.offset is None:
+            return None
+        return self.topic, self.partition, self.offset
 
 
 Decoded = tuple[Received, Event]
@@ -133,7 +144,7 @@ class StageRunner:
         copies = 0
         for item in items:
             try:
-                event = decode_event(self.stage.event, item.raw)
+                event = decode_event(self.stage.event, item.raw, item.origin)
             except PoisonEventError as exc:
                 await self._dead_letter(item, exc, None)
                 continue

@@ -18,8 +18,8 @@ from schemas.codec import encode_event
 from schemas.errors import PoisonEventError
 from schemas.events import AdapterEvaluated, AdapterExported, PolicyUpdated
 from streams.sdk.policies import CatalogError, create_policy
-from tests.integration.stage_support import in_process_stage
 from tests.support.plugins import install_plugin, uninstall
+from tests.support.stages import all_of, in_process_stage, only
 from workers.catalog.read import revisions_of
 from workers.pipeline.context import StageContext
 from workers.pipeline.export import export
@@ -28,11 +28,7 @@ from workers.pipeline.rollout import rollout, rollout_many
 from workers.pipeline.update import update
 from workers.reference.judge import Judge
 
-
-@pytest.fixture
-def run(settings: Settings, tiny_model_dir: Path) -> Settings:
-    return settings.model_copy(update={"base_model": tiny_model_dir, "export_every": 1,
-                                       "group_size": 4, "max_new_tokens": 6})
+pytestmark = pytest.mark.run_settings(export_every=1, group_size=4, max_new_tokens=6)
 
 
 @pytest.fixture
@@ -45,10 +41,9 @@ def ctx(run: Settings) -> Iterator[StageContext]:
 
 def _chain(ctx: StageContext, interactions: list[InteractionLogged]) -> PolicyUpdated:
     rollouts = [r for i in interactions for r in rollout(ctx, i)]
-    rewarded = [w for r in rollouts for w in reward(ctx, r)]  # type: ignore[arg-type]
-    (up,) = update(ctx, rewarded)  # type: ignore[arg-type]
-    assert isinstance(up, PolicyUpdated)
-    return up
+    rewarded = [w for r in all_of(RolloutGenerated, rollouts)
+                for w in all_of(RolloutRewarded, reward(ctx, r))]
+    return only(PolicyUpdated, update(ctx, rewarded))
 
 
 def test_an_installed_reward_plugin_trains_a_policy(run: Settings, tmp_path: Path,
@@ -143,10 +138,11 @@ def test_sft_targets_and_dpo_pairs_reach_the_trainer(ctx: StageContext) -> None:
     explicit = InteractionLogged(policy_id="d", prompt="q?", objective="dpo", chosen="yes",
                                  rejected="no no")
     (pair2,) = rollout_many(ctx, [explicit])
-    rewarded = [w for r in (pair, pair2) for w in reward(ctx, r)]  # type: ignore[arg-type]
-    assert [w.rewards for w in rewarded] == [[1.0, 0.0]] * 2  # type: ignore[attr-defined]
-    (up2,) = update(ctx, rewarded)  # type: ignore[arg-type]
-    assert isinstance(up2, PolicyUpdated) and up2.objectives == {"dpo": 2}
+    rewarded = [w for r in all_of(RolloutGenerated, [pair, pair2])
+                for w in all_of(RolloutRewarded, reward(ctx, r))]
+    assert [w.rewards for w in rewarded] == [[1.0, 0.0]] * 2
+    up2 = only(PolicyUpdated, update(ctx, rewarded))
+    assert up2.objectives == {"dpo": 2}
     assert up2.reward_fns == {"preference": 1}
 
 
@@ -186,7 +182,7 @@ def test_a_policy_configuration_drives_its_training_and_its_provenance(
 
 def test_the_gate_selects_on_one_set_and_the_score_is_reported_on_another(
         ctx: StageContext) -> None:
-    from tests.integration.stage_support import export_step, promote_guarded
+    from tests.support.stages import export_step, promote_guarded
     from workers.pipeline.evaluate import evaluate
     from workers.pipeline.state import score_key, split_heldout
 

@@ -5,7 +5,7 @@ limit) when no policy has room."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 from schemas.events import InteractionLogged
 from workers.pipeline import units as rollout_units
@@ -19,7 +19,7 @@ def _items(*spec: str) -> list[Item]:
     reward function does not exist."""
     out: list[Item] = []
     for k, s in enumerate(spec):
-        split = "eval" if s.endswith("!") else "train"
+        split: Literal["train", "eval"] = "eval" if s.endswith("!") else "train"
         task = "no-such-reward" if s.endswith("?") else "length"
         out.append((k, InteractionLogged(policy_id=s.rstrip("!?"), prompt=f"p{k}?", split=split,
                                          task=task)))
@@ -89,3 +89,20 @@ async def test_no_room_means_a_wait_until_the_trainer_frees_a_slot() -> None:
     gen = rollout_units.units(_items("a"), capacity=8, limit=1, in_flight=lookup)
     got = await asyncio.wait_for(anext(gen), timeout=10)
     assert _names(got) == [0] and polls == 3
+
+
+async def test_a_rebalance_does_not_wait_for_room() -> None:
+    """While the group rebalances, Faust waits for the batch in hand; a unit without room
+    goes at once instead of waiting for training that the rebalance may have paused."""
+    rollout_units.DRAINING.set()
+    try:
+        gen = rollout_units.units(_items("a", "a"), capacity=8, limit=1,
+                                  in_flight=lambda ps: dict.fromkeys(ps, 5), wait_s=3600.0)
+        got = await asyncio.wait_for(_all(gen), timeout=5)
+    finally:
+        rollout_units.DRAINING.clear()
+    assert got == [[0], [1]]
+
+
+async def _all(gen: Any) -> list[list[int]]:
+    return [_names(u) async for u in gen]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from pydantic import BaseModel
 
 from schemas import (
     EVENT_TYPES,
@@ -27,12 +28,13 @@ SHA = "ab" * 32
 
 
 def _interaction(**kw: object) -> InteractionLogged:
-    data = {"policy_id": "alice", "prompt": "hi?", "task": "reference", "reference": "yes"}
+    data: dict[str, object] = {"policy_id": "alice", "prompt": "hi?", "task": "reference",
+                               "reference": "yes"}
     data.update(kw)
     return InteractionLogged.model_validate(data)
 
 
-def _samples() -> list:
+def _samples() -> list[BaseModel]:
     inter = _interaction()
     ro = RolloutGenerated(
         policy_id="alice", interaction=inter, revision=0, prompt_ids=[1, 2],
@@ -51,9 +53,9 @@ def _samples() -> list:
 
 
 @pytest.mark.parametrize("event", _samples(), ids=lambda e: type(e).__name__)
-def test_round_trip(event: object) -> None:
-    raw = encode_event(event)  # type: ignore[arg-type]
-    again = decode_event(type(event), raw)  # type: ignore[arg-type]
+def test_round_trip(event: BaseModel) -> None:
+    raw = encode_event(event)
+    again = decode_event(type(event), raw)
     assert again == event
     assert orjson.loads(raw)["schema_version"] == 1
 
@@ -123,3 +125,29 @@ def test_committed_json_schemas_are_current(tmp_path: Path) -> None:
     assert generated == sorted(p.name for p in committed.iterdir())
     for name in generated:
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_an_event_without_an_id_gets_its_records_coordinates() -> None:
+    """A producer in another language may leave `event_id` out; the same record redelivered
+    must decode to the same id (else it is trained twice), another record to another id."""
+    raw = orjson.dumps({"policy_id": "alice", "prompt": "hi?"})
+    first = decode_event(InteractionLogged, raw, ("p.interactions", 1, 42))
+    again = decode_event(InteractionLogged, raw, ("p.interactions", 1, 42))
+    other = decode_event(InteractionLogged, raw, ("p.interactions", 1, 43))
+    assert first.event_id == again.event_id != other.event_id
+    given = orjson.dumps({"policy_id": "alice", "prompt": "hi?", "event_id": "mine"})
+    assert decode_event(InteractionLogged, given, ("p.interactions", 1, 42)).event_id == "mine"
+
+
+@pytest.mark.parametrize("version", [999, -1, 0, 2])
+def test_unsupported_schema_versions_are_refused_with_the_reason(version: int) -> None:
+    raw = orjson.dumps({"policy_id": "alice", "prompt": "hi?", "schema_version": version})
+    with pytest.raises(PoisonEventError, match=f"unsupported schema_version {version}"):
+        decode_event(InteractionLogged, raw)
+
+
+def test_json_schema_says_what_is_required() -> None:
+    schema = json_schemas()["interaction_logged"]
+    assert sorted(schema["required"]) == ["policy_id", "prompt"]
+    assert schema["properties"]["schema_version"]["enum"] == [1]
+    assert "Kafka coordinates" in schema["properties"]["event_id"]["description"]

@@ -1,4 +1,4 @@
-"""Content-addressed local artifact store for adapter-only revisions.
+"""Content-addressed artifact store for adapter-only revisions, local or shared by URL.
 
 A revision's id is the sha256 of its safetensors bytes, so the same weights always get the same
 id, an export retried after a crash is a no-op, and a reader can verify what it loads.
@@ -10,6 +10,11 @@ the file is written straight from the tensors' memory with one `writev` (the byt
 copy), and the sha256 runs on a second thread while the same buffers are written and fsynced
 under a temporary name (hashlib and the write syscalls release the GIL). Durability is
 unchanged: both files and both directories are fsynced before and after the rename.
+
+With a shared copy (`LORASTREAM_ARTIFACT_URL`: an object store or a shared filesystem,
+`workers/artifacts/remote.py`) the local root is a cache: what is written here is also put
+there (weights first, the config last: its presence marks a complete revision), and a revision
+missing here is fetched, hashed, and enters the cache only if it hashes to its address.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from infra.settings import Settings
 from schemas.errors import PoisonEventError
+from workers.artifacts.remote import RemoteFiles
 from workers.models.base import LoraSpec
 from workers.pipeline import faults
 
@@ -40,6 +47,10 @@ _POLICY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _METADATA = {"format": "pt"}
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.:/-]+$")
 """Keys JSON encodes the same way in Python and in safetensors' serde (nothing to escape)."""
+
+
+class ArtifactCorrupt(RuntimeError):
+    """Fetched bytes do not hash to the address they were asked for: never cached or loaded."""
 
 
 @dataclass(frozen=True)
@@ -151,15 +162,25 @@ def _sha256_in_background(parts: Sequence[memoryview]) -> Callable[[], str]:
 
 
 class ArtifactStore:
-    """root/adapters/<sha256>/{adapter_model.safetensors, adapter_config.json}, root/staging/."""
+    """root/adapters/<sha256>/{adapter_model.safetensors, adapter_config.json}, root/staging/;
+    the same keys under `remote` when there is a shared copy."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, remote: RemoteFiles | None = None) -> None:
         self.root = Path(root)
+        self.remote = remote
+        if remote is not None:
+            remote.ensure()
         self.adapters = self.root / "adapters"
         self.staging = self.root / "staging"
         self._tmp = self.root / "tmp"
         for d in (self.adapters, self.staging, self._tmp):
             d.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ArtifactStore:
+        """The process's store: `settings.artifacts` alone, or as the cache of
+        `settings.artifact_url`."""
+        return cls(settings.artifacts, RemoteFiles.from_settings(settings))
 
     def put_adapter(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> ArtifactRef:
         """Write a revision once; the same tensors give the same ref and no rewrite.
@@ -182,7 +203,22 @@ class ArtifactStore:
         finally:
             sha256()  # never leave the hashing thread reading a buffer being freed
             shutil.rmtree(tmp, ignore_errors=True)
+        self._share_adapter(sha, final)
         return ArtifactRef(sha256=sha, path=final, size_bytes=sum(len(p) for p in parts))
+
+    def _share_adapter(self, sha: str, local: Path) -> None:
+        """Put a revision in the shared copy (again after a crash between the two copies)."""
+        if self.remote is None or self.remote.exists(f"adapters/{sha}/{CONFIG_FILE}"):
+            return
+        self.remote.put(local / WEIGHTS_FILE, f"adapters/{sha}/{WEIGHTS_FILE}")
+        self.remote.put(local / CONFIG_FILE, f"adapters/{sha}/{CONFIG_FILE}")
+
+    def location(self, path: Path) -> str:
+        """Where another host finds a file of this store: its URL in the shared copy, else
+        the local path."""
+        if self.remote is None:
+            return str(path)
+        return self.remote.url(Path(path).resolve().relative_to(self.root.resolve()).as_posix())
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """Make a complete, fsynced temporary dir the revision's dir, by rename only."""
@@ -196,31 +232,57 @@ class ArtifactStore:
         fsync_path(self.adapters)
 
     def adapter_path(self, sha256: str) -> Path:
-        """The revision's PEFT dir; a malformed id is refused before it touches the filesystem."""
+        """The revision's PEFT dir in the local cache, fetched from the shared copy when it is
+        not there yet; a malformed id is refused before it touches any storage."""
         if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
             raise PoisonEventError(f"not a sha256 hex digest: {sha256!r}")
         path = self.adapters / sha256
         if not ((path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file()):
-            raise FileNotFoundError(f"no adapter {sha256} in {self.adapters}")
+            if self.remote is None:
+                raise FileNotFoundError(f"no adapter {sha256} in {self.adapters}")
+            self._fetch_adapter(sha256, path)
         return path
 
+    def _fetch_adapter(self, sha256: str, final: Path) -> None:
+        """Download a revision into the cache; it enters only if its weights hash to its id."""
+        assert self.remote is not None
+        tmp = Path(tempfile.mkdtemp(prefix="get.", dir=self._tmp))
+        try:
+            try:
+                self.remote.get(f"adapters/{sha256}/{CONFIG_FILE}", tmp / CONFIG_FILE)
+                self.remote.get(f"adapters/{sha256}/{WEIGHTS_FILE}", tmp / WEIGHTS_FILE)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"no adapter {sha256} in {self.remote.base_url}") from exc
+            got = _sha256_file(tmp / WEIGHTS_FILE)
+            if got != sha256:
+                raise ArtifactCorrupt(f"adapter {sha256} from {self.remote.base_url} hashes "
+                                      f"to {got}")
+            self._publish(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def verify(self, sha256: str) -> bool:
-        """True only if the stored weights still hash to their id (missing -> False)."""
+        """True only if the cached weights (fetched when missing) hash to their id (missing or
+        unreadable in the shared copy -> False)."""
         try:
             path = self.adapter_path(sha256)
-        except FileNotFoundError:
+        except (FileNotFoundError, ArtifactCorrupt):
             return False
         return _sha256_file(path / WEIGHTS_FILE) == sha256
 
-    def stage(self, policy_id: str, step: int, tensors: dict[str, torch.Tensor]) -> Path:
-        """Trainer -> exporter handoff: staging/<policy>/<step>.safetensors, atomically."""
+    def stage(self, policy_id: str, step: int, tensors: dict[str, torch.Tensor],
+              tag: str = "") -> Path:
+        """Trainer -> exporter handoff: staging/<policy>/<step>[-<tag>].safetensors,
+        atomically."""
         if not _POLICY.fullmatch(policy_id):
             raise PoisonEventError(f"invalid policy id {policy_id!r}")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise PoisonEventError(f"invalid step {step!r}")
+        if tag and not _POLICY.fullmatch(tag):
+            raise PoisonEventError(f"invalid tag {tag!r}")
         directory = self.staging / policy_id
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{step}.safetensors"
+        path = directory / f"{step}{'-' + tag if tag else ''}.safetensors"
         fd, name = tempfile.mkstemp(prefix=f".{step}.", suffix=".tmp", dir=directory)
         os.close(fd)
         tmp = Path(name)
@@ -230,10 +292,37 @@ class ArtifactStore:
         finally:
             tmp.unlink(missing_ok=True)
         fsync_path(directory)
+        if self.remote is not None:
+            self.remote.put(path, f"staging/{policy_id}/{path.name}")
         return path
+
+    def discard_staged(self, location: str) -> None:
+        """Remove a staged checkpoint no step will ever name (its step was fenced off)."""
+        key = self.remote.key_of(location) if self.remote is not None else None
+        path = self.root / key if key is not None else Path(location)
+        if path.resolve().is_relative_to(self.staging.resolve()):
+            path.unlink(missing_ok=True)
+        if key is not None and self.remote is not None:
+            self.remote.delete(key)
 
     def load_tensors(self, path: Path) -> dict[str, torch.Tensor]:
         return safetensors.torch.load_file(str(path), device="cpu")
+
+    def load_staged(self, location: str) -> dict[str, torch.Tensor]:
+        """A staged checkpoint by the location an update named (`location`): a local path
+        inside this store, or a URL of its shared copy (fetched into the cache)."""
+        key = self.remote.key_of(location) if self.remote is not None else None
+        if key is not None:
+            path = self.root / key
+            if not path.is_file():
+                assert self.remote is not None
+                self.remote.get(key, path)
+        else:
+            path = Path(location)
+            if not path.resolve().is_relative_to(self.root.resolve()):
+                raise PoisonEventError(f"staged checkpoint {location} is outside the artifact "
+                                       "store")
+        return self.load_tensors(path)
 
     def total_size(self) -> int:
         """Bytes held by all revisions (for retention metrics)."""

@@ -88,7 +88,7 @@ class StageContext:
             if self._store is None:
                 from workers.artifacts.store import ArtifactStore
 
-                self._store = ArtifactStore(self.settings.artifacts)
+                self._store = ArtifactStore.for_settings(self.settings)
             return self._store
 
     def note_source(self, event_id: str, topic: str | None, partition: int | None,
@@ -142,6 +142,11 @@ class StageContext:
         if self._embedded is not None:
             self._embedded.stop()
             self._embedded = None
+
+    @property
+    def loaded_trainer(self) -> MultiPolicyTrainer | None:
+        """The trainer if this process has made one (a rebalance must not load a model)."""
+        return self._trainer
 
     @property
     def trainer(self) -> MultiPolicyTrainer:

@@ -149,4 +149,4 @@ def _score(ctx: StageContext, policy: str, rev: RevisionPointer,
 
 
 STAGE = Stage(name="evaluate", reads="exports", event=AdapterExported, handle=single(evaluate),
-              writes="evaluations")
+              writes="evaluations", requires=("base_model", "engine"))

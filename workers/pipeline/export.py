@@ -6,15 +6,13 @@ checkpoint becomes an adapter-only revision (PEFT `adapter_config.json` +
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import BaseModel
 
 from schemas.catalog import LoraConfig
-from schemas.errors import PoisonEventError
 from schemas.events import AdapterExported, PolicyUpdated
 from schemas.ids import derive_id
 from workers.artifacts.store import ArtifactRef, adapter_config
+from workers.catalog.archive import archive
 from workers.catalog.provenance import StepLog, build_provenance, cached_base_hash
 from workers.pipeline.context import StageContext
 from workers.pipeline.stage import Stage, single
@@ -25,10 +23,7 @@ def export(ctx: StageContext, event: PolicyUpdated) -> list[BaseModel]:
     StepLog(ctx.settings, ctx.state.r).note(event)  # until the revision it ends up in is recorded
     if event.checkpoint is None:
         return []
-    staged = Path(event.checkpoint)
-    if not staged.resolve().is_relative_to(ctx.store.root.resolve()):
-        raise PoisonEventError(f"staged checkpoint {staged} is outside the artifact store")
-    tensors = ctx.store.load_tensors(staged)
+    tensors = ctx.store.load_staged(event.checkpoint)
     base_name = str(ctx.base_path)
     lora = ctx.configs.get(event.policy_id).lora  # the policy's own shape
     ref = ctx.store.put_adapter(tensors, adapter_config(lora, base_name))
@@ -41,7 +36,7 @@ def export(ctx: StageContext, event: PolicyUpdated) -> list[BaseModel]:
             step=event.step,
             parent_revision=revision - 1,
             sha256=ref.sha256,
-            path=str(ref.path),
+            path=ctx.store.location(ref.path),
             size_bytes=ref.size_bytes,
             rank=lora.rank,
             alpha=lora.alpha,
@@ -65,6 +60,7 @@ def record_revision(ctx: StageContext, event: PolicyUpdated, ref: ArtifactRef) -
     provenance = build_provenance(ctx.settings, notes, parent=entry.head, base_hash=base_hash,
                                   first_step=parent_step + 1, last_step=event.step,
                                   fallback_ts=event.ts)
+    provenance = archive(ctx.settings, ctx.store, pid, event.step, provenance)
     record = catalog.record_revision(pid, step=event.step, sha256=ref.sha256,
                                      size_bytes=ref.size_bytes, provenance=provenance)
     steps.forget(pid, upto=event.step)
@@ -72,4 +68,4 @@ def record_revision(ctx: StageContext, event: PolicyUpdated, ref: ArtifactRef) -
 
 
 STAGE = Stage(name="export", reads="updates", event=PolicyUpdated, handle=single(export),
-              writes="exports")
+              writes="exports", requires=("base_model",))

@@ -221,5 +221,5 @@ def _rollout_event(ctx: StageContext, p: _Planned, samples: list[Sample]) -> Rol
 STAGE = Stage(
     name="rollout", reads="interactions", event=InteractionLogged, handle=rollout_many,
     writes="rollouts", units=WithinInFlightRoom(), bulk=store_heldout, slots=TakenBySampling(),
-    admission=Admission((refuse_paused, refuse_unregistered)),
+    admission=Admission((refuse_paused, refuse_unregistered)), requires=("base_model", "engine"),
 )

@@ -12,7 +12,9 @@ differ:
 - `delivery`: whether a unit's outputs must be on the broker before the next unit starts;
 - `on_loop`: a pure function of microseconds, or a coroutine function that never blocks (the
   reward stage), runs on the event loop, not the model thread;
-- `observe`: what is done with outputs once they are sent (online rollback watches rewards).
+- `observe`: what is done with outputs once they are sent (online rollback watches rewards);
+- `on_assigned`: what the stage does when a rebalance gives this worker its partitions of the
+  input topic (the update stage drops the policies it no longer owns).
 """
 
 from __future__ import annotations
@@ -76,3 +78,8 @@ class Stage(Generic[E]):
     delivery: Delivery = Delivery.PER_UNIT
     on_loop: bool = False
     observe: Callable[[StageContext, list[BaseModel]], Any] | None = None
+    requires: tuple[str, ...] = ()
+    """What the stage needs besides its topics and Redis (`workers/pipeline/preflight.py`):
+    `base_model`, `engine`. A worker checks it at start-up, before consuming."""
+    on_assigned: Callable[[StageContext, set[int]], None] | None = None
+    """Called with the partitions of `reads` this worker owns after each rebalance."""

@@ -28,6 +28,7 @@ inflight.py`).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -105,6 +106,13 @@ def take_unit(pending: Sequence[D], room: Mapping[str, int], capacity: int,
     return unit, rest
 
 
+DRAINING = threading.Event()
+"""Set while this process's consumer group rebalances (`streams/runner/rebalance.py`): Faust
+waits for the batch in hand before it gives partitions up, so a unit must not wait for
+in-flight room meanwhile. Room is freed by training, which may sit in this very process (a
+`rollout,reward` worker), paused by the same rebalance: waiting would stall the group."""
+
+
 async def units(pending: Sequence[D], *, capacity: int, limit: int,
                 in_flight: Callable[[list[str]], Mapping[str, int]],
                 wait_s: float = MAX_IN_FLIGHT_WAIT_S,
@@ -127,7 +135,7 @@ async def units(pending: Sequence[D], *, capacity: int, limit: int,
         if not unit:
             now = time.monotonic()
             waiting_since = now if waiting_since is None else waiting_since
-            if now - waiting_since < wait_s:
+            if now - waiting_since < wait_s and not DRAINING.is_set():
                 await asyncio.sleep(IN_FLIGHT_POLL_S)
                 continue
             unit, rest = take_unit(left, {**room, left[0][1].policy_id: 1}, capacity,

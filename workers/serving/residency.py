@@ -93,7 +93,7 @@ class ResidencyController:
         self.settings, self.config = settings, config
         self.r = client or redis.Redis.from_url(settings.redis_url)
         self.index = CatalogIndex(settings, self.r)
-        self.store = ArtifactStore(settings.artifacts)
+        self.store = ArtifactStore.for_settings(settings)
         token = settings.engine_admin_token
         self.engine = AsyncSGLangClient(
             config.engine_url, api_key=token.get_secret_value() if token else None)

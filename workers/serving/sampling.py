@@ -58,18 +58,33 @@ class Sampler(Protocol):
 
 
 class EngineSampler:
-    """`Sampler` over an `SGLangClient`: SGLang itself or lorastream's CPU engine."""
+    """`Sampler` over an `SGLangClient`: SGLang itself or lorastream's CPU engine.
 
-    def __init__(self, client: SGLangClient, tokenizer: PreTrainedTokenizerBase) -> None:
+    Given several engines (`engine_url` a comma-separated list) it uses one at a time and
+    fails over to the next when the one in use stops answering: the failed call raises
+    `RetryableError`, so the stage retries the unit, and its adapters are loaded again on the
+    engine it moved to (an engine knows only the adapters it was told to load)."""
+
+    def __init__(self, client: SGLangClient, tokenizer: PreTrainedTokenizerBase,
+                 standby: Sequence[SGLangClient] = ()) -> None:
+        self.clients = [client, *standby]
         self.client = client
         self.tokenizer = tokenizer
         self._loaded: set[str] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     @classmethod
     def connect(cls, url: str, base_path: Path, api_key: str | None = None) -> EngineSampler:
-        return cls(SGLangClient(url, api_key=api_key),
-                   AutoTokenizer.from_pretrained(str(base_path)))
+        clients = [SGLangClient(u.strip(), api_key=api_key) for u in url.split(",") if u.strip()]
+        return cls(clients[0], AutoTokenizer.from_pretrained(str(base_path)), clients[1:])
+
+    def _fail_over(self, failed: SGLangClient) -> None:
+        """Move to the next engine (once per failure of the one in use)."""
+        with self._lock:
+            if self.client is not failed or len(self.clients) == 1:
+                return
+            self.client = self.clients[(self.clients.index(failed) + 1) % len(self.clients)]
+            self._loaded.clear()
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt ids as the engine sees them: the same tokenizer files as the base model."""
@@ -124,12 +139,14 @@ class EngineSampler:
             raise RuntimeError(f"engine answered {len(out)} rows for {len(rows)} requested")
         return [[_sample(g) for g in out[k * n:(k + 1) * n]] for k in range(len(requests))]
 
-    @staticmethod
-    def _call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-        """Transport failures are transient (engine restarting); refusals are not."""
+    def _call(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """Transport failures are transient (engine restarting, or gone: the next engine is
+        tried on the retry); refusals are not."""
+        client = getattr(fn, "__self__", self.client)
         try:
             return fn(*args, **kwargs)
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            self._fail_over(client)
             raise RetryableError(f"engine unreachable: {exc}") from exc
 
 

@@ -121,6 +121,19 @@ class MultiPolicyTrainer:
     def has_policy(self, policy_id: str) -> bool:
         return policy_id in self._policies
 
+    def policies(self) -> list[str]:
+        return list(self._policies)
+
+    @_locked
+    def drop_policy(self, policy_id: str) -> bool:
+        """Forget a policy (its slot's parameters and optimizer state); True if it was held.
+        The update stage calls this only for a policy whose newest step is journaled."""
+        policy = self._policies.pop(policy_id, None)
+        if policy is None:
+            return False
+        self.multi.remove_slot(policy.slot)
+        return True
+
     def steps_done(self, policy_id: str) -> int:
         policy = self._policies.get(policy_id)
         return policy.steps if policy else 0
