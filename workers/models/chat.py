@@ -48,8 +48,8 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | None = None,
     no faithful way to flatten turns the model was not trained on."""
     if has_chat_template(tokenizer):
         turns = list(messages) if messages else [{"role": "user", "content": prompt or ""}]
-        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True,
-                                            return_dict=False)
+        ids: Any = tokenizer.apply_chat_template(turns, add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False)
         return [int(i) for i in ids]
     if messages:
         raise ValueError("this base model's tokenizer has no chat template: send `prompt`, "

@@ -41,7 +41,7 @@ class StableTopk(TorchFunctionMode):
 
 
 def stable_topk(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True,
-                sorted: bool = True) -> Any:  # noqa: A002  (torch's argument name)
+                sorted: bool = True) -> Any:
     values, indices = torch.sort(x, dim=dim, descending=largest, stable=True)
     return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
 

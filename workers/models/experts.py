@@ -13,6 +13,7 @@ others'), which is how one batch mixes policies. The gating is the module's own 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -40,10 +41,7 @@ def expert_shape(experts: nn.Module, name: str) -> tuple[int, int, int]:
 
 def _project(experts: nn.Module, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
     w = cast(torch.Tensor, getattr(experts, name))[e]
-    if getattr(experts, "is_transposed", False):
-        y = x @ w
-    else:
-        y = F.linear(x, w)
+    y = x @ w if getattr(experts, "is_transposed", False) else F.linear(x, w)
     if getattr(experts, "has_bias", False):
         y = y + cast(torch.Tensor, getattr(experts, f"{name}_bias"))[e]
     return y
@@ -54,7 +52,8 @@ def _gate(experts: nn.Module, h: torch.Tensor) -> torch.Tensor:
     if apply is not None:
         return cast(torch.Tensor, apply(h))
     gate, up = h.chunk(2, dim=-1)
-    return cast(torch.Tensor, experts.act_fn(gate)) * up
+    act = cast(Callable[[torch.Tensor], torch.Tensor], experts.act_fn)
+    return act(gate) * up
 
 
 def _delta(f: ExpertFactors, e: int, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

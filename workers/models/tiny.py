@@ -102,7 +102,7 @@ def build_tiny(arch: str, out_dir: Path, *, seed: int = 0, hidden_size: int = 64
                          experts=experts, **overrides)
 
     def write(tmp: Path) -> None:
-        tiny_model(config, seed).save_pretrained(tmp)
+        tiny_model(config, seed).save_pretrained(tmp)  # type: ignore[operator]
         _char_tokenizer().save_pretrained(tmp)
 
     return build_model_dir(out_dir, write)

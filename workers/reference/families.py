@@ -27,7 +27,7 @@ from torch import nn
 from workers.models.base import LoraSpec, load_base_model
 from workers.models.registry import adapter_config, prepare
 from workers.training.grpo import TrainGroup
-from workers.training.multilora import MultiLora
+from workers.training.multilora import MultiLora, MultiLoraExperts, MultiLoraLinear
 from workers.training.multitrainer import MultiPolicyTrainer
 
 RANKS = (1, 8)
@@ -68,18 +68,23 @@ def _peft_oracle(path: Path, targets: Sequence[str], ids: torch.Tensor, weights:
         logits[rows] = out.detach()
         states[i] = get_peft_model_state_dict(model, adapter_name=f"a{i}")
         named = dict(model.named_parameters())
-        grads[i] = {k: named[k.replace(".weight", f".a{i}.weight")].grad.clone() for k in states[i]}
+        grads[i] = {k: _grad(named[k.replace(".weight", f".a{i}.weight")]) for k in states[i]}
     rows = [j for j, a in enumerate(ROWS) if a is None]
     with model.disable_adapter(), torch.no_grad():
         logits[rows] = model(input_ids=ids[rows]).logits
     return logits, states, grads
 
 
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    return p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+
+
 def _grads_as_peft(multi: MultiLora, slot: int) -> dict[str, torch.Tensor]:
     """The slot's gradients laid out as its export (peft keys and shapes), in float64."""
-    params = [p for layer in (*multi.linears.values(), *multi.experts.values())
-              for d in (layer.lora_A, layer.lora_B) for k, p in d.items()
-              if k.endswith(f"s{slot}")]
+    layers: list[MultiLoraLinear | MultiLoraExperts] = [*multi.linears.values(),
+                                                        *multi.experts.values()]
+    params = [p for layer in layers for d in (layer.lora_A, layer.lora_B)
+              for k, p in d.items() if k.endswith(f"s{slot}")]
     saved = [p.data for p in params]
     for p in params:
         p.data = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -153,7 +158,8 @@ def train_two(path: Path, *, steps: int = 2, lora: LoraSpec | None = None,
 def export_dir(trainer: MultiPolicyTrainer, policy: str, base: Path, out: Path) -> Path:
     """A policy's peft export (weights + registry adapter config), as the export stage writes."""
     out.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(trainer.adapter_state(policy), str(out / "adapter_model.safetensors"))
+    weights = out / "adapter_model.safetensors"
+    safetensors.torch.save_file(trainer.adapter_state(policy), str(weights))
     config = adapter_config(trainer.lora.rank, trainer.lora.alpha, str(base), trainer.multi.targets)
     (out / "adapter_config.json").write_text(json.dumps(config))
     return out
@@ -203,8 +209,8 @@ def engine_error(trainer: MultiPolicyTrainer, base: Path, policies: Sequence[str
         rows, who = [], []
         for i, prompt in enumerate(prompts):
             for j, owner in enumerate(owners):
-                slot = None if owner is None else list(policies).index(owner)
-                rows.append(RowRequest(prompt, slot, max_new_tokens=max_new_tokens,
+                row_slot = None if owner is None else list(policies).index(owner)
+                rows.append(RowRequest(prompt, row_slot, max_new_tokens=max_new_tokens,
                                        temperature=temperature, seed=10 * i + j,
                                        ignore_eos=True))
                 who.append((owner, prompt))

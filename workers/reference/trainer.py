@@ -10,7 +10,6 @@ weights.
 from __future__ import annotations
 
 import copy
-
 import math
 import threading
 from collections.abc import Callable

@@ -126,10 +126,10 @@ def fuse_per_expert(tensors: dict[str, torch.Tensor], banks: dict[str, nn.Module
         per[(m["bank"], int(m["e"]), m["proj"], cast(str, kind))] = t
     fused: dict[tuple[str, str, str], torch.Tensor] = {}
     for bank in sorted({k[0] for k in per}):
-        module = banks[bank]
-        e_count = expert_shape(module, "gate_up_proj")[0]
+        bank_module = banks[bank]
+        e_count = expert_shape(bank_module, "gate_up_proj")[0]
         got = {k[1:]: v for k, v in per.items() if k[0] == bank}
-        interleaved = not getattr(module, "is_concatenated", True)
+        interleaved = not getattr(bank_module, "is_concatenated", True)
         ga, gb = [], []
         da, db = [], []
         for e in range(e_count):

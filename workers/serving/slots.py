@@ -241,11 +241,11 @@ class SlotLora:
         bank = name.removesuffix(".base_layer")
         if bank in self._banks:  # peft target_parameters: gate_up innermost, down outermost
             param = "gate_up_proj" if name.endswith(".base_layer") else "down_proj"
-            span = self._expert_spans[(bank, param)]
+            experts = self._expert_spans[(bank, param)].experts
             if t.dim() != 2:
                 raise AdapterFormatError(f"{key}: expected a 2-D peft expert factor")
             return self._expert_placement(key, bank, param, kind,
-                                          native_expert_tensor(param, kind, t, span.experts))
+                                          native_expert_tensor(param, kind, t, experts))
         span = self._spans.get(name)
         if span is None:
             raise AdapterFormatError(f"adapter targets {name}, which this engine does not wrap")

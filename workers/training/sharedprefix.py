@@ -57,9 +57,9 @@ class Packed:
         """The same layout on `device` (the trainer's)."""
         if device.type == "cpu":
             return self
-        return Packed(*(t.to(device) if isinstance(t, torch.Tensor) else t
-                        for t in (self.ids, self.positions, self.allowed, self.slots, self.seq,
-                                  self.pos, self.targets, self.rows, self.cols)))
+        return Packed(self.ids.to(device), self.positions.to(device), self.allowed.to(device),
+                      self.slots, self.seq.to(device), self.pos.to(device),
+                      self.targets.to(device), self.rows.to(device), self.cols.to(device))
 
 
 def _row_parts(batch: Batch) -> list[tuple[int, int]]:
