@@ -123,3 +123,20 @@ def test_committed_json_schemas_are_current(tmp_path: Path) -> None:
     assert generated == sorted(p.name for p in committed.iterdir())
     for name in generated:
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+def test_chat_messages_fill_the_prompt_and_must_end_with_a_user_turn() -> None:
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi?"}]
+    event = decode_event(InteractionLogged, orjson.dumps({"policy_id": "a", "messages": chat}))
+    assert event.prompt == "hi?" and event.chat() == chat
+    assert event.schema_version == 1
+    old_reader = orjson.loads(encode_event(event))
+    assert old_reader["prompt"] == "hi?"  # a v1 reader that ignores `messages` still works
+    for bad, reason in (
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "user turn"),
+        ([{"role": "robot", "content": "q"}], "role"),
+        ([], "messages"),
+    ):
+        raw = orjson.dumps({"policy_id": "a", "prompt": "x", "messages": bad})
+        with pytest.raises(PoisonEventError, match=reason):
+            decode_event(InteractionLogged, raw)

@@ -38,6 +38,7 @@ class StageContext:
     _store: ArtifactStore | None = field(default=None, repr=False)
     _catalog: Catalog | None = field(default=None, repr=False)
     _sources: dict[str, SourcePosition] = field(default_factory=dict, repr=False)
+    _base: Path | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -47,15 +48,23 @@ class StageContext:
 
     @property
     def base_path(self) -> Path:
+        """The base as a local directory (a hub id resolves to its local cache snapshot)."""
         if self.settings.base_model is None:
             raise RuntimeError("no base model configured: set LORASTREAM_BASE_MODEL")
-        return self.settings.base_model
+        if self._base is None:
+            from workers.models.base import resolve_base
+
+            self._base = resolve_base(self.settings.base_model)
+        return self._base
 
     @property
     def lora(self) -> LoraSpec:
         from workers.models.base import LoraSpec
+        from workers.models.registry import parse_targets
 
-        return LoraSpec(rank=self.settings.lora_rank, alpha=self.settings.lora_alpha)
+        s = self.settings
+        return LoraSpec(rank=s.lora_rank, alpha=s.lora_alpha,
+                        target_modules=parse_targets(s.lora_targets))
 
     @property
     def store(self) -> ArtifactStore:
@@ -106,7 +115,7 @@ class StageContext:
                         self.base_path, max_loaded_loras=s.engine_max_loaded,
                         max_lora_rank=max(8, s.lora_rank),
                         target_modules=self.lora.target_modules, admin_token=token,
-                        num_threads=s.engine_threads or None,
+                        num_threads=s.engine_threads or None, dtype=s.dtype, device=s.device,
                     )
                     url, token = self._embedded.url, self._embedded.admin_token
                 self._engine = EngineSampler.connect(url, self.base_path, token)
@@ -123,6 +132,8 @@ class StageContext:
         """All policies share one base and train in batched multi-policy steps."""
         with self._lock:
             if self._trainer is None:
+                import torch
+
                 from workers.training.multitrainer import MultiPolicyTrainer
 
                 s = self.settings
@@ -135,6 +146,8 @@ class StageContext:
                     temperature=s.temperature,
                     seed=s.seed,
                     max_grad_norm_reject=s.max_grad_norm_reject,
+                    dtype=getattr(torch, s.dtype),
+                    device=s.device,
                 )
             return self._trainer
 

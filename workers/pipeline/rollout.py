@@ -45,8 +45,10 @@ def store_heldout(ctx: StageContext, interactions: list[InteractionLogged]) -> l
 
 
 def storable_heldout(interactions: list[InteractionLogged]) -> list[InteractionLogged]:
-    """The held-out prompts the evaluate stage can score (its reward function exists)."""
-    return [i for i in interactions if i.split == "eval" and i.task in REWARD_FUNCTIONS]
+    """The held-out prompts the evaluate stage can score (its reward function exists). Chat
+    `messages` take the per-event path, which checks that the base can render them."""
+    return [i for i in interactions
+            if i.split == "eval" and i.task in REWARD_FUNCTIONS and i.messages is None]
 
 
 def rollout(ctx: StageContext, interaction: InteractionLogged) -> list[BaseModel]:
@@ -66,6 +68,9 @@ class _Planned:
     interaction: InteractionLogged
     revision: int
     adapter: str | None
+    prompt_ids: list[int]
+    """The rendered prompt (chat template applied): what is sampled, and what the trainer
+    trains on."""
 
 
 def rollout_many(ctx: StageContext,
@@ -116,6 +121,8 @@ def _plan_rollout(ctx: StageContext, interaction: InteractionLogged,
         known = ", ".join(sorted(REWARD_FUNCTIONS))
         raise PoisonEventError(f"unknown reward function {interaction.task!r}; known: {known}")
     if interaction.split == "eval":
+        if interaction.messages is not None:
+            ctx.engine.render(interaction.prompt, interaction.chat())  # refusable now, not later
         ctx.state.add_heldout(interaction)
         return None
     policy = interaction.policy_id
@@ -130,7 +137,8 @@ def _plan_rollout(ctx: StageContext, interaction: InteractionLogged,
     resolved = heads[policy]
     if isinstance(resolved, Exception):
         raise resolved
-    return _Planned(interaction, *resolved)
+    prompt_ids = ctx.engine.render(interaction.prompt, interaction.chat())
+    return _Planned(interaction, *resolved, prompt_ids)
 
 
 def _sample_planned(ctx: StageContext, planned: list[_Planned],
@@ -147,7 +155,7 @@ def _sample_planned(ctx: StageContext, planned: list[_Planned],
     if not planned:
         return {}
     s = ctx.settings
-    requests = [SampleRequest(p.interaction.prompt, p.adapter, derive_seed(p.interaction.event_id))
+    requests = [SampleRequest(p.prompt_ids, p.adapter, derive_seed(p.interaction.event_id))
                 for p in planned]
     try:
         groups = ctx.engine.generate_many(requests, n=s.group_size,
@@ -180,7 +188,7 @@ def _rollout_event(ctx: StageContext, p: _Planned, samples: list[Sample]) -> Rol
         policy_id=interaction.policy_id,
         interaction=interaction,
         revision=p.revision,
-        prompt_ids=ctx.engine.encode(interaction.prompt),
+        prompt_ids=p.prompt_ids,
         completions=[Completion(text=x.text, token_ids=x.token_ids, logprobs=x.logprobs,
                                 finished=x.finished) for x in samples],
         temperature=ctx.settings.temperature,
