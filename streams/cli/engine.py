@@ -83,9 +83,6 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
 
 
 async def _start_server(args: argparse.Namespace, settings: Settings) -> web.AppRunner:
-    from workers.serving.cpu_engine import CpuEngine, EngineConfig
-    from workers.serving.server import build_app
-
     from workers.models.base import resolve_base
     from workers.models.registry import (
         BadTargets,
@@ -93,6 +90,8 @@ async def _start_server(args: argparse.Namespace, settings: Settings) -> web.App
         check_base,
         parse_targets,
     )
+    from workers.serving.cpu_engine import CpuEngine, EngineConfig
+    from workers.serving.server import build_app
 
     base = args.base_model or settings.base_model
     if base is None:

@@ -44,7 +44,7 @@ def test_unsupported_base_is_refused_at_startup_and_nothing_is_dead_lettered(
     run = settings.model_copy(update={"base_model": gpt2_dir})
     produce_raw(run, "interactions", [(b"alice", orjson.dumps(
         {"policy_id": "alice", "prompt": "hi?", "task": "length"}))])
-    with pytest.raises(StartupRefused, match="'gpt2'.*supported model types: llama"):
+    with pytest.raises(StartupRefused, match=r"'gpt2'.*supported model types: llama"):
         create_app(run, ["rollout", "reward", "update"])
     proc = subprocess.run(
         [sys.executable, "-m", "streams.cli", "worker", "--stages", "all"],
