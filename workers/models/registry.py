@@ -229,7 +229,7 @@ def resolve(model: nn.Module, spec: str | Sequence[str]) -> LoraTargets:
 
 
 @functools.lru_cache(maxsize=16)
-def _skeleton(path: str) -> nn.Module:
+def skeleton(path: str) -> nn.Module:
     """The base's modules on the meta device (no weights read): enough to resolve targets."""
     from workers.models.base import resolve_base
 
@@ -241,7 +241,7 @@ def _skeleton(path: str) -> nn.Module:
 
 def targets_for_base(path: Path | str, spec: str | Sequence[str]) -> LoraTargets:
     """Resolve targets from a base directory's config alone (cheap; used at start-up)."""
-    return resolve(_skeleton(str(path)), spec)
+    return resolve(skeleton(str(path)), spec)
 
 
 def check_base(path: Path | str, spec: str | Sequence[str]) -> LoraTargets:

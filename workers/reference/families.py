@@ -17,6 +17,7 @@ import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import peft
 import safetensors.torch
@@ -220,3 +221,68 @@ def engine_error(trainer: MultiPolicyTrainer, base: Path, policies: Sequence[str
         want = _teacher_logps(trainer, owner, prompt, res.output_ids, temperature)
         err = max(err, float((torch.tensor(res.logprobs) - want).abs().max()))
     return err
+
+
+def random_slot(path: Path, targets: Sequence[str] = LoraSpec().target_modules,
+                rank: int = 4) -> tuple[nn.Module, MultiLora]:
+    """A float64 base with one slot of random, non-zero factors (slot 0, alpha = 2 rank)."""
+    base = _base64(path)
+    multi = MultiLora.install(base, targets)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in multi.add_slot(0, rank, 2.0 * rank, gen):
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+    return base, multi
+
+
+def _merge(model: nn.Module, tensors: dict[str, torch.Tensor], scale: float,
+           banks: dict[str, tuple[int, bool]]) -> None:
+    """Add scale * B A of every (SGLang-layout) LoRA pair into the base's own weights."""
+    import re
+
+    from workers.serving.sglang_layout import bank_rows
+
+    per_expert = re.compile(r"^(.+)\.(\d+)\.(gate_proj|up_proj|down_proj)$")
+    with torch.no_grad():
+        for key_a in (k for k in tensors if k.endswith(".lora_A.weight")):
+            module = key_a.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            a, b = tensors[key_a], tensors[key_a.replace("lora_A", "lora_B")]
+            delta = scale * (b @ a)  # [out, in]
+            m = per_expert.match(module)
+            if m is None or m[1] not in banks:
+                cast(nn.Linear, model.get_submodule(module)).weight += delta
+                continue
+            bank, e, proj = m[1], int(m[2]), m[3]
+            experts = model.get_submodule(bank)
+            transposed = getattr(experts, "is_transposed", False)
+            w = getattr(experts, "down_proj" if proj == "down_proj" else "gate_up_proj")[e]
+            if transposed:
+                w = w.T  # a view, [out, in] like delta
+            if proj != "down_proj":
+                gate, up = bank_rows(banks[bank][1], w.shape[0] // 2)
+                w = w[gate if proj == "gate_proj" else up]
+            w += delta
+
+
+def sglang_merge_error(path: Path, out: Path) -> tuple[float, Path]:
+    """The SGLang-layout export of a random slot, merged into a float64 copy of the base,
+    against the multi-LoRA forward (max |logits| difference); also returns the layout dir."""
+    from workers.serving.sglang_layout import bank_layout, to_sglang
+
+    base, multi = random_slot(path)
+    peft_dir = out / "peft"
+    peft_dir.mkdir(parents=True, exist_ok=True)
+    tensors64 = multi.export(0, dtype=torch.float64)
+    safetensors.torch.save_file(tensors64, str(peft_dir / "adapter_model.safetensors"))
+    config = adapter_config(4, 8.0, str(path), multi.targets)
+    (peft_dir / "adapter_config.json").write_text(json.dumps(config))
+    layout = to_sglang(peft_dir, out / "sglang", path)
+    ids = torch.randint(4, 100, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), multi.route([0, 0]):
+        want = base(input_ids=ids).logits
+    merged = _base64(path)
+    tensors = safetensors.torch.load_file(str(layout / "adapter_model.safetensors"))
+    _merge(merged, tensors, 2.0, bank_layout(path, multi.targets))
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    return float((got - want).abs().max()), layout

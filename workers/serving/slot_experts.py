@@ -10,9 +10,9 @@ Two adapter layouts load into these slots:
   for `gate_up_proj` and `<bank>.lora_{A,B}` for `down_proj`, A [E*r, in], B [out, r*E] with
   expert-minor columns;
 - SGLang's per-expert 2-D keys, `<bank>.<e>.{gate,up,down}_proj.lora_{A,B}` (what
-  `workers.serving.export.to_sglang` writes): gate and up fuse into `gate_up_proj` in the bank's
-  own row order (concatenated, or interleaved for GPT-OSS); if gate and up do not share A, they
-  fuse block-diagonally at rank 2r.
+  `workers.serving.sglang_layout.to_sglang` writes): gate and up fuse into `gate_up_proj` in
+  the bank's own row order (concatenated, or interleaved for GPT-OSS); if gate and up do not
+  share A, they fuse block-diagonally at rank 2r.
 """
 
 from __future__ import annotations
