@@ -63,3 +63,15 @@ def test_qwen3_moe_per_expert_layout_reloads_through_peft_conversion(root: Path,
         got = reloaded(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, bare, atol=1e-3)
+
+
+def test_ensure_layout_writes_once(root: Path, tmp_path: Path) -> None:
+    from workers.serving.sglang_layout import ensure_sglang_layout
+
+    base = build_tiny("mixtral", root / "mixtral", hidden_size=32)
+    sglang_merge_error(base, tmp_path)
+    out = ensure_sglang_layout(tmp_path / "peft", tmp_path / "derived" / "x", base)
+    first = (out / "adapter_model.safetensors").stat().st_mtime_ns
+    assert ensure_sglang_layout(tmp_path / "peft", out, base) == out
+    assert (out / "adapter_model.safetensors").stat().st_mtime_ns == first
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]

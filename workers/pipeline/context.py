@@ -159,6 +159,19 @@ class StageContext:
         if rev.sha256 is None:
             raise KeyError(f"revision {name} has no artifact")
         sha = rev.sha256
-        self.engine.ensure_adapter(name, self.store.adapter_path(sha),
+        self.engine.ensure_adapter(name, self._serving_path(sha),
                                    verify=lambda: self.store.verify(sha))
         return name
+
+    def _serving_path(self, sha: str) -> Path:
+        """The revision as the engine loads it: an external engine (SGLang) of a MoE base gets
+        the per-expert layout (`workers.serving.sglang_layout`), derived once beside the store."""
+        path = self.store.adapter_path(sha)
+        if self.settings.engine_url is None:
+            return path  # the embedded engine reads peft's layout
+        from workers.models.registry import targets_for_base
+        from workers.serving.sglang_layout import ensure_sglang_layout
+
+        if not targets_for_base(self.base_path, self.lora.target_modules).needs_serving_layout:
+            return path
+        return ensure_sglang_layout(path, self.store.root / "sglang" / sha, self.base_path)

@@ -19,6 +19,9 @@ its correction (#25001); vLLM silently drops `kv_b_proj` LoRA. Serve MLA adapter
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +96,25 @@ def to_sglang(adapter_dir: Path, out_dir: Path, base: Path | str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(out, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    return out_dir
+
+
+def ensure_sglang_layout(adapter_dir: Path, out_dir: Path, base: Path | str) -> Path:
+    """`out_dir` holding `adapter_dir` in SGLang's layout, written once (temp dir + rename, so
+    a reader never sees half of it)."""
+    if (out_dir / WEIGHTS_FILE).is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        to_sglang(adapter_dir, tmp, base)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if not (out_dir / WEIGHTS_FILE).is_file():  # else a concurrent writer won
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
