@@ -29,6 +29,7 @@ class PolicyProgress:
     exported: set[int] = field(default_factory=set)
     evaluated: dict[int, dict[str, Any]] = field(default_factory=dict)
     promoted: dict[int, float] = field(default_factory=dict)
+    promoted_paths: dict[int, str] = field(default_factory=dict)
     dead_letters: int = 0
 
     @property
@@ -39,6 +40,11 @@ class PolicyProgress:
     @property
     def serving(self) -> int:
         return max(self.promoted, default=0)
+
+    @property
+    def serving_path(self) -> str | None:
+        """The artifact directory of the revision serving now (None: the base)."""
+        return self.promoted_paths.get(self.serving)
 
     @property
     def reward_after(self) -> float | None:
@@ -112,6 +118,7 @@ class PipelineFollower:
             prog.evaluated[event["revision"]] = event
         elif kind == "promotions":
             prog.promoted[event["revision"]] = event["score"]
+            prog.promoted_paths[event["revision"]] = event["path"]
         elif kind == "dead-letters":
             prog.dead_letters += 1
 

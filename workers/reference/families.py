@@ -137,9 +137,13 @@ def _state_digest(model: nn.Module) -> str:
 
 
 def train_two(path: Path, *, steps: int = 2, lora: LoraSpec | None = None,
+              step_times: list[float] | None = None,
               ) -> tuple[MultiPolicyTrainer, bool, list[list[int]]]:
     """Two policies ("a", "b") trained `steps` joint steps on their own samples; returns the
-    trainer, whether the base stayed bit-identical, and the prompts used."""
+    trainer, whether the base stayed bit-identical, and the prompts used. `step_times` gets
+    each joint step's seconds (sampling excluded)."""
+    import time
+
     trainer = MultiPolicyTrainer(path, lora or LoraSpec(), lr=5e-2, kl_beta=0.05)
     before = _state_digest(trainer.base)
     prompts = [list(trainer.tokenizer(p)["input_ids"]) for p in ("hi there?", "count 1 2")]
@@ -149,7 +153,10 @@ def train_two(path: Path, *, steps: int = 2, lora: LoraSpec | None = None,
         groups = [TrainGroup(p, [c.token_ids for c in g], [c.logprobs for c in g],
                              [float(len(c.token_ids)) + 0.1 * k for k, c in enumerate(g)])
                   for p, g in zip(prompts * 2, out, strict=True)]
+        started = time.perf_counter()
         results = trainer.step_many({"a": groups[:2], "b": groups[2:]})
+        if step_times is not None:
+            step_times.append(time.perf_counter() - started)
         bad = {k: v for k, v in results.items() if isinstance(v, Exception)}
         if bad:
             raise AssertionError(f"training failed: {bad}")
