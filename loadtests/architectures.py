@@ -7,11 +7,13 @@ For each family a tiny random base is built from its transformers config (no dow
   against peft's per-adapter passes in float64, logits and gradients (gradients relative to
   their largest entry; routers compute in float32 by design);
 - two policies train `--steps` joint GRPO steps on their own samples (float32, the pipeline's
-  trainer); `frozen_unchanged`: every base parameter and buffer is bit-identical afterwards;
+  trainer at its default learning rate, `--lr`); `frozen_unchanged`: every base parameter and
+  buffer is bit-identical afterwards;
 - `peft_reload_max_abs_err`: a policy's export reloaded by plain `PeftModel.from_pretrained`
   against the trainer's logits;
 - `engine_max_abs_err`: the CPU engine serving both revisions and the base in one mixed,
-  left-padded batch against the trainer's log-probs of the same tokens;
+  left-padded batch against the trainer's log-probs of the same tokens (its plain forward,
+  and the packed GRPO pass that trains on those rollouts);
 - `step_s`: the median joint step (two policies, sampling excluded); `adapter_bytes`: one
   exported revision's weights file; `params`: the base's parameter count; `lora_targets`: the
   modules each target group resolved to.
@@ -44,11 +46,11 @@ from workers.reference.families import (
 )
 
 
-def measure(arch: str, root: Path, *, steps: int, hidden: int) -> dict[str, Any]:
+def measure(arch: str, root: Path, *, steps: int, hidden: int, lr: float) -> dict[str, Any]:
     base = build_tiny(arch, root / arch, hidden_size=hidden)
     oracle = oracle_error(base)
     times: list[float] = []
-    trainer, frozen, _ = train_two(base, steps=steps, step_times=times)
+    trainer, frozen, _ = train_two(base, steps=steps, lr=lr, step_times=times)
     adapter = export_dir(trainer, "a", base, root / f"{arch}-adapter")
     return {
         "arch": arch,
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only these families (repeatable; default: all)")
     parser.add_argument("--steps", type=int, default=4, help="joint GRPO steps per family")
     parser.add_argument("--hidden", type=int, default=64, help="tiny bases' hidden size")
+    parser.add_argument("--lr", type=float, default=1e-2, help="learning rate (the pipeline's)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args(argv)
     if args.threads:
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.arch or ARCHES:
             started = time.perf_counter()
-            row = measure(arch, Path(tmp), steps=args.steps, hidden=args.hidden)
+            row = measure(arch, Path(tmp), steps=args.steps, hidden=args.hidden, lr=args.lr)
             rows.append(row)
             print(f"[architectures] {arch}: {'ok' if passes(row) else 'FAILS TARGETS'} "
                   f"({time.perf_counter() - started:.1f} s) {row}", file=sys.stderr, flush=True)

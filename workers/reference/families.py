@@ -7,7 +7,8 @@ Each returns a measured error, so a test asserts a bound and the benchmark repor
   through the routing weights carry float32 rounding even in a float64 model);
 - `reload_error`: a trained policy's export reloaded by plain `PeftModel.from_pretrained`;
 - `frozen_unchanged`: every base parameter and buffer bit-identical after training steps;
-- `engine_error`: the CPU engine's log-probs on a mixed-adapter batch against the trainer's.
+- `engine_error`: the CPU engine's log-probs on a mixed-adapter batch against the trainer's, both
+  its plain forward and the packed GRPO pass that trains on those rollouts.
 """
 
 from __future__ import annotations
@@ -136,15 +137,16 @@ def _state_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def train_two(path: Path, *, steps: int = 2, lora: LoraSpec | None = None,
+def train_two(path: Path, *, steps: int = 2, lora: LoraSpec | None = None, lr: float = 1e-2,
               step_times: list[float] | None = None,
               ) -> tuple[MultiPolicyTrainer, bool, list[list[int]]]:
     """Two policies ("a", "b") trained `steps` joint steps on their own samples; returns the
     trainer, whether the base stayed bit-identical, and the prompts used. `step_times` gets
-    each joint step's seconds (sampling excluded)."""
+    each joint step's seconds (sampling excluded). `lr`: the pipeline's default (at 5x it, 4
+    steps push tiny DSA logits to ~20 and float32 reload/engine gaps to ~3-6e-5)."""
     import time
 
-    trainer = MultiPolicyTrainer(path, lora or LoraSpec(), lr=5e-2, kl_beta=0.05)
+    trainer = MultiPolicyTrainer(path, lora or LoraSpec(), lr=lr, kl_beta=0.05)
     before = _state_digest(trainer.base)
     prompts = [list(trainer.tokenizer(p)["input_ids"]) for p in ("hi there?", "count 1 2")]
     for step in range(steps):
@@ -227,7 +229,28 @@ def engine_error(trainer: MultiPolicyTrainer, base: Path, policies: Sequence[str
     for (owner, prompt), res in zip(who, results, strict=True):
         want = _teacher_logps(trainer, owner, prompt, res.output_ids, temperature)
         err = max(err, float((torch.tensor(res.logprobs) - want).abs().max()))
-    return err
+    rollouts = [(owner, prompt, res.output_ids, res.logprobs)
+                for (owner, prompt), res in zip(who, results, strict=True)]
+    return max(err, _packed_error(trainer, rollouts))
+
+
+def _packed_error(trainer: MultiPolicyTrainer,
+                  rollouts: list[tuple[str | None, list[int], list[int], list[float]]]) -> float:
+    """The engine's log-probs against the trainer's GRPO pass over the same rollouts (shared
+    prompts packed, block masks, per-row slots): what the ratio's `old` term is compared to."""
+    from workers.training.grpo import make_batch
+    from workers.training.sharedprefix import share_prefixes
+
+    groups = [TrainGroup(prompt, [out], [lps], [0.0]) for _, prompt, out, lps in rollouts]
+    slots = [None if owner is None else trainer.slot_of(owner) for owner, *_ in rollouts]
+    pad = int(trainer.tokenizer.pad_token_id or 0)
+    batch = make_batch(groups, pad)
+    packed = share_prefixes(batch, slots, pad).to(trainer.device)
+    shape = (batch.ids.shape[0], batch.ids.shape[1] - 1)
+    with torch.no_grad(), trainer.multi.route(packed.slots):
+        logp = trainer._logps(packed, shape, keep_head=True).cpu()
+    mask = batch.cmask[:, 1:].bool()
+    return float((logp[mask] - batch.old[mask]).abs().max())
 
 
 def random_slot(path: Path, targets: Sequence[str] = LoraSpec().target_modules,
