@@ -8,9 +8,6 @@ a correctly configured worker can still process it.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -19,9 +16,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from infra.admin import consumer_lag
-from infra.settings import REPO_ROOT, Settings, settings_env
+from infra.settings import Settings
 from streams.app import create_app, group_id
-from tests.integration.worker_support import produce_raw, read_topic
+from tests.support.kafka import produce_raw, read_topic
+from tests.support.processes import lorastream
 from workers.models.base import _char_tokenizer, build_model_dir
 from workers.pipeline.startup import StartupRefused
 
@@ -46,12 +44,9 @@ def test_unsupported_base_is_refused_at_startup_and_nothing_is_dead_lettered(
         {"policy_id": "alice", "prompt": "hi?", "task": "length"}))])
     with pytest.raises(StartupRefused, match=r"'gpt2'.*supported model types: llama"):
         create_app(run, ["rollout", "reward", "update"])
-    proc = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "worker", "--stages", "all"],
-        env={**os.environ, **settings_env(run)}, cwd=REPO_ROOT, capture_output=True,
-        timeout=120)
+    proc = lorastream(run, "worker", "--stages", "all")
     assert proc.returncode == 2
-    message = proc.stderr.decode()
+    message = proc.stderr
     assert "refusing to start" in message and "'gpt2' (GPT2LMHeadModel)" in message
     assert "deepseek_v3" in message and "Traceback" not in message
     assert read_topic(run, "dead-letters") == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from huggingface_hub import constants
@@ -107,24 +108,23 @@ def test_the_stages_send_rendered_ids_and_every_end_id(tiny_model_dir: Path,
                                                        tmp_path: Path) -> None:
     """Rollout and evaluation prompt the engine with the chat-rendered ids (what the trainer
     later trains on) and pass every declared end id as `stop_token_ids`."""
-    from workers.serving.client import Generation
+    from workers.serving.client import Generation, SGLangClient
     from workers.serving.sampling import EngineSampler, SampleRequest
 
-    sent: list[dict] = []  # type: ignore[type-arg]
+    sent: list[dict[str, Any]] = []
 
-    class Client:
-        def generate(self, prompts: object, **kwargs: object) -> list[Generation]:
+    class Client(SGLangClient):
+        def generate(self, prompts: Any, **kwargs: Any) -> list[Generation]:
             sent.append({"prompts": prompts, **kwargs})
-            return [Generation("x", [5], [-0.1], "length", None, 1, {})
-                    for _ in prompts]  # type: ignore[attr-defined]
+            return [Generation("x", [5], [-0.1], "length", None, 1, {}) for _ in prompts]
 
     base = _with_end_ids(tiny_model_dir, tmp_path / "m", 7)
     sampler = EngineSampler.connect("http://127.0.0.1:9", base)
-    sampler.client = Client()  # type: ignore[assignment]
+    sampler.client = Client("http://127.0.0.1:9")
     sampler.tokenizer.chat_template = TEMPLATE
     ids = sampler.render("hi", [{"role": "user", "content": "hi"}])
     sampler.generate_many([SampleRequest(ids, None, 1)], n=2, max_new_tokens=3)
     (call,) = sent
     assert call["prompts"] == [ids, ids]
-    assert all(p["stop_token_ids"] == sorted({7, sampler.tokenizer.eos_token_id})
-               for p in call["sampling_params"])  # type: ignore[attr-defined]
+    want = sorted({7, int(sampler.tokenizer.eos_token_id)})
+    assert all(p["stop_token_ids"] == want for p in call["sampling_params"])

@@ -4,13 +4,13 @@ A base is looked up by its config's `model_type`. Its entry says which modules c
 group (`attn`, `mlp` for dense MLPs, `shared` for shared experts, `experts` for the routed fused
 3-D expert banks), how an adapter of them is written for peft and for SGLang, and what the trainer
 and the engine need beyond a plain forward (DSA's indexed KV cache and tie-stable top-k,
-`workers.models.dsa`). Targets are chosen by `LORASTREAM_LORA_TARGETS` (`LoraSpec.target_modules`):
-group names, `all`, or module leaf names such as `q_proj`.
+`workers.models.dsa`). Targets are chosen by `LORASTREAM_LORA_TARGETS`
+(`LoraSpec.target_modules`): group names, `all`, or module leaf names such as `q_proj`.
 
 Why one place: the transformers 5 model code differs per family in ways LoRA cares about
-(shared/reference/scaleup.md): MLA projections, fused experts (GPT-OSS's transposed, interleaved
-and biased), and peft 0.21.2's silent rewrite of `gate_proj|up_proj|down_proj` targets into
-fused-expert targets for the DeepSeek/GLM/Qwen MoE families (peft#3711), which this registry
+(docs/architecture.md, "Base models"): MLA projections, fused experts (GPT-OSS's transposed,
+interleaved and biased), and peft 0.21.2's silent rewrite of `gate_proj|up_proj|down_proj`
+targets into fused-expert targets for the DeepSeek/GLM/Qwen MoE families (peft#3711), which this registry
 sidesteps by declaring those 2-D linears as `target_parameters`. A base the registry does not
 cover (GPT-2, Falcon, Phi-3's fused projections, ...) is refused when a process starts, with one
 message naming its architecture and what is supported, never by dead-lettering events later.

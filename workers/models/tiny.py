@@ -3,9 +3,9 @@
 Nothing downloads: each family's config class is instantiated with toy sizes (2 layers, hidden
 64 by default, 4 experts with top-2 routing), seeded, and written with the real
 `save_pretrained` next to the char tokenizer, so tests, benchmarks and `lorastream demo --arch`
-load them through `from_pretrained` like any other base. Sizes follow shared/reference/scaleup.md
-section 5 (MLA ranks 16, rope/nope/v head dims 8, one shared expert and a dense first layer for
-the DeepSeek family; an indexer with `index_topk=4` for DSA).
+load them through `from_pretrained` like any other base. Sizes: MLA ranks 16, rope/nope/v head
+dims 8, one shared expert and a dense first layer for the DeepSeek family; an indexer with
+`index_topk=4` for DSA (shorter than the pipeline's sequences, so its top-k really selects).
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ class LocalEngine:
 
     def generate(
         self,
-        prompts: Sequence[str] | Sequence[list[int]],
+        prompts: Sequence[str | list[int]],
         adapter: str | None,
         *,
         n: int,

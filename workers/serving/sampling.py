@@ -57,7 +57,7 @@ class Sampler(Protocol):
     def ensure_adapter(self, name: str, path: Path,
                        verify: Callable[[], bool] | None = None) -> None: ...
 
-    def generate(self, prompts: Sequence[str] | Sequence[list[int]], adapter: str | None, *,
+    def generate(self, prompts: Sequence[str | list[int]], adapter: str | None, *,
                  n: int, max_new_tokens: int, temperature: float = 1.0,
                  seed: int | None = None) -> list[list[Sample]]: ...
 
@@ -115,7 +115,7 @@ class EngineSampler:
                     raise
             self._loaded.add(name)
 
-    def generate(self, prompts: Sequence[str] | Sequence[list[int]], adapter: str | None, *,
+    def generate(self, prompts: Sequence[str | list[int]], adapter: str | None, *,
                  n: int, max_new_tokens: int, temperature: float = 1.0,
                  seed: int | None = None) -> list[list[Sample]]:
         ids = [self._ids(p) for p in prompts]
