@@ -10,11 +10,11 @@ and the engine need beyond a plain forward (DSA's indexed KV cache and tie-stabl
 Why one place: the transformers 5 model code differs per family in ways LoRA cares about
 (docs/architecture.md, "Base models"): MLA projections, fused experts (GPT-OSS's transposed,
 interleaved and biased), and peft 0.21.2's silent rewrite of `gate_proj|up_proj|down_proj`
-targets into fused-expert targets for the DeepSeek/GLM/Qwen MoE families (peft#3711), which this registry
-sidesteps by declaring those 2-D linears as `target_parameters`. A base the registry does not
-cover (GPT-2, Falcon, Phi-3's fused projections, ...) is refused when a process starts, with one
-message naming its architecture and what is supported, never by dead-lettering events later.
-"""
+targets into fused-expert targets for the DeepSeek/GLM/Qwen MoE families (peft#3711), which this
+registry sidesteps by declaring those 2-D linears as `target_parameters`. A base the registry
+does not cover (GPT-2, Falcon, Phi-3's fused projections, ...) is refused when a process starts,
+with one message naming its architecture and what is supported, never by dead-lettering events
+later. """
 
 from __future__ import annotations
 

@@ -3,13 +3,14 @@
 lorastream exports peft's own format: `PeftModel.from_pretrained` reloads it exactly, including
 the fused expert banks as `target_parameters`. Upstream SGLang does not load those
 `target_parameters` keys (PRs #25528/#27381 closed: "silently dropped ... or hard-fail under
---lora-strict-loading"); it takes per-expert 2-D keys, `<bank>.<e>.{gate,up,down}_proj.lora_{A,B}`
-(SGLang's `python/sglang/srt/lora/utils.py` and `lora_manager.py`). `to_sglang` writes that
-layout into a separate directory: gate and up share expert e's A, their B's are expert e's rows
-of the fused `gate_up_proj` (the first/second half, or the even/odd rows for GPT-OSS's interleaved bank), and
-down is expert e's factors as they are. The config lists leaf `target_modules` (what SGLang's
-`get_normalized_target_modules` maps) with no `target_parameters`. Dense bases need no serving
-layout: their peft export is what SGLang loads. The CPU engine loads both layouts.
+--lora-strict-loading"); it takes per-expert 2-D keys,
+`<bank>.<e>.{gate,up,down}_proj.lora_{A,B}` (SGLang's `python/sglang/srt/lora/utils.py` and
+`lora_manager.py`). `to_sglang` writes that layout into a separate directory: gate and up share
+expert e's A, their B's are expert e's rows of the fused `gate_up_proj` (the first/second half,
+or the even/odd rows for GPT-OSS's interleaved bank), and down is expert e's factors as they
+are. The config lists leaf `target_modules` (what SGLang's `get_normalized_target_modules` maps)
+with no `target_parameters`. Dense bases need no serving layout: their peft export is what
+SGLang loads. The CPU engine loads both layouts.
 
 Caveat: SGLang applies `kv_b_proj` LoRA on the absorbed MLA path only with
 its correction (#25001); vLLM silently drops `kv_b_proj` LoRA. Serve MLA adapters that target
