@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job: train 3 policies end to end and report")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("--steps", type=int, default=None,
-                   help="training interactions per policy (default: 128 tiny, 24 smollm2)")
+                   help="training interactions per policy (default: 128 tiny, 32 smollm2)")
     p.add_argument("--arch", default="llama",
                    help="tiny base family: llama, qwen3, mixtral, qwen3_moe, gpt_oss, "
                         "deepseek_v3, deepseek_v32, glm_moe_dsa")

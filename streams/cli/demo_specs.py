@@ -95,7 +95,7 @@ def tiny_spec(arch: str) -> DemoSpec:
 SMOLLM2 = DemoSpec(
     name="SmolLM2-135M-Instruct", build=_smollm2, policies=SMOL_POLICIES,
     prefers=SMOL_PREFERS, prompt=lambda i: QUESTIONS[i % len(QUESTIONS)],
-    heldout=lambda i: HELDOUT_QUESTIONS[i % len(HELDOUT_QUESTIONS)], steps=24,
-    settings={"max_new_tokens": 16, "learning_rate": 2e-3, "lora_rank": 4, "lora_alpha": 8.0,
+    heldout=lambda i: HELDOUT_QUESTIONS[i % len(HELDOUT_QUESTIONS)], steps=32,
+    settings={"max_new_tokens": 16, "learning_rate": 4e-3, "lora_rank": 4, "lora_alpha": 8.0,
               "export_every": 4},
     answers=True)

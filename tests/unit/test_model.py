@@ -49,6 +49,6 @@ def test_lora_spec_config(tiny_model_dir: Path) -> None:
     base, _ = load_base_model(tiny_model_dir)
     cfg = LoraSpec(rank=2, alpha=4.0).peft_config(base)
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.bias) == (2, 4.0, 0.0, "none")
-    assert isinstance(cfg.target_modules, list)
+    assert isinstance(cfg.target_modules, (list, set))
     assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                        "up_proj", "down_proj"}
