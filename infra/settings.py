@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -78,6 +79,16 @@ class Settings(BaseSettings):
     s3_secret_key: SecretStr | None = None
     s3_region: str | None = None
     base_model: Path | None = None
+    """The shared base: a local directory, or a hub id (`org/name`) already in the local
+    Hugging Face cache (never downloaded at run time). Its architecture must be in the registry
+    (`workers/models/registry.py`); anything else is refused when a worker starts."""
+    lora_targets: str = "all"
+    """What carries LoRA: groups `attn`, `mlp`, `shared`, `experts` (`all`: every group the
+    base has) and/or module leaf names (`q_proj,v_proj`), comma-separated."""
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:[0-9]+)?)$")
+    """Where the trainer and the embedded engine run: `cpu` or `cuda` (`cuda:N`)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """The base's dtype in the trainer and the embedded engine (LoRA factors stay float32)."""
 
     # Serving engine the rollout and evaluate stages sample from: an SGLang server (or
     # `lorastream engine`) at this URL; unset = an embedded CPU engine on a loopback port.

@@ -26,6 +26,7 @@ SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
 """What this reader can decode; anything else is dead-lettered with the reason, never read as
 if it were version 1."""
 MAX_PROMPT_CHARS = 8192
+MAX_MESSAGES = 64
 
 PolicyId = Annotated[
     str,
@@ -71,15 +72,30 @@ class Event(BaseModel):
         return version
 
 
+class ChatMessage(BaseModel):
+    """One turn of an OpenAI-format conversation."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
 class InteractionLogged(Event):
     """One logged interaction, pushed by a producer.
 
     `task` names the reward function (`reference`, `length`, `feedback`); `split="eval"`
-    adds the prompt to the policy's held-out set instead of training on it.
+    adds the prompt to the policy's held-out set instead of training on it. `messages` (OpenAI
+    chat format, ending with a user turn) is what the model is prompted with when given; the
+    base's chat template renders it (`workers.models.chat`). `prompt` is then filled from the
+    last user turn if absent, so readers that know only `prompt` still read a valid v1 event
+    (an additive field: `schema_version` stays 1).
     """
 
     kind: Literal["interaction_logged"] = "interaction_logged"
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1,
+                                               max_length=MAX_MESSAGES)
     task: str = Field(default="reference", min_length=1, max_length=64)
     reference: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     response: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
@@ -103,6 +119,28 @@ class InteractionLogged(Event):
         if self.chosen is not None and self.chosen == self.rejected:
             raise ValueError("chosen and rejected are the same answer")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_from_messages(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("prompt") and data.get("messages"):
+            last = data["messages"][-1]
+            content = last.get("content") if isinstance(last, dict) else None
+            if isinstance(content, str) and content:
+                data = {**data, "prompt": content}
+        return data
+
+    @model_validator(mode="after")
+    def _ends_with_user(self) -> InteractionLogged:
+        if self.messages is not None and self.messages[-1].role != "user":
+            raise ValueError("messages must end with a user turn (the model answers it)")
+        return self
+
+    def chat(self) -> list[dict[str, str]] | None:
+        """`messages` as plain dicts (what a chat template takes), or None."""
+        if self.messages is None:
+            return None
+        return [{"role": m.role, "content": m.content} for m in self.messages]
 
 
 class Completion(BaseModel):

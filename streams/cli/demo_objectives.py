@@ -15,6 +15,7 @@ make both answers less likely and drift in what it samples.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from infra.settings import Settings
@@ -58,9 +59,10 @@ CONFIG: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def objective_interactions(objective: str, steps: int, heldout: int,
-                           prompt: Any) -> list[InteractionLogged]:
+                           prompt: Callable[[int], str],
+                           heldout_prompt: Callable[[int], str]) -> list[InteractionLogged]:
     """Held-out prompts first, then `steps` training prompts per policy, round-robin."""
-    out = [InteractionLogged(policy_id=p, prompt=prompt(1000 + i), split="eval", **spec)
+    out = [InteractionLogged(policy_id=p, prompt=heldout_prompt(i), split="eval", **spec)
            for p, spec in HELD_OUT.items() for i in range(heldout)]
     for i in range(steps):
         for policy, logs in TRAIN[objective].items():

@@ -35,6 +35,7 @@ class PolicyProgress:
     promoted: dict[int, float] = field(default_factory=dict)
     refused: set[int] = field(default_factory=set)
     """Passing revisions the promote stage refused (a better one serves by then)."""
+    promoted_paths: dict[int, str] = field(default_factory=dict)
     dead_letters: int = 0
     """Dead letters of the stages up to the trainer (interactions that will not train)."""
 
@@ -46,6 +47,11 @@ class PolicyProgress:
     @property
     def serving(self) -> int:
         return max(self.promoted, default=0)
+
+    @property
+    def serving_path(self) -> str | None:
+        """The artifact directory of the revision serving now (None: the base)."""
+        return self.promoted_paths.get(self.serving)
 
     @property
     def reward_after(self) -> float | None:
@@ -121,6 +127,7 @@ class PipelineFollower:
             prog.evaluated[event["revision"]] = event
         elif kind == "promotions":
             prog.promoted[event["revision"]] = event["score"]
+            prog.promoted_paths[event["revision"]] = event["path"]
         elif kind == "dead-letters":
             if event.get("stage") == "promote":
                 prog.refused.add(_revision_of(event))

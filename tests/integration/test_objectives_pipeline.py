@@ -16,7 +16,7 @@ from infra.settings import RewardEndpoint, Settings
 from schemas import DeadLetter, InteractionLogged, RolloutGenerated, RolloutRewarded, decode_event
 from schemas.codec import encode_event
 from schemas.errors import PoisonEventError
-from schemas.events import AdapterEvaluated, AdapterExported, PolicyUpdated
+from schemas.events import AdapterEvaluated, AdapterExported, PolicyPromoted, PolicyUpdated
 from streams.sdk.policies import CatalogError, create_policy
 from tests.support.plugins import install_plugin, uninstall
 from tests.support.stages import all_of, in_process_stage, only
@@ -201,7 +201,7 @@ def test_the_gate_selects_on_one_set_and_the_score_is_reported_on_another(
     assert ev.passed and (ev.selection_score, ev.selection_baseline_score) == (0.50, 0.30)
     assert (ev.score, ev.baseline_score) == (0.25, 0.20)  # reported: the test set
     assert (ev.prompts, ev.selection_prompts) == (len(test), len(selection))
-    (promoted,) = promote_guarded(ctx, ev)
+    promoted = only(PolicyPromoted, promote_guarded(ctx, ev))
     assert promoted.score == 0.25  # the demo's "reward after" is the test-set score
     r2 = export_step(ctx, "e", 4)  # better on the test set, not on the selection set
     more = {(2, "sel"): 0.45, (2, "test"): 0.9}

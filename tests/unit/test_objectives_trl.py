@@ -151,7 +151,7 @@ def _peft_copy(tiny: Path, trainer: MultiPolicyTrainer, policy: str, lora: LoraS
     base = base.to(F64)  # type: ignore[arg-type]
     trl_utils.add_fused_lm_head(base, outputs=("log_probs", "entropy", "mean_logits",
                                                "is_top1"))
-    model = get_peft_model(base, lora.peft_config())
+    model = get_peft_model(base, lora.peft_config(base))
     set_peft_model_state_dict(model, {k: v.to(F64) for k, v in
                                       trainer.adapter_state(policy).items()})
     model.eval()

@@ -46,6 +46,7 @@ class StageContext:
     _store: ArtifactStore | None = field(default=None, repr=False)
     _catalog: Catalog | None = field(default=None, repr=False)
     _sources: dict[str, SourcePosition] = field(default_factory=dict, repr=False)
+    _base: Path | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)
 
@@ -72,15 +73,23 @@ class StageContext:
 
     @property
     def base_path(self) -> Path:
+        """The base as a local directory (a hub id resolves to its local cache snapshot)."""
         if self.settings.base_model is None:
             raise RuntimeError("no base model configured: set LORASTREAM_BASE_MODEL")
-        return self.settings.base_model
+        if self._base is None:
+            from workers.models.base import resolve_base
+
+            self._base = resolve_base(self.settings.base_model)
+        return self._base
 
     @property
     def lora(self) -> LoraSpec:
         from workers.models.base import LoraSpec
+        from workers.models.registry import parse_targets
 
-        return LoraSpec(rank=self.settings.lora_rank, alpha=self.settings.lora_alpha)
+        s = self.settings
+        return LoraSpec(rank=s.lora_rank, alpha=s.lora_alpha,
+                        target_modules=parse_targets(s.lora_targets))
 
     @property
     def store(self) -> ArtifactStore:
@@ -131,7 +140,7 @@ class StageContext:
                         self.base_path, max_loaded_loras=s.engine_max_loaded,
                         max_lora_rank=max(8, s.lora_rank),
                         target_modules=self.lora.target_modules, admin_token=token,
-                        num_threads=s.engine_threads or None,
+                        num_threads=s.engine_threads or None, dtype=s.dtype, device=s.device,
                     )
                     url, token = self._embedded.url, self._embedded.admin_token
                 self._engine = EngineSampler.connect(url, self.base_path, token)
@@ -153,6 +162,8 @@ class StageContext:
         """All policies share one base and train in batched multi-policy steps."""
         with self._lock:
             if self._trainer is None:
+                import torch
+
                 from workers.training.multitrainer import MultiPolicyTrainer
 
                 s = self.settings
@@ -165,6 +176,8 @@ class StageContext:
                     temperature=s.temperature,
                     seed=s.seed,
                     max_grad_norm_reject=s.max_grad_norm_reject,
+                    dtype=getattr(torch, s.dtype),
+                    device=s.device,
                 )
             return self._trainer
 
@@ -176,6 +189,19 @@ class StageContext:
         if rev.sha256 is None:
             raise KeyError(f"revision {name} has no artifact")
         sha = rev.sha256
-        self.engine.ensure_adapter(name, self.store.adapter_path(sha),
+        self.engine.ensure_adapter(name, self._serving_path(sha),
                                    verify=lambda: self.store.verify(sha))
         return name
+
+    def _serving_path(self, sha: str) -> Path:
+        """The revision as the engine loads it: an external engine (SGLang) of a MoE base gets
+        the per-expert layout (`workers.serving.sglang_layout`), derived once beside the store."""
+        path = self.store.adapter_path(sha)
+        if self.settings.engine_url is None:
+            return path  # the embedded engine reads peft's layout
+        from workers.models.registry import targets_for_base
+        from workers.serving.sglang_layout import ensure_sglang_layout
+
+        if not targets_for_base(self.base_path, self.lora.target_modules).needs_serving_layout:
+            return path
+        return ensure_sglang_layout(path, self.store.root / "sglang" / sha, self.base_path)

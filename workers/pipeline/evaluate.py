@@ -69,7 +69,8 @@ def evaluate_adapter(
     for start in range(0, len(heldout), _PROMPTS_PER_BATCH):
         chunk = heldout[start:start + _PROMPTS_PER_BATCH]
         groups = engine.generate(
-            [i.prompt for i in chunk], adapter, n=samples, max_new_tokens=max_new_tokens,
+            [engine.render(i.prompt, i.chat()) for i in chunk], adapter, n=samples,
+            max_new_tokens=max_new_tokens,
             temperature=temperature, seed=seed + start,
         )
         scored = score([(i, [s.text for s in g]) for i, g in zip(chunk, groups, strict=True)])

@@ -3,8 +3,10 @@ stage through the same topics, ids, journal and provenance as sampled GRPO group
 
 The rollout stage hands every training interaction whose objective (its own, else its
 policy's) is `sft` or `dpo` to `offline_rollout` instead of the engine. Nothing is sampled: the
-group's completions are the logged texts, tokenised like the prompt, each ended with EOS so a
-policy also learns where to stop; log-probs are unused (zeros) and the revision is 0.
+group's prompt is rendered as a sampled one is (`workers.models.chat.render_prompt`: the base's
+chat template, if any) and its completions are the logged texts, each ended with the base's
+end-of-turn id so a policy also learns where to stop; log-probs are unused (zeros) and the
+revision is 0.
 
 - `sft`: one target per interaction: `reference`, else `chosen`, else a `response` the user
   rated positively. A response rated zero or below is not a target: it is skipped (logged),
@@ -22,6 +24,7 @@ Logged data is not sampled from the policy, so it takes no in-flight slot
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 
@@ -77,8 +80,14 @@ def sft_target(interaction: InteractionLogged) -> str | None:
 
 def _group(ctx: StageContext, interaction: InteractionLogged, texts: list[str], objective: str,
            partner: InteractionLogged | None = None) -> RolloutGenerated:
+    from workers.models.chat import render_prompt
+
     tok = ctx.tokenizer
-    eos = int(tok.eos_token_id)
+    eos = turn_end_id(str(ctx.base_path), int(tok.eos_token_id))
+    try:
+        prompt_ids = render_prompt(tok, interaction.prompt, interaction.chat())
+    except ValueError as exc:
+        raise PoisonEventError(str(exc)) from exc
     completions = []
     for text in texts:
         ids = [*tok(text, add_special_tokens=False)["input_ids"], eos]
@@ -86,9 +95,24 @@ def _group(ctx: StageContext, interaction: InteractionLogged, texts: list[str], 
     return RolloutGenerated(
         event_id=derive_id("rollout", interaction.event_id), policy_id=interaction.policy_id,
         interaction=interaction, revision=0,
-        prompt_ids=list(tok(interaction.prompt)["input_ids"]), completions=completions,
+        prompt_ids=prompt_ids, completions=completions,
         temperature=ctx.settings.temperature, objective=objective,  # type: ignore[arg-type]
         partner=partner)
+
+
+@functools.lru_cache(maxsize=8)
+def turn_end_id(base: str, tokenizer_eos: int) -> int:
+    """The id a target ends with: the base's generation config's first end id (what a chat
+    model ends a turn with, e.g. SmolLM2's `<|im_end|>`), else the tokenizer's EOS."""
+    from transformers import GenerationConfig
+
+    try:
+        declared = GenerationConfig.from_pretrained(base).eos_token_id
+    except OSError:
+        declared = None
+    if isinstance(declared, list):
+        declared = declared[0] if declared else None
+    return tokenizer_eos if declared is None else int(declared)
 
 
 class Pairs:

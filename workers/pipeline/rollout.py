@@ -48,8 +48,9 @@ def store_heldout(ctx: StageContext, interactions: list[InteractionLogged]) -> l
 
 def storable_heldout(interactions: list[InteractionLogged],
                      ctx: StageContext) -> list[InteractionLogged]:
-    """The held-out prompts the evaluate stage can score (their reward exists)."""
-    eval_ = [i for i in interactions if i.split == "eval"]
+    """The held-out prompts the evaluate stage can score (their reward exists). Chat
+    `messages` take the per-event path, which checks that the base can render them."""
+    eval_ = [i for i in interactions if i.split == "eval" and i.messages is None]
     configs = ctx.configs.get_many([i.policy_id for i in eval_])
     return [i for i in eval_ if configs[i.policy_id].reward_for(i) in ctx.rewards]
 
@@ -71,6 +72,9 @@ class _Planned:
     interaction: InteractionLogged
     revision: int
     adapter: str | None
+    prompt_ids: list[int]
+    """The rendered prompt (chat template applied): what is sampled, and what the trainer
+    trains on."""
     objective: str = "grpo"
 
 
@@ -130,11 +134,13 @@ def _plan_rollout(ctx: StageContext, interaction: InteractionLogged,
     config = ctx.configs.get(interaction.policy_id)
     ctx.rewards.get(config.reward_for(interaction))  # unknown: poison, before any sampling
     if interaction.split == "eval":
+        if interaction.messages is not None:
+            ctx.engine.render(interaction.prompt, interaction.chat())  # refusable now, not later
         ctx.state.add_heldout(interaction)
         return None
     objective = config.objective_for(interaction)
     if objective != "grpo":
-        return _Planned(interaction, 0, None, objective)
+        return _Planned(interaction, 0, None, [], objective)  # offline.py renders its own
     policy = interaction.policy_id
     if policy not in heads:
         try:
@@ -147,7 +153,8 @@ def _plan_rollout(ctx: StageContext, interaction: InteractionLogged,
     resolved = heads[policy]
     if isinstance(resolved, Exception):
         raise resolved
-    return _Planned(interaction, *resolved)
+    prompt_ids = ctx.engine.render(interaction.prompt, interaction.chat())
+    return _Planned(interaction, *resolved, prompt_ids)
 
 
 def _logged(ctx: StageContext, planned: list[_Planned],
@@ -178,7 +185,7 @@ def _sample_planned(ctx: StageContext, planned: list[_Planned],
     if not planned:
         return {}
     s = ctx.settings
-    requests = [SampleRequest(p.interaction.prompt, p.adapter, derive_seed(p.interaction.event_id))
+    requests = [SampleRequest(p.prompt_ids, p.adapter, derive_seed(p.interaction.event_id))
                 for p in planned]
     try:
         groups = ctx.engine.generate_many(requests, n=s.group_size,
@@ -211,7 +218,7 @@ def _rollout_event(ctx: StageContext, p: _Planned, samples: list[Sample]) -> Rol
         policy_id=interaction.policy_id,
         interaction=interaction,
         revision=p.revision,
-        prompt_ids=ctx.engine.encode(interaction.prompt),
+        prompt_ids=p.prompt_ids,
         completions=[Completion(text=x.text, token_ids=x.token_ids, logprobs=x.logprobs,
                                 finished=x.finished) for x in samples],
         temperature=ctx.settings.temperature,

@@ -15,6 +15,7 @@ the others.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 from schemas.errors import PoisonEventError, TrainingRejected
 from workers.models.base import LoraSpec, load_base_model
+from workers.models.chat import end_ids
+from workers.models.registry import prepare
 from workers.training import checkpoint as ckpt_io
 from workers.training.grpo import (
     Batch,
@@ -89,14 +92,17 @@ class MultiPolicyTrainer:
     def __init__(
         self, base_path: Path, lora: LoraSpec, *, lr: float = 2e-2, clip_eps: float = 0.2,
         kl_beta: float = 0.0, max_grad_norm: float = 1.0, temperature: float = 1.0,
-        seed: int = 0, dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
+        seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
+        gradient_checkpointing: bool = False,
         checkpoint_above_tokens: int | None = CHECKPOINT_ABOVE_TOKENS,
         max_grad_norm_reject: float | None = None,
         pass_activation_mb: float | None = PASS_ACTIVATION_MB,
     ) -> None:
-        base, self.tokenizer = load_base_model(Path(base_path))
-        self.base = base.to(dtype=dtype)  # type: ignore[call-arg]
+        self.base, self.tokenizer = load_base_model(Path(base_path), device=device, dtype=dtype)
+        self.family = prepare(self.base)
+        self.device = torch.device(device)
         self.multi = MultiLora.install(self.base, lora.target_modules)
+        self._sliding = _sliding_window(self.base.config)
         self.lora, self.lr, self.clip_eps, self.kl_beta = lora, lr, clip_eps, kl_beta
         self.max_grad_norm, self.temperature, self.seed = max_grad_norm, temperature, seed
         self.gradient_checkpointing = gradient_checkpointing  # True: every pass
@@ -200,8 +206,7 @@ class MultiPolicyTrainer:
         the chunk is recomputed in backward, so a big pass never holds more than one chunk."""
         decoder = getattr(self.base, self.base.base_model_prefix)
         hidden = decoder(input_ids=packed.ids, position_ids=packed.positions,
-                         attention_mask=packed.attention_mask(self._dtype),
-                         use_cache=False).last_hidden_state
+                         attention_mask=self._mask(packed), use_cache=False).last_hidden_state
         picked = hidden[packed.seq, packed.pos]
         head = self.base.get_output_embeddings()
         dtype = torch.promote_types(hidden.dtype, torch.float32)
@@ -218,8 +223,17 @@ class MultiPolicyTrainer:
                                  targets[i:i + HEAD_CHUNK], use_reentrant=False)
                  for i in range(0, len(targets), HEAD_CHUNK)]
         flat = torch.cat(parts) if parts else picked.new_zeros(0, dtype=dtype)
-        out = torch.zeros(shape, dtype=dtype)
+        out = torch.zeros(shape, dtype=dtype, device=flat.device)
         return out.index_put((packed.rows, packed.cols), flat)
+
+    def _mask(self, packed: Packed) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The packed block mask; models with sliding-window layers (GPT-OSS) get the mapping
+        transformers takes per layer type, so those layers keep their window here too."""
+        full = packed.attention_mask(self._dtype)
+        if self._sliding is None:
+            return full
+        return {"full_attention": full,
+                "sliding_attention": packed.attention_mask(self._dtype, window=self._sliding)}
 
     def _ref_logps(self, packed: Packed, shape: tuple[int, int],
                    needed: bool) -> torch.Tensor | None:
@@ -236,7 +250,8 @@ class MultiPolicyTrainer:
         batch = concat([it.batch for it in items], self._pad_id)
         row_slots: list[int | None] = [it.policy.slot for it in items
                                        for _ in range(it.batch.ids.shape[0])]
-        packed = share_prefixes(batch, row_slots, self._pad_id)
+        packed = share_prefixes(batch, row_slots, self._pad_id).to(self.device)
+        batch = _batch_to(batch, self.device)
         shape = (batch.ids.shape[0], batch.ids.shape[1] - 1)
         ref = self._ref_logps(packed, shape, any(
             needs_reference(it.policy.training, it.parts) for it in items))
@@ -355,7 +370,7 @@ class MultiPolicyTrainer:
         """The policy's logits for a batch (export round-trip checks and debugging)."""
         slot = self._require(policy_id).slot
         with self.multi.route([slot] * input_ids.shape[0]):
-            return self.base(input_ids=input_ids).logits.float()
+            return self.base(input_ids=input_ids.to(self.device)).logits.float().cpu()
 
     @_locked
     def sample_many(
@@ -367,9 +382,9 @@ class MultiPolicyTrainer:
         `stop_at_eos=False` always samples `max_new_tokens` (fixed-size work for benchmarks)."""
         reqs = [SampleRequest(prompt, None if pid is None else self._policy(pid).slot, n)
                 for prompt, pid, n in requests]
-        eos = int(self.tokenizer.eos_token_id) if stop_at_eos else -1  # -1: no token matches
+        eos = end_ids(self.tokenizer, self.base) if stop_at_eos else frozenset()
         return sample_many(self.base, self.multi, reqs, max_new_tokens=max_new_tokens,
-                           temperature=self.temperature, eos_id=eos, pad_id=self._pad_id,
+                           temperature=self.temperature, eos_ids=eos, pad_id=self._pad_id,
                            seed=seed)
 
     @_locked
@@ -417,3 +432,17 @@ class MultiPolicyTrainer:
         policy.optimizer = self._new_optimizer(policy.params, policy.training.lr)
         ckpt.restore_optimizer(policy.optimizer, len(policy.params))
         policy.steps = ckpt.step
+
+
+def _sliding_window(config: Any) -> int | None:
+    """The window of a model whose layers mix full and sliding-window attention, else None."""
+    types = getattr(config, "layer_types", None) or ()
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window and "sliding_attention" in types else None
+
+
+def _batch_to(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    return dataclasses.replace(batch, cmask=batch.cmask.to(device), old=batch.old.to(device),
+                               adv=batch.adv.to(device))
