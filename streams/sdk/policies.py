@@ -32,9 +32,6 @@ from workers.models.base import LoraSpec
 from workers.pipeline.configs import expand_targets
 from workers.rewards.registry import Rewards
 
-TARGETABLE = (*LoraSpec().target_modules, "experts")
-"""Modules the pipeline's trainer and engines wrap; a policy may target any subset."""
-
 
 class PolicyConfigError(ValueError):
     """A configuration that cannot be recorded: says which value and why."""
@@ -53,10 +50,7 @@ def create_policy(settings: Settings, policy_id: str, *, objective: Objective = 
     if settings.base_model is None:
         raise PolicyConfigError("no base model configured: set LORASTREAM_BASE_MODEL")
     modules = expand_targets(targets) if targets else LoraSpec().target_modules
-    unknown = [m for m in modules if m not in TARGETABLE]
-    if unknown:
-        raise PolicyConfigError(f"unknown target modules {unknown}; known: attn, mlp, "
-                                f"{', '.join(TARGETABLE)}")
+    _check_targets(settings, modules)
     if reward is not None and reward not in (known := Rewards.load(settings)):
         raise PolicyConfigError(f"unknown reward {reward!r}; known here: "
                                 f"{', '.join(known.names())}")
@@ -83,3 +77,15 @@ def create_policy(settings: Settings, policy_id: str, *, objective: Objective = 
 
 
 __all__ = ["CatalogError", "PolicyConfigError", "create_policy"]
+
+
+def _check_targets(settings: Settings, modules: Sequence[str]) -> None:
+    """The targets must select layers of the base (groups `attn`, `mlp`, `shared`, `experts`,
+    or leaf names), resolved on its skeleton as the trainer will resolve them."""
+    from workers.models.registry import BadTargets, resolve, skeleton
+
+    assert settings.base_model is not None
+    try:
+        resolve(skeleton(str(settings.base_model)), modules)
+    except BadTargets as exc:
+        raise PolicyConfigError(f"unknown target modules {list(modules)}: {exc}") from exc

@@ -164,8 +164,8 @@ def test_a_policy_configuration_drives_its_training_and_its_provenance(
     (exp,) = export(ctx, up)
     assert isinstance(exp, AdapterExported) and (exp.rank, exp.alpha) == (1, 4.0)
     adapter = json.loads((Path(exp.path) / "adapter_config.json").read_text())
-    assert adapter["r"] == 1 and adapter["target_modules"] == ["q_proj", "k_proj", "v_proj",
-                                                               "o_proj"]
+    assert adapter["r"] == 1 and sorted(adapter["target_modules"]) == [
+        "k_proj", "o_proj", "q_proj", "v_proj"]  # attention only, as peft names them
     create_policy(settings, "cfg", objective="sft", rank=1, alpha=4.0, targets=["attn"],
                   learning_rate=0.01, reward="length")  # a new record: a new configuration
     ctx.configs.forget("cfg")

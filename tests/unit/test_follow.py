@@ -27,7 +27,7 @@ def test_a_passing_revision_refused_at_promotion_settles() -> None:
                         "mean_reward": 0.0, "loss": 1.0})
     _put(f, "evaluations", _evaluated(1))
     _put(f, "evaluations", _evaluated(2))
-    _put(f, "promotions", {"revision": 1, "score": 0.5})
+    _put(f, "promotions", {"revision": 1, "score": 0.5, "path": "r1"})
     assert not f.done()  # r2 passed: its promotion is still to come
     original = base64.b64encode(orjson.dumps(_evaluated(2))).decode()
     _put(f, "dead-letters", {"stage": "promote", "original_b64": original})

@@ -25,8 +25,8 @@ def test_unset_values_are_the_settings() -> None:
     assert (own.reward_for(it), default.reward_for(it)) == ("judge", "length")
     assert own.objective_for(it) == "dpo"
     assert own.objective_for(it.model_copy(update={"objective": "sft"})) == "sft"
-    assert expand_targets(["attn", "q_proj", "mlp"]) == (
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts")
+    assert expand_targets(["attn", "q_proj", "mlp", "attn"]) == ("attn", "q_proj", "mlp")
+    assert expand_targets(["all"]) == ("attn", "mlp", "shared", "experts")
 
 
 class _Index:

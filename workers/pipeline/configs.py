@@ -35,12 +35,6 @@ if TYPE_CHECKING:
     from workers.training.perpolicy import PolicyTraining
 
 MAX_AGE_S = 1.0
-ALIASES: dict[str, tuple[str, ...]] = {
-    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj", "experts"),
-}
-"""Names `--targets` accepts for groups of modules; fused MoE expert stacks count as `mlp`
-(`workers.training.perpolicy`)."""
 MAX_CACHED = 50_000
 """Beyond this many cached policies, entries older than `MAX_AGE_S` are dropped."""
 
@@ -117,13 +111,11 @@ def effective(settings: Settings, lora: dict[str, Any] | None,
 
 
 def expand_targets(names: Sequence[str]) -> tuple[str, ...]:
-    """`attn,mlp`-style names to module names, in a stable order without duplicates."""
-    out: list[str] = []
-    for name in names:
-        for module in ALIASES.get(name, (name,)):
-            if module not in out:
-                out.append(module)
-    return tuple(out)
+    """`attn,mlp`-style names as the registry's target tokens (groups `attn`, `mlp`, `shared`,
+    `experts`, or leaf names; `all`: every group), in order without duplicates."""
+    from workers.models.registry import parse_targets
+
+    return parse_targets(list(names))
 
 
 class PolicyConfigs:

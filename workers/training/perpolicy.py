@@ -30,18 +30,16 @@ class PolicyTraining:
     dpo_sft_weight: float = 0.0
 
 
-def _layer_targeted(name: str, targets: frozenset[str], expert: bool) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    if expert:
-        return "experts" in targets or {"gate_proj", "up_proj", "down_proj"} <= targets
-    return leaf in targets
-
-
 def untargeted_layers(multi: MultiLora, lora: LoraSpec) -> set[str]:
-    """Wrapped layers (module paths) the policy's targets leave out."""
-    targets = frozenset(lora.target_modules)
-    out = {n for n in multi.linears if not _layer_targeted(n, targets, expert=False)}
-    return out | {n for n in multi.experts if not _layer_targeted(n, targets, expert=True)}
+    """Wrapped layers (module paths) the policy's targets leave out: a linear is targeted by its
+    registry group or its leaf name, a fused expert bank by `experts`
+    (`workers.models.registry.resolve`)."""
+    from workers.models.registry import parse_targets
+
+    tokens = set(parse_targets(list(lora.target_modules)))
+    out = {name for name, group in multi.targets.linears
+           if group not in tokens and name.rsplit(".", 1)[-1] not in tokens}
+    return out | ({n for n in multi.experts} if "experts" not in tokens else set())
 
 
 def trainable(multi: MultiLora, slot: int, params: list[torch.nn.Parameter],
