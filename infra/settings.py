@@ -7,12 +7,38 @@ prefix, consumer group and Redis key prefix) inside one interpreter.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RewardEndpoint(BaseModel):
+    """An HTTP reward model or judge (`workers/rewards/http.py`): POST a list of groups, get
+    one score per completion back."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = Field(min_length=1)
+    version: int = Field(default=1, ge=0)
+    """Recorded with every reward it gives; bump it when the judge's scoring changes."""
+    timeout_s: float = Field(default=10.0, gt=0.0)
+    retries: int = Field(default=3, ge=0)
+    """Attempts after the first for a failed call (timeout, connection error, 5xx, 429)."""
+    backoff_s: float = Field(default=0.2, gt=0.0)
+    """First retry delay; doubled per attempt, with jitter."""
+    max_groups_per_call: int = Field(default=32, ge=1)
+    """Groups one call carries (each group's completions always travel together)."""
+    max_concurrency: int = Field(default=64, ge=1)
+    """Calls in flight at once per process."""
+    breaker_failures: int = Field(default=5, ge=1)
+    """Consecutive failed calls that open the circuit: calls fail fast while it is open."""
+    breaker_reset_s: float = Field(default=10.0, gt=0.0)
+    """How long the circuit stays open before one trial call may close it again."""
 
 
 class Settings(BaseSettings):
@@ -53,6 +79,16 @@ class Settings(BaseSettings):
     s3_secret_key: SecretStr | None = None
     s3_region: str | None = None
     base_model: Path | None = None
+    """The shared base: a local directory, or a hub id (`org/name`) already in the local
+    Hugging Face cache (never downloaded at run time). Its architecture must be in the registry
+    (`workers/models/registry.py`); anything else is refused when a worker starts."""
+    lora_targets: str = "all"
+    """What carries LoRA: groups `attn`, `mlp`, `shared`, `experts` (`all`: every group the
+    base has) and/or module leaf names (`q_proj,v_proj`), comma-separated."""
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:[0-9]+)?)$")
+    """Where the trainer and the embedded engine run: `cpu` or `cuda` (`cuda:N`)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """The base's dtype in the trainer and the embedded engine (LoRA factors stay float32)."""
 
     # Serving engine the rollout and evaluate stages sample from: an SGLang server (or
     # `lorastream engine`) at this URL; unset = an embedded CPU engine on a loopback port.
@@ -83,6 +119,10 @@ class Settings(BaseSettings):
     lora_alpha: float = 8.0
     kl_beta: float = Field(default=0.0, ge=0.0)
     clip_eps: float = Field(default=0.2, gt=0.0)
+    dpo_beta: float = Field(default=0.1, gt=0.0)
+    """DPO's beta (how far from the base a dpo policy may move per unit of preference)."""
+    dpo_sft_weight: float = Field(default=0.0, ge=0.0)
+    """Weight of the chosen answers' NLL added to DPO's loss (RPO; 0: plain DPO)."""
     export_every: int = Field(default=2, ge=1)
     promote_margin: float = 0.0
     update_batch: int = Field(default=4, ge=1)
@@ -98,6 +138,12 @@ class Settings(BaseSettings):
     evicted to their journaled checkpoint (15-20 MB each for SmolLM2)."""
     trainer_idle_evict_s: float = Field(default=600.0, gt=0.0)
     """A policy not stepped for this long is evicted from the trainer's memory."""
+
+    # Rewards beyond the built-ins and installed plugins (`workers/rewards/registry.py`).
+    reward_plugins: dict[str, str] = Field(default_factory=dict)
+    """Reward name -> `module:function`, for reward code that is not an installed plugin."""
+    reward_endpoints: dict[str, RewardEndpoint] = Field(default_factory=dict)
+    """Reward name -> an HTTP judge, e.g. `{"my-judge": {"url": "http://judge:8080/score"}}`."""
 
     # Guards (see `workers/pipeline/guards.py`). Unknown policy = a syntactically valid id that is
     # not registered in the catalog, checked only when `require_registered_policies` is on.
@@ -133,5 +179,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
+        if isinstance(value, dict | list):
+            value = json.dumps(value, default=str)
         env[f"LORASTREAM_{name.upper()}"] = str(value)
     return env

@@ -118,7 +118,7 @@ def merged_path(tensors: dict[str, torch.Tensor], lora: LoraSpec, base: Path,
     model, tokenizer = trainer_side(lambda: load_base_model(base))  # not timed: resident
 
     def merge_and_save() -> None:
-        peft_model = peft.get_peft_model(model, lora.peft_config())
+        peft_model = peft.get_peft_model(model, lora.peft_config(model))
         peft.set_peft_model_state_dict(peft_model, tensors)
         merged = peft_model.merge_and_unload().to(getattr(torch, DTYPE))
         merged.save_pretrained(out)  # type: ignore[operator]  # safetensors, full weights

@@ -59,7 +59,7 @@ def log(msg: str) -> None:
 def make_artifacts(base: Path, store: ArtifactStore, count: int) -> list[str]:
     model, _ = load_base_model(base)
     lora = LoraSpec(rank=2, alpha=4.0)
-    template = peft.get_peft_model_state_dict(peft.get_peft_model(model, lora.peft_config()))
+    template = peft.get_peft_model_state_dict(peft.get_peft_model(model, lora.peft_config(model)))
     gen = torch.Generator().manual_seed(0)
     return [store.put_adapter({k: torch.randn(v.shape, generator=gen) * 0.05
                                for k, v in template.items()},

@@ -25,7 +25,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from schemas.events import Event, PolicyRolledBack, Sha256
+from schemas.events import Event, Objective, PolicyRolledBack, Sha256
 
 Namespace = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")]
 """A tenant: same alphabet as policy ids (no path characters), at most 32 chars."""
@@ -44,6 +44,21 @@ class LoraConfig(_Part):
     rank: int = Field(ge=1)
     alpha: float
     target_modules: tuple[str, ...] = ()
+
+
+class TrainingConfig(_Part):
+    """How a policy trains, beyond its adapter's shape; None takes the pipeline's setting
+    (`LORASTREAM_*`), so a policy configures only what differs."""
+
+    objective: Objective = "grpo"
+    reward: str | None = Field(default=None, min_length=1, max_length=64)
+    """The reward that scores the policy's rollouts and held-out prompts; None: each
+    interaction's `task` names it."""
+    learning_rate: float | None = Field(default=None, gt=0.0)
+    kl_beta: float | None = Field(default=None, ge=0.0)
+    clip_eps: float | None = Field(default=None, gt=0.0)
+    dpo_beta: float | None = Field(default=None, gt=0.0)
+    dpo_sft_weight: float | None = Field(default=None, ge=0.0)
 
 
 class OffsetRange(_Part):
@@ -70,6 +85,9 @@ class Provenance(_Part):
     base_model_hash: Sha256
     trainer_version: str = Field(min_length=1, max_length=128)
     hyperparameters: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    """The pipeline's settings, overlaid with the policy's own configuration's values."""
+    configs: tuple[str, ...] = ()
+    """Ids of the policy configurations its steps trained with (`config_id` of each step)."""
     reward_fns: tuple[RewardFnRef, ...] = ()
     rollouts: tuple[OffsetRange, ...] = ()
     """The `rewards` messages the trainer consumed (each embeds its rollout and interaction)."""
@@ -94,13 +112,16 @@ class CatalogRecord(Event):
 
 
 class PolicyRegistered(CatalogRecord):
-    """A policy's identity: who it is, which base it adapts, and the adapter's shape."""
+    """A policy's identity: who it is, which base it adapts, the adapter's shape, and how it
+    trains. A configuration change is a new record under the same key (`lorastream policy
+    create`); each revision's provenance keeps the configuration it was trained with."""
 
     kind: Literal["policy_registered"] = "policy_registered"
     namespace: Namespace = "default"
     base_model: str = Field(min_length=1, max_length=512)
     base_model_hash: Sha256
     lora: LoraConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
 
     def key(self) -> str:
         return self.policy_id
@@ -132,6 +153,9 @@ class RevisionEvaluated(CatalogRecord):
     prompts: int = Field(ge=0)
     passed: bool
     reason: str = ""
+    selection_score: float | None = None
+    selection_baseline_score: float | None = None
+    selection_prompts: int = Field(default=0, ge=0)
 
     def key(self) -> str:
         return f"{self.policy_id}/rev/{self.revision}/eval/{self.event_id[:16]}"

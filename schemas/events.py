@@ -18,6 +18,7 @@ from pydantic import (
     JsonValue,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
 SCHEMA_VERSION = 1
@@ -25,6 +26,7 @@ SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
 """What this reader can decode; anything else is dead-lettered with the reason, never read as
 if it were version 1."""
 MAX_PROMPT_CHARS = 8192
+MAX_MESSAGES = 64
 
 PolicyId = Annotated[
     str,
@@ -33,6 +35,9 @@ PolicyId = Annotated[
 """Policy ids become Redis keys, serve names and artifact paths: no path characters."""
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+Objective = Literal["grpo", "sft", "dpo"]
+"""How a policy learns from a log: `workers/training/objectives.py`."""
 
 
 def new_event_id() -> str:
@@ -67,15 +72,30 @@ class Event(BaseModel):
         return version
 
 
+class ChatMessage(BaseModel):
+    """One turn of an OpenAI-format conversation."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
 class InteractionLogged(Event):
     """One logged interaction, pushed by a producer.
 
     `task` names the reward function (`reference`, `length`, `feedback`); `split="eval"`
-    adds the prompt to the policy's held-out set instead of training on it.
+    adds the prompt to the policy's held-out set instead of training on it. `messages` (OpenAI
+    chat format, ending with a user turn) is what the model is prompted with when given; the
+    base's chat template renders it (`workers.models.chat`). `prompt` is then filled from the
+    last user turn if absent, so readers that know only `prompt` still read a valid v1 event
+    (an additive field: `schema_version` stays 1).
     """
 
     kind: Literal["interaction_logged"] = "interaction_logged"
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1,
+                                               max_length=MAX_MESSAGES)
     task: str = Field(default="reference", min_length=1, max_length=64)
     reference: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     response: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
@@ -83,6 +103,44 @@ class InteractionLogged(Event):
     task_params: dict[str, float | int | str | bool] = Field(default_factory=dict)
     split: Literal["train", "eval"] = "train"
     user_id: str | None = Field(default=None, max_length=128)
+    objective: Objective | None = None
+    """`grpo`: sampled and rewarded; `sft`: the `reference`, `chosen`, or a `response` with
+    positive feedback is the target; `dpo`: `chosen` over `rejected`, or two logged responses
+    to one prompt with different feedback. None: the policy's configured objective (grpo
+    unless `lorastream policy create --objective` said otherwise)."""
+    chosen: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    rejected: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    """A preference pair (both or neither): `chosen` is the better answer to `prompt`."""
+
+    @model_validator(mode="after")
+    def _pair(self) -> InteractionLogged:
+        if (self.chosen is None) != (self.rejected is None):
+            raise ValueError("chosen and rejected come together (a preference pair)")
+        if self.chosen is not None and self.chosen == self.rejected:
+            raise ValueError("chosen and rejected are the same answer")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_from_messages(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("prompt") and data.get("messages"):
+            last = data["messages"][-1]
+            content = last.get("content") if isinstance(last, dict) else None
+            if isinstance(content, str) and content:
+                data = {**data, "prompt": content}
+        return data
+
+    @model_validator(mode="after")
+    def _ends_with_user(self) -> InteractionLogged:
+        if self.messages is not None and self.messages[-1].role != "user":
+            raise ValueError("messages must end with a user turn (the model answers it)")
+        return self
+
+    def chat(self) -> list[dict[str, str]] | None:
+        """`messages` as plain dicts (what a chat template takes), or None."""
+        if self.messages is None:
+            return None
+        return [{"role": m.role, "content": m.content} for m in self.messages]
 
 
 class Completion(BaseModel):
@@ -105,6 +163,11 @@ class RolloutGenerated(Event):
     prompt_ids: list[int]
     completions: list[Completion] = Field(min_length=1)
     temperature: float = Field(gt=0.0)
+    objective: Objective = "grpo"
+    """`grpo`: sampled. `sft`: the completion is the logged target; `dpo`: the logged pair,
+    chosen then rejected. Neither is sampled (revision 0, log-probs unused)."""
+    partner: InteractionLogged | None = None
+    """A dpo pair made of two logged responses: the other interaction of the pair."""
 
 
 class RolloutRewarded(Event):
@@ -144,6 +207,12 @@ class PolicyUpdated(Event):
     """The rewards messages this step trained on (provenance of the revision it ends up in)."""
     reward_fns: dict[str, int] = Field(default_factory=dict)
     """Reward function name → version, of the groups this step trained on."""
+    objectives: dict[str, int] = Field(default_factory=dict)
+    """Objective → how many of this step's groups trained with it."""
+    config_id: str | None = Field(default=None, max_length=64)
+    """The policy configuration this step used (`workers/pipeline/configs.py`)."""
+    config: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
+    """Its values: objective, reward, learning rate, rank, alpha, targets, loss knobs."""
 
 
 class AdapterExported(Event):
@@ -169,12 +238,18 @@ class AdapterEvaluated(Event):
     sha256: Sha256
     path: str
     score: float
+    """On the held-out test set: reported, never used to decide."""
     baseline_revision: int = Field(ge=0)
     baseline_score: float
     prompts: int = Field(ge=0)
     passed: bool
     reason: str = ""
     """Why it passed or not, for people reading the evaluations topic."""
+    selection_score: float | None = None
+    """On the held-out selection set: what the promotion gate compares (None: the same set as
+    `score`, when there are too few held-out prompts to split)."""
+    selection_baseline_score: float | None = None
+    selection_prompts: int = Field(default=0, ge=0)
 
 
 class PolicyPromoted(Event):

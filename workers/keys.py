@@ -10,8 +10,9 @@ All keys start with `Settings.redis_prefix`, so tenants and tests never collide.
 | `policy:<policy>` | hash | the update stage (checkpoint step), the runner (in-flight counters) |
 | `paused:<policy>` | hash | the guards: why and where training of a policy stopped |
 | `online:<policy>:<rev>` | list | the guards: the serving revision's latest rollout rewards |
+| `pairs:<policy>` | hash | the rollout stage: logged responses waiting for a dpo partner |
 | `c:<policy>` | hash | the catalog index: identity, revisions, states, aliases |
-| `cx:bases`, `cx:loras` | hash | the catalog index: interned base models and LoRA configs |
+| `cx:bases`, `cx:loras`, `cx:trainings` | hash | the catalog index: interned bases, configs |
 | `cx:lock:<policy>`, `cx:steps:<policy>` | string, hash | the catalog writer |
 | `hot` | zset | the catalog index: serve names of every serving revision |
 | `engines`, `engine:<id>:<what>` | hash, … | serving: membership and per-engine state |
@@ -50,12 +51,15 @@ class RedisKeys:
     def online_rolled_back(self, policy_id: str, revision: int) -> str:
         return self._key("online", policy_id, revision, "rolled_back")
 
+    def pairs(self, policy_id: str) -> str:
+        return self._key("pairs", policy_id)
+
     # -- the catalog -------------------------------------------------------------------------
     def catalog(self, policy_id: str) -> str:
         return self._key("c", policy_id)
 
     def catalog_table(self, table: str) -> str:
-        """Interned values shared by many policies (`bases`, `loras`)."""
+        """Interned values shared by many policies (`bases`, `loras`, `trainings`)."""
         return self._key("cx", table)
 
     def catalog_lock(self, policy_id: str) -> str:

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.add_argument("policy_id")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_policy_show)
+    from streams.cli.policyconfig import add_create
+
+    add_create(psub)
 
     p = sub.add_parser("revisions", help="a policy's revisions with provenance and evaluations")
     p.add_argument("policy_id")
@@ -113,13 +116,14 @@ def cmd_policy_show(args: argparse.Namespace, settings: Settings) -> int:
     entry = _entry_or_fail(settings, args.policy_id)
     if entry is None:
         return 1
-    data = {**_summary(entry), **identity_of(settings, entry)}
+    data = {**_summary(entry), **identity_of(settings, entry), "training": entry.training}
     states = {n: r.state.value for n, r in sorted(entry.revisions.items())}
     data["states"] = states
     text = (f"policy     {entry.policy_id} (namespace {entry.namespace})\n"
             f"base       {entry.base.get('name')}  sha256 {entry.base.get('hash')}\n"
             f"lora       rank {entry.lora.get('rank')} alpha {entry.lora.get('alpha')} "
             f"modules {','.join(entry.lora.get('target_modules', []))}\n"
+            f"training  {' '.join(f'{k} {v}' for k, v in entry.training.items()) or 'grpo'}\n"
             f"registered {_ts(data.get('registered_ts'))}\n"
             f"aliases    serving r{entry.serving}  candidate r{entry.candidate}\n"
             f"revisions  {len(entry.revisions)} (head r{entry.head}): "

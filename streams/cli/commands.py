@@ -48,8 +48,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="the main job: train 3 policies end to end and report")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
-    p.add_argument("--steps", type=int, default=128, help="training interactions per policy")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training interactions per policy (default: 128 tiny, 32 smollm2)")
+    p.add_argument("--arch", default="llama",
+                   help="tiny base family: llama, qwen3, mixtral, qwen3_moe, gpt_oss, "
+                        "deepseek_v3, deepseek_v32, glm_moe_dsa")
+    p.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
+                   help="smollm2: the pretrained SmolLM2-135M-Instruct with readable tasks")
     p.add_argument("--keep", action="store_true", help="keep the demo's topics afterwards")
+    p.add_argument("--objective", choices=("grpo", "sft", "dpo"), default="grpo",
+                   help="what the three policies train with (and on which kind of logs)")
     p.set_defaults(handler=cmd_demo)
 
     p = sub.add_parser("dashboard", help="web dashboard for operators (lag, training, serving)")
@@ -68,8 +76,14 @@ def parse_stages(value: str) -> list[str]:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from streams.app import group_id, run_worker
+    from workers.pipeline.startup import StartupRefused, check_base
 
     stages = parse_stages(args.stages)
+    try:
+        check_base(settings, stages)
+    except StartupRefused as exc:
+        print(f"lorastream worker: refusing to start: {exc}", file=sys.stderr)
+        return 2
     if getattr(args, "supervise", False):
         from streams.cli.supervisor import supervise
 
@@ -137,8 +151,22 @@ def cmd_schemas(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from streams.cli.demo import run_demo
+    from streams.cli.demo_specs import SMOLLM2, tiny_spec
+    from workers.models.tiny import ARCHES
 
-    return run_demo(settings, steps=args.steps, as_json=args.json, keep=args.keep)
+    if args.model == "smollm2":
+        if args.objective != "grpo":
+            print("--objective sft|dpo trains the tiny bases' policies; SmolLM2's demo is GRPO",
+                  file=sys.stderr)
+            return 2
+        spec = SMOLLM2
+    elif args.arch in ARCHES:
+        spec = tiny_spec(args.arch)
+    else:
+        print(f"unknown --arch {args.arch!r}; known: {', '.join(ARCHES)}", file=sys.stderr)
+        return 2
+    return run_demo(settings, steps=args.steps, as_json=args.json, keep=args.keep, spec=spec,
+                    objective=args.objective)
 
 
 def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:

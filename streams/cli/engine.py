@@ -33,8 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-lora-rank", type=int, default=None,
                    help="default: LORASTREAM_LORA_RANK")
     p.add_argument("--max-concurrent-loads", type=int, default=2)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="serving dtype (float32 keeps rollout log-probs exact for the trainer)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="serving dtype (default: LORASTREAM_DTYPE, float32: rollout log-probs "
+                        "exact for the trainer)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: LORASTREAM_DEVICE)")
     p.add_argument("--num-threads", type=int, default=None,
                    help="intra-op threads of the model work (default: one per core)")
     p.add_argument("--no-controller", action="store_true", help="serve only; ignore Redis")
@@ -81,16 +83,30 @@ async def _main(args: argparse.Namespace, settings: Settings) -> None:
 
 
 async def _start_server(args: argparse.Namespace, settings: Settings) -> web.AppRunner:
+    from workers.models.base import resolve_base
+    from workers.models.registry import (
+        BadTargets,
+        UnsupportedArchitecture,
+        check_base,
+        parse_targets,
+    )
     from workers.serving.cpu_engine import CpuEngine, EngineConfig
     from workers.serving.server import build_app
 
     base = args.base_model or settings.base_model
     if base is None:
         raise SystemExit("no base model: pass --base-model or set LORASTREAM_BASE_MODEL")
-    config = EngineConfig(base_path=Path(base), max_loaded_loras=args.max_loaded_loras,
+    try:  # one clear message at start-up for a base the registry does not cover
+        path = resolve_base(base)
+        check_base(path, settings.lora_targets)
+    except (UnsupportedArchitecture, BadTargets, OSError) as exc:
+        raise SystemExit(f"lorastream engine: refusing to start: {exc}") from exc
+    config = EngineConfig(base_path=path, max_loaded_loras=args.max_loaded_loras,
                           max_loras_per_batch=args.max_loras_per_batch,
                           max_lora_rank=args.max_lora_rank or settings.lora_rank,
-                          dtype=args.dtype, num_threads=args.num_threads)
+                          lora_target_modules=parse_targets(settings.lora_targets),
+                          dtype=args.dtype or settings.dtype,
+                          device=args.device or settings.device, num_threads=args.num_threads)
     engine = await asyncio.to_thread(CpuEngine, config)  # loads in its own model thread
     token = args.admin_token or (settings.engine_admin_token.get_secret_value()
                                  if settings.engine_admin_token else None)

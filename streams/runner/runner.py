@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import logging
 import os
 import time
@@ -236,10 +237,13 @@ class StageRunner:
 
     async def _invoke(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Model work runs in the executor (one model thread per process), so the event loop
-        stays free to heartbeat and commit; a stage that is pure microseconds runs inline."""
+        stays free to heartbeat and commit; a stage that is pure microseconds runs inline, and
+        a coroutine function is awaited on the loop."""
         if self.executor is None or self.stage.on_loop:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+            result = fn(*args)
+        else:
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await result if inspect.isawaitable(result) else result
 
     async def _dead_letter(self, item: Received, exc: BaseException,
                            policy_id: str | None) -> None:

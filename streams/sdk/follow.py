@@ -6,6 +6,7 @@ disturbs the pipeline's own consumers.
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,10 +27,17 @@ class PolicyProgress:
     trained: int = 0
     """Rollout groups consumed by the trainer (a step trains on one or more groups)."""
     train_rewards: list[float] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)
+    sampled: bool = False
+    """Any step trained on sampled (grpo) groups: else its rewards are only labels."""
     exported: set[int] = field(default_factory=set)
     evaluated: dict[int, dict[str, Any]] = field(default_factory=dict)
     promoted: dict[int, float] = field(default_factory=dict)
+    refused: set[int] = field(default_factory=set)
+    """Passing revisions the promote stage refused (a better one serves by then)."""
+    promoted_paths: dict[int, str] = field(default_factory=dict)
     dead_letters: int = 0
+    """Dead letters of the stages up to the trainer (interactions that will not train)."""
 
     @property
     def reward_before(self) -> float | None:
@@ -39,6 +47,11 @@ class PolicyProgress:
     @property
     def serving(self) -> int:
         return max(self.promoted, default=0)
+
+    @property
+    def serving_path(self) -> str | None:
+        """The artifact directory of the revision serving now (None: the base)."""
+        return self.promoted_paths.get(self.serving)
 
     @property
     def reward_after(self) -> float | None:
@@ -51,7 +64,7 @@ class PolicyProgress:
         return (
             self.trained + self.dead_letters >= interactions
             and len(self.evaluated) >= self.steps // export_every
-            and passed <= set(self.promoted)
+            and passed <= set(self.promoted) | self.refused
         )
 
 
@@ -106,14 +119,20 @@ class PipelineFollower:
             prog.steps = max(prog.steps, event["step"])
             prog.trained += len(event["rollout_ids"])
             prog.train_rewards.append(event["mean_reward"])
+            prog.train_losses.append(event["loss"])
+            prog.sampled |= "grpo" in (event.get("objectives") or {"grpo": 1})
         elif kind == "exports":
             prog.exported.add(event["revision"])
         elif kind == "evaluations":
             prog.evaluated[event["revision"]] = event
         elif kind == "promotions":
             prog.promoted[event["revision"]] = event["score"]
+            prog.promoted_paths[event["revision"]] = event["path"]
         elif kind == "dead-letters":
-            prog.dead_letters += 1
+            if event.get("stage") == "promote":
+                prog.refused.add(_revision_of(event))
+            else:
+                prog.dead_letters += 1
 
     def done(self) -> bool:
         every = self.settings.export_every
@@ -145,10 +164,11 @@ class PipelineFollower:
 
     def table(self, prefers: dict[str, str]) -> str:
         head = ("policy", "prefers", "groups", "steps", "exported", "evaluated", "promoted",
-                "serving", "reward before", "reward after", "train reward first→last 3 steps")
+                "serving", "reward before", "reward after",
+                "train reward (sft/dpo: loss) first→last 3 steps")
         rows = [head]
         for pid, p in self.progress.items():
-            tr = p.train_rewards
+            tr = p.train_rewards if p.sampled else p.train_losses
             trend = (f"{_mean(tr[:3]):.3f}→{_mean(tr[-3:]):.3f}" if tr else "-")
             rows.append((pid, prefers.get(pid, ""), str(p.trained), str(p.steps),
                          str(len(p.exported)),
@@ -158,6 +178,14 @@ class PipelineFollower:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
+
+
+def _revision_of(letter: dict[str, Any]) -> int:
+    """The revision of a dead-lettered evaluation (-1 when its bytes are not one)."""
+    try:
+        return int(orjson.loads(base64.b64decode(letter["original_b64"]))["revision"])
+    except (ValueError, KeyError, TypeError):
+        return -1
 
 
 def _mean(xs: list[float]) -> float:

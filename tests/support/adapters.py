@@ -22,7 +22,7 @@ def make_adapter(base: Path, out: Path, *, rank: int = 4, seed: int = 0,
     spec = LoraSpec(rank=rank, alpha=2.0 * rank)
     if targets is not None:
         spec = LoraSpec(rank=rank, alpha=2.0 * rank, target_modules=targets)
-    peft_model = peft.get_peft_model(model, spec.peft_config())
+    peft_model = peft.get_peft_model(model, spec.peft_config(model))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

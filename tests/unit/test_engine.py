@@ -16,7 +16,7 @@ T = 0.7
 def export_random_adapter(base_dir: Path, out: Path, seed: int) -> Path:
     """A PEFT adapter dir with non-zero B, written by PEFT itself."""
     base, _ = load_base_model(base_dir)
-    model = peft.get_peft_model(base, LoraSpec().peft_config())
+    model = peft.get_peft_model(base, LoraSpec().peft_config(base))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

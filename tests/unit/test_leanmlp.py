@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from workers.models.base import LoraSpec, load_base_model
-from workers.models.moe import build_tiny_moe_model
+from workers.models.tiny import build_tiny
 from workers.training.leanmlp import make_mlps_lean
 from workers.training.multilora import MultiLora
 
@@ -85,7 +85,7 @@ def test_lean_mlp_matches_the_plain_forward_and_gradients(tiny_model_dir: Path,
 def test_only_llama_style_swiglu_mlps_switch(tiny_model_dir: Path, tmp_path: Path) -> None:
     dense, _ = load_base_model(tiny_model_dir)
     assert make_mlps_lean(dense) == dense.config.num_hidden_layers
-    moe, _ = load_base_model(build_tiny_moe_model(tmp_path / "moe"))
+    moe, _ = load_base_model(build_tiny("mixtral", tmp_path / "moe", hidden_size=32))
     assert make_mlps_lean(moe) == 0  # fused expert stacks keep their own forward
     gelu, _ = load_base_model(tiny_model_dir)
     for layer in gelu.model.layers:

@@ -44,8 +44,11 @@ def test_hash_is_stable_and_identifies_the_weights(tiny_model_dir: Path, tmp_pat
     assert base_model_hash(other) != digest
 
 
-def test_lora_spec_config() -> None:
-    cfg = LoraSpec(rank=2, alpha=4.0).peft_config()
+def test_lora_spec_config(tiny_model_dir: Path) -> None:
+    """The default targets (every group) resolve to a Llama's attention and MLP leaves."""
+    base, _ = load_base_model(tiny_model_dir)
+    cfg = LoraSpec(rank=2, alpha=4.0).peft_config(base)
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.bias) == (2, 4.0, 0.0, "none")
-    assert isinstance(cfg.target_modules, (list, set))  # peft's type also allows a str or None
-    assert set(cfg.target_modules) == set(LoraSpec().target_modules)
+    assert isinstance(cfg.target_modules, (list, set))
+    assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                       "up_proj", "down_proj"}

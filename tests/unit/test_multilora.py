@@ -14,10 +14,10 @@ import pytest
 import torch
 from peft import get_peft_model_state_dict
 
-from workers.models.base import LoraSpec, load_base_model
+from workers.models.base import load_base_model
 from workers.training.multilora import MultiLora
 
-TARGETS = LoraSpec().target_modules
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROW_ADAPTERS: list[int | None] = [0, 1, 2, None, 1, 0, 2]
 
 

@@ -151,3 +151,20 @@ def test_json_schema_says_what_is_required() -> None:
     assert sorted(schema["required"]) == ["policy_id", "prompt"]
     assert schema["properties"]["schema_version"]["enum"] == [1]
     assert "Kafka coordinates" in schema["properties"]["event_id"]["description"]
+
+
+def test_chat_messages_fill_the_prompt_and_must_end_with_a_user_turn() -> None:
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi?"}]
+    event = decode_event(InteractionLogged, orjson.dumps({"policy_id": "a", "messages": chat}))
+    assert event.prompt == "hi?" and event.chat() == chat
+    assert event.schema_version == 1
+    old_reader = orjson.loads(encode_event(event))
+    assert old_reader["prompt"] == "hi?"  # a v1 reader that ignores `messages` still works
+    for bad, reason in (
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "user turn"),
+        ([{"role": "robot", "content": "q"}], "role"),
+        ([], "messages"),
+    ):
+        raw = orjson.dumps({"policy_id": "a", "prompt": "x", "messages": bad})
+        with pytest.raises(PoisonEventError, match=reason):
+            decode_event(InteractionLogged, raw)

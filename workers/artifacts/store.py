@@ -61,13 +61,24 @@ class ArtifactRef:
 
 
 def adapter_config(lora: LoraSpec, base_model: str) -> dict[str, Any]:
-    """The adapter_config.json PEFT (and vLLM/SGLang) need to load an adapter-only revision."""
+    """The adapter_config.json PEFT (and vLLM/SGLang) need to load an adapter-only revision:
+    targets resolved by the architecture registry for the base at `base_model` (MoE families
+    get peft#3711-safe `target_parameters`); a name that is no local base directory gets the
+    Llama-shaped leaves of the target groups."""
+    from workers.models import registry
+
+    if Path(base_model).is_dir():
+        targets = registry.targets_for_base(base_model, lora.target_modules)
+        return registry.adapter_config(lora.rank, lora.alpha, base_model, targets)
+    leaves = {"attn": registry.GQA, "mlp": registry.SWIGLU}
+    modules = [m for t in registry.parse_targets(lora.target_modules)
+               for m in leaves.get(t, () if t in registry.GROUPS else (t,))]
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": lora.rank,
         "lora_alpha": lora.alpha,
-        "target_modules": list(lora.target_modules),
+        "target_modules": modules,
         "lora_dropout": 0.0,
         "bias": "none",
         "base_model_name_or_path": base_model,

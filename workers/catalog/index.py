@@ -13,11 +13,12 @@ writer is `apply` (live, after Kafka acked the record, or in a rebuild). Moving 
 also moves the policy's serve name in the hot working set (`hot`), which engines follow.
 
 Layout of `<prefix>c:<policy>` (a listpack-encoded hash while every value is ≤ 64 bytes):
-`i` namespace\\0base-ref\\0lora-ref, `o` partition+offset of the identity record, `s`/`c`
+`i` namespace\\0base-ref\\0lora-ref, `t` training-config ref (absent: the defaults), `o`
+partition+offset of the identity record, `s`/`c`
 serving/candidate revision, `r<n>` sha256 (raw) + size + step + parent + offset, `x<n>` state
 code (absent = exported), `e<n>.<offset>` one per evaluation record, `g<n>` artifact collected,
 `k` offset of the last rollback. Base models and LoRA configs are interned in `<prefix>cx:bases`
-and `<prefix>cx:loras` (few distinct values, shared by many policies).
+`<prefix>cx:loras` and `<prefix>cx:trainings` (few distinct values, shared by many policies).
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ class PolicyEntry:
     partition: int
     offset: int
     serving: int = 0
+    training: dict[str, Any] = field(default_factory=dict)
+    """The policy's training config (`schemas.catalog.TrainingConfig`); empty: defaults."""
     candidate: int = 0
     rollback_offset: int | None = None
     revisions: dict[int, RevisionEntry] = field(default_factory=dict)
@@ -138,6 +141,8 @@ class CatalogIndex:
         self.keys = RedisKeys(settings)
         self.bases_key = self.keys.catalog_table("bases")
         self.loras_key = self.keys.catalog_table("loras")
+        self.trainings_key = self.keys.catalog_table("trainings")
+        self._tables: dict[tuple[str, str], dict[str, Any]] = {}  # content-addressed: immutable
 
     def key(self, policy_id: str) -> str:
         return self.keys.catalog(policy_id)
@@ -174,7 +179,10 @@ class CatalogIndex:
             ref_b, ref_l = self._intern(pipe, self.bases_key, base), self._intern(
                 pipe, self.loras_key, data["lora"])
             ident = f"{data.get('namespace', 'default')}\0{ref_b}\0{ref_l}"
-            return key, {"i": ident, "o": _PTR.pack(partition, offset)}
+            training = {k: v for k, v in (data.get("training") or {}).items()
+                        if v is not None and (k, v) != ("objective", "grpo")}
+            ref_t = self._intern(pipe, self.trainings_key, training) if training else ""
+            return key, {"i": ident, "t": ref_t, "o": _PTR.pack(partition, offset)}
         if kind == "revision_recorded":
             n, prov = data["revision"], data["provenance"]
             packed = _REV.pack(bytes.fromhex(data["sha256"]), data["size_bytes"], data["step"],
@@ -281,16 +289,44 @@ class CatalogIndex:
             return None
         namespace, ref_b, ref_l = raw["i"].decode().split("\0")
         base, lora = self.r.hget(self.bases_key, ref_b), self.r.hget(self.loras_key, ref_l)
+        training = self.r.hget(self.trainings_key, raw["t"]) if "t" in raw else None
         partition, offset = _PTR.unpack(raw["o"])
         entry = PolicyEntry(
             policy_id, namespace, orjson.loads(base or b"{}"), orjson.loads(lora or b"{}"),
             partition, offset, serving=int(raw.get("s", 0)), candidate=int(raw.get("c", 0)),
             rollback_offset=_OFF.unpack(raw["k"])[0] if "k" in raw else None,
+            training=orjson.loads(training or b"{}"),
         )
         for name, value in raw.items():
             if name[0] == "r" and name[1:].isdigit():
                 entry.revisions[int(name[1:])] = _revision(int(name[1:]), value, raw)
         return entry
+
+    def configs_many(self, policy_ids: list[str]
+                     ) -> dict[str, tuple[dict[str, Any], dict[str, Any]] | None]:
+        """Each policy's (LoRA config, training config), None for an unregistered one: one
+        round trip, plus one per interned value this process has not seen yet."""
+        pipe = self.r.pipeline(transaction=False)
+        for pid in policy_ids:
+            pipe.hmget(self.key(pid), "i", "t")
+        out: dict[str, tuple[dict[str, Any], dict[str, Any]] | None] = {}
+        for pid, (ident, ref_t) in zip(policy_ids, pipe.execute(), strict=True):
+            if ident is None:
+                out[pid] = None
+                continue
+            ref_l = ident.decode().split("\0")[2]
+            training = self._table(self.trainings_key, ref_t.decode()) if ref_t else {}
+            out[pid] = (self._table(self.loras_key, ref_l), training)
+        return out
+
+    def _table(self, table: str, ref: str) -> dict[str, Any]:
+        got = self._tables.get((table, ref))
+        if got is None:
+            raw = self.r.hget(table, ref)
+            got = orjson.loads(raw) if raw else {}
+            if raw:
+                self._tables[(table, ref)] = got
+        return got
 
     def policy_ids(self, match: str = "*", count: int = 1000) -> Iterator[str]:
         """Every indexed policy id (SCAN, so it never blocks Redis), unordered."""

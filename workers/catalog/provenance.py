@@ -24,8 +24,8 @@ from workers.catalog.lifecycle import offset_ranges
 from workers.keys import RedisKeys
 
 HYPERPARAMETERS = ("group_size", "max_new_tokens", "temperature", "learning_rate", "lora_rank",
-                   "lora_alpha", "kl_beta", "clip_eps", "export_every", "max_in_flight", "seed",
-                   "update_batch")
+                   "lora_alpha", "kl_beta", "clip_eps", "dpo_beta", "dpo_sft_weight",
+                   "export_every", "max_in_flight", "seed", "update_batch")
 
 
 @functools.cache
@@ -37,7 +37,8 @@ def trainer_version() -> str:
     except importlib.metadata.PackageNotFoundError:
         version = "0+unknown"
     training = Path(__file__).parents[1] / "training"
-    source = b"".join((training / name).read_bytes() for name in ("grpo.py", "multitrainer.py"))
+    source = b"".join((training / name).read_bytes() for name in
+                      ("grpo.py", "objectives.py", "perpolicy.py", "multitrainer.py"))
     return f"lorastream {version} grpo:{hashlib.sha256(source).hexdigest()[:12]}"
 
 
@@ -66,7 +67,7 @@ class StepLog:
 
     def note(self, event: PolicyUpdated) -> None:
         note = {"ts": event.ts, "tokens": event.tokens, "ids": event.rollout_ids,
-                "fns": event.reward_fns,
+                "fns": event.reward_fns, "cfg": event.config_id, "hp": event.config,
                 "pos": [[s.topic, s.partition, s.offset] for s in event.sources]}
         self.r.hset(self._key(event.policy_id), str(event.step), orjson.dumps(note))
 
@@ -89,11 +90,15 @@ def build_provenance(settings: Settings, notes: dict[int, dict[str, Any]], *, pa
     fns = sorted({(f, v) for n in notes.values() for f, v in (n.get("fns") or {}).items()})
     positions = [(t, p, o) for n in notes.values() for t, p, o in n.get("pos") or ()]
     stamps = [n["ts"] for n in notes.values()] or [fallback_ts]
+    configs = tuple(dict.fromkeys(n["cfg"] for n in notes.values() if n.get("cfg")))
+    own: dict[str, Any] = next((n["hp"] for n in reversed(notes.values()) if n.get("hp")), {})
     return Provenance(
         parent_revision=parent,
         base_model_hash=base_hash,
         trainer_version=trainer_version(),
-        hyperparameters=hyperparameters(settings),
+        hyperparameters={**hyperparameters(settings),
+                         **{k: v for k, v in own.items() if v is not None}},
+        configs=configs,
         reward_fns=tuple(RewardFnRef(name=f, version=v) for f, v in fns),
         rollouts=offset_ranges(positions),
         rollout_ids=tuple(i for n in notes.values() for i in n.get("ids") or ()),

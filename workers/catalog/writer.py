@@ -31,6 +31,7 @@ from schemas.catalog import (
     RevisionRecorded,
     RevisionStateChanged,
     RollbackRecorded,
+    TrainingConfig,
 )
 from schemas.codec import encode_event
 from schemas.events import Event, PolicyRolledBack
@@ -135,6 +136,39 @@ class Catalog:
                 namespace=namespace, base_model=base_model, base_model_hash=base_model_hash,
                 lora=lora)])
             return True
+
+    def configure(self, policy_id: str, *, base_model: str, base_model_hash: str,
+                  lora: LoraConfig, training: TrainingConfig,
+                  namespace: str | None = None) -> PolicyRegistered | None:
+        """Record a policy's configuration: a new `PolicyRegistered` under the policy's key (a
+        change is a new record; compaction keeps the newest, each revision's provenance keeps
+        the one it was trained with). None when nothing changed. The adapter's shape (rank,
+        alpha, targets) is fixed once the policy has a revision: a revision only loads with the
+        shape it was made with."""
+        with self.lock(policy_id):
+            entry = self.index.get(policy_id)
+            if entry is not None:
+                if entry.base.get("hash") != base_model_hash:
+                    raise CatalogError(f"policy {policy_id!r} is registered on base "
+                                       f"{entry.base.get('hash')}, not {base_model_hash}")
+                current = LoraConfig(**entry.lora)
+                if entry.revisions and current != lora:
+                    raise CatalogError(
+                        f"policy {policy_id!r} has revisions of rank {current.rank}, alpha "
+                        f"{current.alpha}, targets {','.join(current.target_modules)}: its "
+                        "adapter's shape is fixed (create a new policy for another shape)")
+                namespace = namespace or entry.namespace
+                if (current == lora and TrainingConfig(**entry.training) == training
+                        and namespace == entry.namespace):
+                    return None
+            record = PolicyRegistered(
+                event_id=derive_id("catalog-configure", policy_id,
+                                   entry.offset if entry is not None else -1,
+                                   lora.model_dump_json(), training.model_dump_json()),
+                policy_id=policy_id, namespace=namespace or "default", base_model=base_model,
+                base_model_hash=base_model_hash, lora=lora, training=training)
+            self.publish([record])
+            return record
 
     # -- revisions ------------------------------------------------------------------------------
     def record_revision(self, policy_id: str, *, step: int, sha256: str, size_bytes: int,

@@ -126,9 +126,38 @@ def build_model_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
     return out_dir
 
 
-def load_base_model(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load through the real from_pretrained path, frozen fp32, so tests see what prod sees."""
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+def resolve_base(name: Path | str) -> Path:
+    """A base as a local directory: `name` itself, or a hub id (`org/model`) already in the
+    local Hugging Face cache. Never downloads: a missing base is a clear error."""
+    path = Path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"base model directory {path} has no config.json")
+        return path
+    repo = str(name)
+    if repo.count("/") == 1 and not repo.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(repo, local_files_only=True))
+        except (LocalEntryNotFoundError, OSError, ValueError) as exc:
+            raise FileNotFoundError(
+                f"base model {repo!r} is not in the local Hugging Face cache, and lorastream "
+                f"never downloads at run time: fetch it first (huggingface-cli download {repo})"
+                f" or point LORASTREAM_BASE_MODEL at a local directory ({exc})") from exc
+    raise FileNotFoundError(f"base model {str(name)!r} is neither a local directory nor a "
+                            "hub id (org/name) in the local Hugging Face cache")
+
+
+def load_base_model(path: Path | str, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load through the real from_pretrained path, frozen, so tests see what prod sees (a local
+    directory or a cached hub id, `resolve_base`)."""
+    path = resolve_base(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -138,11 +167,13 @@ def load_base_model(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     return model, tokenizer
 
 
-def base_model_hash(path: Path) -> str:
-    """Stable id of a base: adapters are only valid on the exact weights they were trained on."""
-    path = Path(path)
+def base_model_hash(path: Path | str) -> str:
+    """Stable id of a base: the sha256 of its config and weight files (adapters are only valid
+    on the exact weights they were trained on, whatever name the base was loaded by)."""
+    path = resolve_base(path)
     digest = hashlib.sha256()
-    files = [path / "config.json", *sorted(path.glob("*.safetensors"))]
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    files = [path / "config.json", *weights]
     for file in files:
         digest.update(file.name.encode() + b"\0")
         with file.open("rb") as fh:
@@ -153,20 +184,28 @@ def base_model_hash(path: Path) -> str:
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """The adapter shape every policy of a pipeline shares (one export format, one serve config)."""
+    """The adapter shape every policy of a pipeline shares (one export format, one serve config).
+
+    `target_modules` are registry tokens (`workers.models.registry`): groups `attn`, `mlp`,
+    `shared`, `experts` (or `all`), or module leaf names such as `q_proj`; each base resolves
+    them to its own modules (MLA projections on DeepSeek, fused experts on MoE bases, ...).
+    """
 
     rank: int = 4
     alpha: float = 8.0
-    target_modules: tuple[str, ...] = (
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    )
+    target_modules: tuple[str, ...] = ("attn", "mlp", "shared", "experts")
 
-    def peft_config(self) -> peft.LoraConfig:
-        # dropout 0: sampler and trainer must compute the same log-probs.
+    def peft_config(self, model: torch.nn.Module) -> peft.LoraConfig:
+        """peft's config for `model` (targets resolved by the registry; dropout 0, so sampler
+        and trainer compute the same log-probs)."""
+        from workers.models.registry import resolve
+
+        fields = resolve(model, self.target_modules).peft_fields()
         return peft.LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft accepts floats; its hint says int
-            target_modules=list(self.target_modules),
+            target_modules=fields["target_modules"] or None,
+            target_parameters=fields.get("target_parameters"),
             lora_dropout=0.0,
             bias="none",
             task_type="CAUSAL_LM",

@@ -15,9 +15,13 @@ from typing import TYPE_CHECKING
 from infra.settings import Settings
 from schemas.events import SourcePosition
 from workers.catalog.index import CatalogIndex, RevisionPointer, serve_name
+from workers.pipeline.configs import PolicyConfigs
 from workers.pipeline.state import PolicyState
+from workers.rewards.registry import Rewards
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from workers.artifacts.store import ArtifactStore
     from workers.catalog.writer import Catalog
     from workers.models.base import LoraSpec
@@ -32,30 +36,60 @@ class StageContext:
     settings: Settings
     state: PolicyState
     index: CatalogIndex
+    rewards: Rewards = field(default_factory=Rewards.builtins)
+    """Every reward this process knows (built-ins, plugins, HTTP judges), loaded at start-up."""
+    configs: PolicyConfigs = field(init=False)
+    """Each policy's effective configuration (its catalog record over the settings)."""
     _engine: EngineSampler | None = field(default=None, repr=False)
     _embedded: EmbeddedEngine | None = field(default=None, repr=False)
     _trainer: MultiPolicyTrainer | None = field(default=None, repr=False)
     _store: ArtifactStore | None = field(default=None, repr=False)
     _catalog: Catalog | None = field(default=None, repr=False)
     _sources: dict[str, SourcePosition] = field(default_factory=dict, repr=False)
+    _base: Path | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.configs = PolicyConfigs(self.settings, self.index)
 
     @classmethod
     def create(cls, settings: Settings) -> StageContext:
+        """A misconfigured reward (a plugin that does not load, a name defined twice) raises
+        here, so a worker stops at start-up instead of dead-lettering good events."""
         state = PolicyState(settings)
-        return cls(settings=settings, state=state, index=CatalogIndex(settings, state.r))
+        return cls(settings=settings, state=state, index=CatalogIndex(settings, state.r),
+                   rewards=Rewards.load(settings))
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The base model's tokenizer alone (logged targets need no engine)."""
+        with self._lock:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.base_path))
+            return self._tokenizer
 
     @property
     def base_path(self) -> Path:
+        """The base as a local directory (a hub id resolves to its local cache snapshot)."""
         if self.settings.base_model is None:
             raise RuntimeError("no base model configured: set LORASTREAM_BASE_MODEL")
-        return self.settings.base_model
+        if self._base is None:
+            from workers.models.base import resolve_base
+
+            self._base = resolve_base(self.settings.base_model)
+        return self._base
 
     @property
     def lora(self) -> LoraSpec:
         from workers.models.base import LoraSpec
+        from workers.models.registry import parse_targets
 
-        return LoraSpec(rank=self.settings.lora_rank, alpha=self.settings.lora_alpha)
+        s = self.settings
+        return LoraSpec(rank=s.lora_rank, alpha=s.lora_alpha,
+                        target_modules=parse_targets(s.lora_targets))
 
     @property
     def store(self) -> ArtifactStore:
@@ -106,7 +140,7 @@ class StageContext:
                         self.base_path, max_loaded_loras=s.engine_max_loaded,
                         max_lora_rank=max(8, s.lora_rank),
                         target_modules=self.lora.target_modules, admin_token=token,
-                        num_threads=s.engine_threads or None,
+                        num_threads=s.engine_threads or None, dtype=s.dtype, device=s.device,
                     )
                     url, token = self._embedded.url, self._embedded.admin_token
                 self._engine = EngineSampler.connect(url, self.base_path, token)
@@ -128,6 +162,8 @@ class StageContext:
         """All policies share one base and train in batched multi-policy steps."""
         with self._lock:
             if self._trainer is None:
+                import torch
+
                 from workers.training.multitrainer import MultiPolicyTrainer
 
                 s = self.settings
@@ -140,6 +176,8 @@ class StageContext:
                     temperature=s.temperature,
                     seed=s.seed,
                     max_grad_norm_reject=s.max_grad_norm_reject,
+                    dtype=getattr(torch, s.dtype),
+                    device=s.device,
                 )
             return self._trainer
 
@@ -151,6 +189,19 @@ class StageContext:
         if rev.sha256 is None:
             raise KeyError(f"revision {name} has no artifact")
         sha = rev.sha256
-        self.engine.ensure_adapter(name, self.store.adapter_path(sha),
+        self.engine.ensure_adapter(name, self._serving_path(sha),
                                    verify=lambda: self.store.verify(sha))
         return name
+
+    def _serving_path(self, sha: str) -> Path:
+        """The revision as the engine loads it: an external engine (SGLang) of a MoE base gets
+        the per-expert layout (`workers.serving.sglang_layout`), derived once beside the store."""
+        path = self.store.adapter_path(sha)
+        if self.settings.engine_url is None:
+            return path  # the embedded engine reads peft's layout
+        from workers.models.registry import targets_for_base
+        from workers.serving.sglang_layout import ensure_sglang_layout
+
+        if not targets_for_base(self.base_path, self.lora.target_modules).needs_serving_layout:
+            return path
+        return ensure_sglang_layout(path, self.store.root / "sglang" / sha, self.base_path)

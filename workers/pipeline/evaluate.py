@@ -1,10 +1,16 @@
 """The evaluate stage: `exports` → `evaluations`, a revision scored on the policy's held-out
 prompts next to the revision serving now (same prompts, same seeds), with the promotion
 verdict of `workers.pipeline.promote.verdict`.
+
+The held-out prompts are split (`workers.pipeline.state.split_heldout`): the verdict compares
+the two revisions on the selection set; the reported `score` and `baseline_score` are on the
+test set, which no decision looks at. Held-out completions are scored by the policy's reward,
+else each prompt's task (`workers/rewards/registry.py`: built-ins, plugins, HTTP judges).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
@@ -16,7 +22,7 @@ from workers.catalog.index import RevisionPointer
 from workers.pipeline.context import StageContext
 from workers.pipeline.promote import verdict
 from workers.pipeline.stage import Stage, single
-from workers.pipeline.state import score_key
+from workers.pipeline.state import score_key, split_heldout
 from workers.rewards.functions import score_completions
 
 if TYPE_CHECKING:
@@ -31,6 +37,13 @@ scores, verdict): the same fields, so the two cannot drift."""
 
 _PROMPTS_PER_BATCH = 16
 
+GroupScorer = Callable[[Sequence[tuple[InteractionLogged, list[str]]]], list[list[float]]]
+"""Rewards of held-out groups (interaction, completion texts), raising what fails."""
+
+
+def _builtin(groups: Sequence[tuple[InteractionLogged, list[str]]]) -> list[list[float]]:
+    return [score_completions(i, texts)[0] for i, texts in groups]
+
 
 def evaluate_adapter(
     engine: Sampler,
@@ -41,8 +54,10 @@ def evaluate_adapter(
     samples: int = 4,
     seed: int = 0,
     temperature: float = 1.0,
+    score: GroupScorer = _builtin,
 ) -> float:
-    """Mean reward over `samples` completions per held-out interaction.
+    """Mean reward over `samples` completions per held-out interaction (built-in rewards unless
+    `score` says otherwise).
 
     The seed is fixed per batch of prompts, so two revisions scored with the same arguments
     draw the same random numbers (common random numbers): their difference reflects the
@@ -54,11 +69,12 @@ def evaluate_adapter(
     for start in range(0, len(heldout), _PROMPTS_PER_BATCH):
         chunk = heldout[start:start + _PROMPTS_PER_BATCH]
         groups = engine.generate(
-            [i.prompt for i in chunk], adapter, n=samples, max_new_tokens=max_new_tokens,
+            [engine.render(i.prompt, i.chat()) for i in chunk], adapter, n=samples,
+            max_new_tokens=max_new_tokens,
             temperature=temperature, seed=seed + start,
         )
-        for interaction, group in zip(chunk, groups, strict=True):
-            rewards, _, _ = score_completions(interaction, [s.text for s in group])
+        scored = score([(i, [s.text for s in g]) for i, g in zip(chunk, groups, strict=True)])
+        for rewards in scored:
             total += sum(rewards)
             count += len(rewards)
     return total / count
@@ -69,15 +85,24 @@ def evaluate(ctx: StageContext, event: AdapterExported) -> list[BaseModel]:
     policy = event.policy_id
     heldout = ctx.state.heldout(policy)
     serving = ctx.index.serving(policy)
+    selection, test = split_heldout(heldout)
+    chosen: dict[str, float | int | None] = {}
     if not heldout:
         score = baseline = 0.0
         passed, reason = False, "no held-out prompts for this policy (send split='eval')"
     else:
         candidate = RevisionPointer(event.revision, sha256=event.sha256, path=event.path)
-        score = _score(ctx, policy, candidate, heldout)
-        baseline = _score(ctx, policy, serving, heldout)
-        passed, reason = verdict(score, baseline, ctx.settings.promote_margin, event.revision,
-                                 serving.revision)
+        picked = _score(ctx, policy, candidate, selection)
+        picked_base = _score(ctx, policy, serving, selection)
+        passed, reason = verdict(picked, picked_base, ctx.settings.promote_margin,
+                                 event.revision, serving.revision)
+        score, baseline = picked, picked_base
+        if test is not selection:  # reported on prompts nothing was selected on
+            score = _score(ctx, policy, candidate, test)
+            baseline = _score(ctx, policy, serving, test)
+            chosen = {"selection_score": picked, "selection_baseline_score": picked_base,
+                      "selection_prompts": len(selection)}
+            reason += f" on {len(selection)} selection prompts; test set {score:.4f}"
     out = AdapterEvaluated(
         event_id=derive_id("evaluate", event.event_id),
         policy_id=policy,
@@ -87,9 +112,10 @@ def evaluate(ctx: StageContext, event: AdapterExported) -> list[BaseModel]:
         score=score,
         baseline_revision=serving.revision,
         baseline_score=baseline,
-        prompts=len(heldout),
+        prompts=len(test),
         passed=passed,
         reason=reason,
+        **chosen,  # type: ignore[arg-type]
     )
     ctx.catalog.record_evaluation(RevisionEvaluated(
         event_id=derive_id("catalog-eval", out.event_id), **out.model_dump(include=_SHARED)))
@@ -103,10 +129,21 @@ def _score(ctx: StageContext, policy: str, rev: RevisionPointer,
     cached = ctx.state.cached_score(policy, key)
     if cached is not None:
         return cached
+    config = ctx.configs.get(policy)
+
+    def score_groups(groups: Sequence[tuple[InteractionLogged, list[str]]]
+                     ) -> list[list[float]]:
+        results = ctx.rewards.score_many_sync([(config.reward_for(i), i, texts)
+                                               for i, texts in groups])
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return [r for r in results if not isinstance(r, Exception)]
+
     score = evaluate_adapter(
         ctx.engine, ctx.adapter_for(policy, rev), heldout,
         max_new_tokens=ctx.settings.max_new_tokens, samples=EVAL_SAMPLES, seed=EVAL_SEED,
-        temperature=ctx.settings.temperature,
+        temperature=ctx.settings.temperature, score=score_groups,
     )
     ctx.state.cache_score(policy, key, score)
     return score

@@ -25,7 +25,8 @@ def export(ctx: StageContext, event: PolicyUpdated) -> list[BaseModel]:
         return []
     tensors = ctx.store.load_staged(event.checkpoint)
     base_name = str(ctx.base_path)
-    ref = ctx.store.put_adapter(tensors, adapter_config(ctx.lora, base_name))
+    lora = ctx.configs.get(event.policy_id).lora  # the policy's own shape
+    ref = ctx.store.put_adapter(tensors, adapter_config(lora, base_name))
     revision = record_revision(ctx, event, ref)
     return [
         AdapterExported(
@@ -37,8 +38,8 @@ def export(ctx: StageContext, event: PolicyUpdated) -> list[BaseModel]:
             sha256=ref.sha256,
             path=ctx.store.location(ref.path),
             size_bytes=ref.size_bytes,
-            rank=ctx.lora.rank,
-            alpha=ctx.lora.alpha,
+            rank=lora.rank,
+            alpha=lora.alpha,
             base_model=base_name,
         )
     ]
@@ -48,7 +49,7 @@ def record_revision(ctx: StageContext, event: PolicyUpdated, ref: ArtifactRef) -
     """Register the policy if new, record the revision with its provenance, return its number."""
     catalog, pid = ctx.catalog, event.policy_id
     base_hash = cached_base_hash(str(ctx.base_path))
-    lora = ctx.lora
+    lora = ctx.configs.get(pid).lora
     catalog.register(pid, base_model=str(ctx.base_path), base_model_hash=base_hash,
                      lora=LoraConfig(rank=lora.rank, alpha=lora.alpha,
                                      target_modules=lora.target_modules))

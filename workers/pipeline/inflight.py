@@ -6,7 +6,9 @@ reward stage dead-lettered it, the update stage refused or failed it). The count
 Redis fields per policy (`sampled`, `trained`); `workers.pipeline.units.WithinInFlightRoom`
 reads their difference to form rollout units. Each stage names its role in the ledger, and the
 runner tells the ledger three things: a unit is handed to the stage, the call is over (and which
-events failed), or events were refused before any call.
+events failed), or events were refused before any call. Logged `sft` targets and `dpo` pairs are
+not sampled from the policy, so staleness does not apply: they take no slot and give none back
+(`takes_slot`, `holds_slot`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
-from schemas.events import Event
+from schemas.events import Event, RolloutGenerated, RolloutRewarded
 from workers.pipeline.context import StageContext
-from workers.pipeline.units import throttled
+from workers.pipeline.units import takes_slot
 
 
 class SlotLedger(Protocol):
@@ -53,11 +55,12 @@ class TakenBySampling(NoSlots):
     that were not sampled after all come back."""
 
     def started(self, ctx: StageContext, events: Sequence[Event]) -> None:
-        _count(ctx, "sampled", [e for e in events if throttled(e)])
+        _count(ctx, "sampled", [e for e in events if takes_slot(ctx, e)])
 
     def finished(self, ctx: StageContext, events: Sequence[Event],
                  failed: Collection[str]) -> None:
-        _count(ctx, "trained", [e for e in events if throttled(e) and e.event_id in failed])
+        _count(ctx, "trained", [e for e in events
+                                if e.event_id in failed and takes_slot(ctx, e)])
 
 
 class FreedWhenLost(NoSlots):
@@ -65,10 +68,10 @@ class FreedWhenLost(NoSlots):
 
     def finished(self, ctx: StageContext, events: Sequence[Event],
                  failed: Collection[str]) -> None:
-        _count(ctx, "trained", [e for e in events if e.event_id in failed])
+        _count(ctx, "trained", [e for e in events if e.event_id in failed and holds_slot(e)])
 
     def refused(self, ctx: StageContext, events: Sequence[Event]) -> None:
-        _count(ctx, "trained", events)
+        _count(ctx, "trained", [e for e in events if holds_slot(e)])
 
 
 class FreedByTraining(NoSlots):
@@ -76,10 +79,16 @@ class FreedByTraining(NoSlots):
 
     def finished(self, ctx: StageContext, events: Sequence[Event],
                  failed: Collection[str]) -> None:
-        _count(ctx, "trained", events)
+        _count(ctx, "trained", [e for e in events if holds_slot(e)])
 
     def refused(self, ctx: StageContext, events: Sequence[Event]) -> None:
-        _count(ctx, "trained", events)
+        _count(ctx, "trained", [e for e in events if holds_slot(e)])
+
+
+def holds_slot(event: Event) -> bool:
+    """A sampled group holds its slot until training; logged sft/dpo groups never took one."""
+    rollout = event.rollout if isinstance(event, RolloutRewarded) else event
+    return not isinstance(rollout, RolloutGenerated) or rollout.objective == "grpo"
 
 
 def _count(ctx: StageContext, field: str, events: Sequence[Event]) -> None:

@@ -1,9 +1,10 @@
 """The promote stage and the one place that decides promotion: `evaluations` → `promotions`.
 
-A revision is promoted when its held-out score beats the serving revision's by more than
-`promote_margin` (`verdict`, which the evaluate stage records), and still beats what serves
-when the promotion is applied (`check_still_better`): a better revision may have been promoted
-since the evaluation. The catalog then checks only that the lifecycle allows the move, moves the
+A revision is promoted when its score on the held-out selection set beats the serving
+revision's by more than `promote_margin` (`verdict`, which the evaluate stage records), and
+still beats what serves when the promotion is applied (`check_still_better`): a better revision
+may have been promoted since the evaluation. The test set's score is reported, never compared.
+The catalog then checks only that the lifecycle allows the move, moves the
 serving alias and, with it, the hot set that engines follow.
 """
 
@@ -20,7 +21,7 @@ from workers.catalog.index import serve_name
 from workers.catalog.lifecycle import IllegalTransitionError, RevisionState
 from workers.pipeline.context import StageContext
 from workers.pipeline.stage import Stage, single
-from workers.pipeline.state import score_key
+from workers.pipeline.state import score_key, split_heldout
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +46,25 @@ def check_still_better(ctx: StageContext, event: AdapterEvaluated, serving: int)
     evaluate stage cached it when it was a candidate), and refuse when it is unknown.
     """
     margin = ctx.settings.promote_margin
-    if not event.score > event.baseline_score + margin:
-        raise NotBetterError(f"r{event.revision} scored {event.score:.4f}, not above serving "
-                             f"r{event.baseline_revision} {event.baseline_score:.4f} + {margin}")
+    score, baseline = selection_scores(event)
+    if not score > baseline + margin:
+        raise NotBetterError(f"r{event.revision} scored {score:.4f}, not above serving "
+                             f"r{event.baseline_revision} {baseline:.4f} + {margin}")
     if serving in (event.baseline_revision, event.revision) or event.revision < serving:
         return  # compared with what serves; an older revision is skipped by the stage
-    heldout = ctx.state.heldout(event.policy_id)
-    current = ctx.state.cached_score(event.policy_id, score_key(serving, heldout))
-    if current is None or not event.score > current + margin:
-        raise NotBetterError(f"r{event.revision} ({event.score:.4f}) was evaluated against "
+    selection, _ = split_heldout(ctx.state.heldout(event.policy_id))
+    current = ctx.state.cached_score(event.policy_id, score_key(serving, selection))
+    if current is None or not score > current + margin:
+        raise NotBetterError(f"r{event.revision} ({score:.4f}) was evaluated against "
                              f"r{event.baseline_revision}, but r{serving} serves now "
                              f"({current if current is not None else 'score unknown'})")
+
+
+def selection_scores(event: AdapterEvaluated) -> tuple[float, float]:
+    """(candidate, serving) on the selection set: what the gate compares."""
+    if event.selection_score is None or event.selection_baseline_score is None:
+        return event.score, event.baseline_score  # too few held-out prompts to split
+    return event.selection_score, event.selection_baseline_score
 
 
 def promote(ctx: StageContext, event: AdapterEvaluated) -> list[BaseModel]:

@@ -25,6 +25,7 @@ from infra.settings import Settings
 from schemas.codec import decode_event
 from schemas.errors import PoisonEventError
 from schemas.events import Event, InteractionLogged, PolicyPaused, PolicyResumed
+from workers.pipeline.context import StageContext
 from workers.pipeline.rollout import storable_heldout
 from workers.pipeline.state import PolicyState
 
@@ -37,12 +38,13 @@ def replay_heldout(settings: Settings, state: PolicyState | None = None,
     """Store every held-out interaction on the topic (up to its end when this started);
     returns how many. Idempotent: a prompt is one hash field keyed by its event id."""
     state = state or PolicyState(settings)
+    ctx = StageContext.create(settings)
     stored = 0
 
     def store(records: list[ConsumerRecord]) -> None:
         nonlocal stored
         held = storable_heldout([e for e in map(_decoded, records)
-                                 if isinstance(e, InteractionLogged)])
+                                 if isinstance(e, InteractionLogged)], ctx)
         state.add_heldout_many(held)
         stored += len(held)
         if progress:

@@ -2,7 +2,9 @@
 
 `interactions` → `rollouts`. `rollout_many` is what the stream calls with a unit of
 interactions (`WithinInFlightRoom` forms the units); `rollout` is its one-event form. Held-out
-prompts take `store_heldout`, a whole-batch path: they are only stored, never sampled.
+prompts take `store_heldout`, a whole-batch path: they are only stored, never sampled. Logs
+whose objective is `sft` or `dpo` are not sampled either: their logged targets or pairs become
+the group (`workers/pipeline/offline.py`).
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from schemas.errors import EventFailures, PoisonEventError, RetryableError
+from schemas.errors import EventFailures, RetryableError
 from schemas.events import Completion, InteractionLogged, RolloutGenerated
 from schemas.ids import derive_id, derive_seed
 from workers.pipeline.context import StageContext
 from workers.pipeline.guards import Admission, refuse_paused, refuse_unregistered
 from workers.pipeline.inflight import TakenBySampling
+from workers.pipeline.offline import offline_rollout
 from workers.pipeline.stage import Stage
 from workers.pipeline.units import WithinInFlightRoom
-from workers.rewards.functions import REWARD_FUNCTIONS
 
 if TYPE_CHECKING:
     from workers.serving.sampling import Sample
@@ -38,15 +40,19 @@ def store_heldout(ctx: StageContext, interactions: list[InteractionLogged]) -> l
     the ids handled; anything else (training prompts, an unknown reward function) takes the
     per-event path, which samples or dead-letters it.
     """
-    held = storable_heldout(interactions)
+    held = storable_heldout(interactions, ctx)
     if held:
         ctx.state.add_heldout_many(held)
     return [i.event_id for i in held]
 
 
-def storable_heldout(interactions: list[InteractionLogged]) -> list[InteractionLogged]:
-    """The held-out prompts the evaluate stage can score (its reward function exists)."""
-    return [i for i in interactions if i.split == "eval" and i.task in REWARD_FUNCTIONS]
+def storable_heldout(interactions: list[InteractionLogged],
+                     ctx: StageContext) -> list[InteractionLogged]:
+    """The held-out prompts the evaluate stage can score (their reward exists). Chat
+    `messages` take the per-event path, which checks that the base can render them."""
+    eval_ = [i for i in interactions if i.split == "eval" and i.messages is None]
+    configs = ctx.configs.get_many([i.policy_id for i in eval_])
+    return [i for i in eval_ if configs[i.policy_id].reward_for(i) in ctx.rewards]
 
 
 def rollout(ctx: StageContext, interaction: InteractionLogged) -> list[BaseModel]:
@@ -66,12 +72,17 @@ class _Planned:
     interaction: InteractionLogged
     revision: int
     adapter: str | None
+    prompt_ids: list[int]
+    """The rendered prompt (chat template applied): what is sampled, and what the trainer
+    trains on."""
+    objective: str = "grpo"
 
 
 def rollout_many(ctx: StageContext,
                  interactions: Sequence[InteractionLogged]) -> list[BaseModel]:
     """Sample every training interaction of `interactions` (any mix of policies) in ONE engine
-    call; store the held-out ones. One `RolloutGenerated` per training interaction, in order.
+    call; store the held-out ones. One `RolloutGenerated` per training interaction, in order
+    (an `sft` or `dpo` log gives its logged group instead, or none while it has none yet).
 
     Each interaction samples from its own policy's training head with its own derived seed, so
     its rollout (ids, revision, samples) is what `rollout` gives it alone: batching is only a
@@ -97,9 +108,16 @@ def rollout_many(ctx: StageContext,
             continue
         if p is not None:
             planned.append(p)
-    samples = _sample_planned(ctx, planned, failures)
-    outputs: list[BaseModel] = [_rollout_event(ctx, p, samples[p.interaction.event_id])
-                                for p in planned if p.interaction.event_id in samples]
+    logged = _logged(ctx, [p for p in planned if p.objective != "grpo"], failures)
+    samples = _sample_planned(ctx, [p for p in planned if p.objective == "grpo"], failures)
+    outputs: list[BaseModel] = []
+    for p in planned:
+        eid = p.interaction.event_id
+        if p.objective != "grpo":
+            if (group := logged.get(eid)) is not None:
+                outputs.append(group)
+        elif eid in samples:
+            outputs.append(_rollout_event(ctx, p, samples[eid]))
     if failures and len(interactions) == 1:
         raise next(iter(failures.values()))
     if failures:
@@ -111,13 +129,18 @@ def _plan_rollout(ctx: StageContext, interaction: InteractionLogged,
                   heads: dict[str, tuple[int, str | None] | Exception]) -> _Planned | None:
     """Check one interaction, store it if held out, else resolve its policy's head adapter
     (once per policy per call: `heads` caches the revision, or the error every one of that
-    policy's interactions then fails with)."""
-    if interaction.task not in REWARD_FUNCTIONS:
-        known = ", ".join(sorted(REWARD_FUNCTIONS))
-        raise PoisonEventError(f"unknown reward function {interaction.task!r}; known: {known}")
+    policy's interactions then fails with). Its reward and objective are its own, else its
+    policy's (`workers/pipeline/configs.py`); logged targets need no head."""
+    config = ctx.configs.get(interaction.policy_id)
+    ctx.rewards.get(config.reward_for(interaction))  # unknown: poison, before any sampling
     if interaction.split == "eval":
+        if interaction.messages is not None:
+            ctx.engine.render(interaction.prompt, interaction.chat())  # refusable now, not later
         ctx.state.add_heldout(interaction)
         return None
+    objective = config.objective_for(interaction)
+    if objective != "grpo":
+        return _Planned(interaction, 0, None, [], objective)  # offline.py renders its own
     policy = interaction.policy_id
     if policy not in heads:
         try:
@@ -130,7 +153,22 @@ def _plan_rollout(ctx: StageContext, interaction: InteractionLogged,
     resolved = heads[policy]
     if isinstance(resolved, Exception):
         raise resolved
-    return _Planned(interaction, *resolved)
+    prompt_ids = ctx.engine.render(interaction.prompt, interaction.chat())
+    return _Planned(interaction, *resolved, prompt_ids)
+
+
+def _logged(ctx: StageContext, planned: list[_Planned],
+            failures: dict[str, Exception]) -> dict[str, RolloutGenerated | None]:
+    """The groups of logged targets and pairs (None: nothing to train on yet)."""
+    out: dict[str, RolloutGenerated | None] = {}
+    for p in planned:
+        try:
+            out[p.interaction.event_id] = offline_rollout(ctx, p.interaction, p.objective)
+        except RetryableError:
+            raise
+        except Exception as exc:
+            failures[p.interaction.event_id] = exc
+    return out
 
 
 def _sample_planned(ctx: StageContext, planned: list[_Planned],
@@ -147,7 +185,7 @@ def _sample_planned(ctx: StageContext, planned: list[_Planned],
     if not planned:
         return {}
     s = ctx.settings
-    requests = [SampleRequest(p.interaction.prompt, p.adapter, derive_seed(p.interaction.event_id))
+    requests = [SampleRequest(p.prompt_ids, p.adapter, derive_seed(p.interaction.event_id))
                 for p in planned]
     try:
         groups = ctx.engine.generate_many(requests, n=s.group_size,
@@ -180,7 +218,7 @@ def _rollout_event(ctx: StageContext, p: _Planned, samples: list[Sample]) -> Rol
         policy_id=interaction.policy_id,
         interaction=interaction,
         revision=p.revision,
-        prompt_ids=ctx.engine.encode(interaction.prompt),
+        prompt_ids=p.prompt_ids,
         completions=[Completion(text=x.text, token_ids=x.token_ids, logprobs=x.logprobs,
                                 finished=x.finished) for x in samples],
         temperature=ctx.settings.temperature,

@@ -10,7 +10,8 @@ differ:
 - `slots`: the in-flight ledger, which bounds how far sampling runs ahead of training;
 - `bulk`: a whole-batch fast path taken before units are formed (held-out prompts are stored);
 - `delivery`: whether a unit's outputs must be on the broker before the next unit starts;
-- `on_loop`: a pure function of microseconds runs on the event loop, not the model thread;
+- `on_loop`: a pure function of microseconds, or a coroutine function that never blocks (the
+  reward stage), runs on the event loop, not the model thread;
 - `observe`: what is done with outputs once they are sent (online rollback watches rewards);
 - `on_assigned`: what the stage does when a rebalance gives this worker its partitions of the
   input topic (the update stage drops the policies it no longer owns).
@@ -18,7 +19,7 @@ differ:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Generic, TypeVar
@@ -33,9 +34,9 @@ from workers.pipeline.units import ONE_BY_ONE, UnitPolicy
 
 E = TypeVar("E", bound=Event)
 
-Handler = Callable[[StageContext, list[Any]], list[BaseModel]]
-"""A unit of input events in, output events out. It may raise `PolicyFailures` or
-`EventFailures` (schemas/errors.py) when only part of the unit failed."""
+Handler = Callable[[StageContext, list[Any]], list[BaseModel] | Awaitable[list[BaseModel]]]
+"""A unit of input events in, output events out (or a coroutine giving them). It may raise
+`PolicyFailures` or `EventFailures` (schemas/errors.py) when only part of the unit failed."""
 
 
 class Delivery(Enum):

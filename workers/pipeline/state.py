@@ -25,6 +25,28 @@ return #KEYS
 client-side encode and parse per key, which at ingest rates is the stage's main cost."""
 
 
+MIN_SPLIT = 4
+"""Fewer held-out prompts than this are not split: both sets are the whole held-out set."""
+
+
+def split_heldout(heldout: Sequence[InteractionLogged]
+                  ) -> tuple[list[InteractionLogged], list[InteractionLogged]]:
+    """(selection set, test set) of a policy's held-out prompts.
+
+    The promotion gate compares revisions on the selection set only; the score reported (the
+    demo's "reward after", `AdapterEvaluated.score`) is on the test set, which nothing is
+    selected on, so it does not flatter the revision that won the selection. A prompt's set is
+    a hash bit of its event id: it stays in its set as more prompts arrive. With fewer than
+    `MIN_SPLIT` prompts, or when a side would be empty, both are the whole set (the event then
+    has no separate selection score)."""
+    heldout = list(heldout)
+    selection = [h for h in heldout if hashlib.sha256(h.event_id.encode()).digest()[0] & 1]
+    test = [h for h in heldout if not hashlib.sha256(h.event_id.encode()).digest()[0] & 1]
+    if len(heldout) < MIN_SPLIT or not selection or not test:
+        return heldout, heldout
+    return selection, test
+
+
 def score_key(revision: int, heldout: Sequence[InteractionLogged]) -> str:
     """Where a revision's held-out score is cached: scores are comparable only on one set."""
     fingerprint = hashlib.sha256("".join(h.event_id for h in heldout).encode()).hexdigest()[:12]

@@ -1,8 +1,10 @@
 """How a stage cuts a batch off its stream into units: one unit, one call of the stage.
 
-Three policies, one per kind of stage:
+Four policies, one per kind of stage:
 
-- `OneByOne`: every event is its own unit (reward, export, evaluate, promote);
+- `OneByOne`: every event is its own unit (export, evaluate, promote);
+- `WholeBatch`: the batch is one unit, for a stage that handles its events concurrently (the
+  reward stage: an HTTP judge keeps many groups in flight at once);
 - `PerPolicyRounds`: up to `update_batch` events of each of many policies per unit, a policy's
   later events in later units (the update stage trains them all in one multi-policy step);
 - `WithinInFlightRoom`: the rollout stage's. Sampling is its whole cost, and the engine batches
@@ -55,9 +57,20 @@ D = TypeVar("D", bound=tuple[Any, Event])
 def throttled(event: Event) -> bool:
     """Only training interactions are sampled, so only they take in-flight slots; one whose
     reward function does not exist is refused before any sampling, so it takes none (it must
-    not wait for a trainer only to be dead-lettered)."""
+    not wait for a trainer only to be dead-lettered). With the built-in rewards and no policy
+    configuration; the stage itself asks `takes_slot`."""
     return (isinstance(event, InteractionLogged) and event.split == "train"
             and event.task in REWARD_FUNCTIONS)
+
+
+def takes_slot(ctx: StageContext, event: Event) -> bool:
+    """`throttled` with the process's rewards and each policy's configuration: a training
+    interaction takes a slot when it will be sampled, i.e. its objective is `grpo` (logged
+    `sft` targets and `dpo` pairs are not sampled from the policy) and its reward exists."""
+    if not (isinstance(event, InteractionLogged) and event.split == "train"):
+        return False
+    config = ctx.configs.get(event.policy_id)
+    return config.objective_for(event) == "grpo" and config.reward_for(event) in ctx.rewards
 
 
 def unit_capacity(group_size: int) -> int:
@@ -65,8 +78,8 @@ def unit_capacity(group_size: int) -> int:
     return max(1, ROLLOUT_UNIT_ROWS // group_size)
 
 
-def take_unit(pending: Sequence[D], room: Mapping[str, int],
-              capacity: int) -> tuple[list[D], list[D]]:
+def take_unit(pending: Sequence[D], room: Mapping[str, int], capacity: int,
+              needs_room: Callable[[Event], bool] = throttled) -> tuple[list[D], list[D]]:
     """The next unit out of `pending` (in order), and what is left for later units.
 
     A policy's training interactions take at most `room[policy]` places; once one of a policy's
@@ -81,13 +94,13 @@ def take_unit(pending: Sequence[D], room: Mapping[str, int],
     for d in pending:
         event = d[1]
         policy = event.policy_id
-        needs_room = throttled(event)
+        slot = needs_room(event)
         if (policy in blocked or len(unit) >= capacity
-                or (needs_room and taken.get(policy, 0) >= room.get(policy, 0))):
+                or (slot and taken.get(policy, 0) >= room.get(policy, 0))):
             blocked.add(policy)
             rest.append(d)
             continue
-        if needs_room:
+        if slot:
             taken[policy] = taken.get(policy, 0) + 1
         unit.append(d)
     return unit, rest
@@ -102,7 +115,8 @@ in-flight room meanwhile. Room is freed by training, which may sit in this very 
 
 async def units(pending: Sequence[D], *, capacity: int, limit: int,
                 in_flight: Callable[[list[str]], Mapping[str, int]],
-                wait_s: float = MAX_IN_FLIGHT_WAIT_S) -> AsyncIterator[list[D]]:
+                wait_s: float = MAX_IN_FLIGHT_WAIT_S,
+                needs_room: Callable[[Event], bool] = throttled) -> AsyncIterator[list[D]]:
     """Units of `pending`, each formed when the previous one has been handled (the caller
     handles a unit before asking for the next), from the in-flight counts of that moment.
 
@@ -114,17 +128,18 @@ async def units(pending: Sequence[D], *, capacity: int, limit: int,
     left = list(pending)
     waiting_since: float | None = None
     while left:
-        policies = list(dict.fromkeys(d[1].policy_id for d in left if throttled(d[1])))
+        policies = list(dict.fromkeys(d[1].policy_id for d in left if needs_room(d[1])))
         counts = in_flight(policies) if policies else {}
         room = {p: limit - counts[p] for p in policies}
-        unit, rest = take_unit(left, room, capacity)
+        unit, rest = take_unit(left, room, capacity, needs_room)
         if not unit:
             now = time.monotonic()
             waiting_since = now if waiting_since is None else waiting_since
             if now - waiting_since < wait_s and not DRAINING.is_set():
                 await asyncio.sleep(IN_FLIGHT_POLL_S)
                 continue
-            unit, rest = take_unit(left, {**room, left[0][1].policy_id: 1}, capacity)
+            unit, rest = take_unit(left, {**room, left[0][1].policy_id: 1}, capacity,
+                                   needs_room)
         waiting_since = None
         left = rest
         yield unit
@@ -161,6 +176,22 @@ class OneByOne:
 
 
 @dataclass(frozen=True)
+class WholeBatch:
+    """The whole batch is one unit; `scale` x `stream_batch` events a batch. A stage that waits
+    on a remote service once per batch (the reward stage's judge) amortises that wait over
+    more events with a bigger batch (`loadtests/rewards.py`)."""
+
+    scale: int = 1
+
+    def take(self, settings: Settings) -> tuple[int, float]:
+        return settings.stream_batch * self.scale, STREAM_WINDOW_S
+
+    async def units(self, ctx: StageContext, batch: list[D]) -> AsyncIterator[list[D]]:
+        if batch:
+            yield list(batch)
+
+
+@dataclass(frozen=True)
 class PerPolicyRounds:
     """Up to `update_batch` events of each of up to `policies` policies per unit."""
 
@@ -183,7 +214,8 @@ class WithinInFlightRoom:
     async def units(self, ctx: StageContext, batch: list[D]) -> AsyncIterator[list[D]]:
         s, state = ctx.settings, ctx.state
         async for unit in units(batch, capacity=unit_capacity(s.group_size),
-                                limit=s.max_in_flight, in_flight=state.in_flight_many):
+                                limit=s.max_in_flight, in_flight=state.in_flight_many,
+                                needs_room=lambda e: takes_slot(ctx, e)):
             yield unit
 
 

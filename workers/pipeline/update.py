@@ -20,6 +20,7 @@ from schemas.errors import PolicyFailures
 from schemas.events import PolicyUpdated, RolloutRewarded
 from schemas.ids import derive_id
 from workers.pipeline import journal, ownership
+from workers.pipeline.configs import configure_trainer, step_fields
 from workers.pipeline.context import StageContext
 from workers.pipeline.guards import Admission, refuse_paused
 from workers.pipeline.inflight import FreedByTraining
@@ -49,6 +50,7 @@ def update(ctx: StageContext, events: list[RolloutRewarded]) -> list[BaseModel]:
     by_policy: Batches = {}
     for e in events:
         by_policy.setdefault(e.policy_id, []).append(e)
+    configure_trainer(ctx, list(by_policy))  # each policy's own rank, lr, objective knobs
     outputs: list[BaseModel] = []
     failures: dict[str, Exception] = {}
     pending = by_policy
@@ -117,7 +119,7 @@ def _group(event: RolloutRewarded) -> TrainGroup:
     return TrainGroup(prompt_ids=rollout.prompt_ids,
                       completions=[c.token_ids for c in rollout.completions],
                       old_logprobs=[c.logprobs for c in rollout.completions],
-                      rewards=event.rewards)
+                      rewards=event.rewards, objective=rollout.objective)
 
 
 def _updated(ctx: StageContext, policy: str, events: list[RolloutRewarded],
@@ -142,6 +144,7 @@ def _updated(ctx: StageContext, policy: str, events: list[RolloutRewarded],
         checkpoint=checkpoint,
         sources=[s for e in events if (s := ctx.source_of(e.event_id)) is not None],
         reward_fns={e.reward_fn: e.reward_version for e in events},
+        **step_fields(ctx, policy, events),
     )
 
 

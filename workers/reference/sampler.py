@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import peft
 import torch
 
 from workers.models.base import load_base_model
+from workers.models.chat import render_prompt
 from workers.serving.sampling import Sample
 
 _PLACEHOLDER = "_engine_placeholder"
@@ -73,9 +75,13 @@ class LocalEngine:
     def encode(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
 
+    def render(self, prompt: str, messages: list[dict[str, str]] | None = None) -> list[int]:
+        """The prompt ids the pipeline's sampler sends (`workers.models.chat`)."""
+        return render_prompt(self.tokenizer, prompt, messages)
+
     def generate(
         self,
-        prompts: list[str],
+        prompts: Sequence[str | list[int]],
         adapter: str | None,
         *,
         n: int,
@@ -91,8 +97,9 @@ class LocalEngine:
             return []
         with self._lock:
             internal = self._use(adapter)
-            batch = self.tokenizer([p for p in prompts for _ in range(n)], return_tensors="pt",
-                                   padding=True)
+            ids = [p if isinstance(p, list) else self.encode(p) for p in prompts]
+            batch = dict(self.tokenizer.pad({"input_ids": [p for p in ids for _ in range(n)]},
+                                            return_tensors="pt"))
             with torch.random.fork_rng(devices=[], enabled=seed is not None):
                 if seed is not None:
                     torch.manual_seed(seed)

@@ -9,6 +9,7 @@ weights.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 from collections.abc import Callable
@@ -71,6 +72,7 @@ class PolicyTrainer:
         self.lora, self.lr, self.clip_eps, self.kl_beta = lora, lr, clip_eps, kl_beta
         self.max_grad_norm, self.temperature, self.seed = max_grad_norm, temperature, seed
         self.model: peft.PeftModel | None = None
+        self._peft_config = lora.peft_config(self.base)  # resolved before peft wraps the base
         self._policies: dict[str, _Policy] = {}
         self._lock = threading.RLock()
         pad = self.tokenizer.pad_token_id
@@ -90,10 +92,10 @@ class PolicyTrainer:
             return self._policies[policy_id]
         adapter = f"policy_{len(self._policies):06d}"  # ids may hold chars module names reject
         if self.model is None:
-            self.model = peft.get_peft_model(self.base, self.lora.peft_config(), adapter)
+            self.model = peft.get_peft_model(self.base, copy.deepcopy(self._peft_config), adapter)
             self.model.eval()  # no dropout; PEFT's mixed-batch guard is irrelevant here
         else:
-            self.model.add_adapter(adapter, self.lora.peft_config())
+            self.model.add_adapter(adapter, copy.deepcopy(self._peft_config))
         gen = torch.Generator().manual_seed(policy_seed(self.seed, policy_id))
         keys: list[str] = []
         params: list[torch.nn.Parameter] = []

@@ -1,4 +1,5 @@
-"""Reward functions, resolved by name from an interaction's `task`.
+"""The built-in reward functions (`reference`, `length`, `feedback`), registered by name like any
+plugin (`workers/rewards/registry.py`).
 
 Every reward is graded (partial credit), not pass/fail: GRPO learns only from reward
 differences inside a group, and a tiny random model would almost never hit an exact target, so
@@ -12,6 +13,7 @@ from collections.abc import Callable
 
 from schemas.errors import PoisonEventError
 from schemas.events import InteractionLogged
+from workers.rewards.registry import declare
 
 RewardFn = Callable[[InteractionLogged, str], float]
 
@@ -52,6 +54,7 @@ def graded_similarity(completion: str, target: str) -> float:
     return 0.75 * match + 0.25 * size
 
 
+@declare(version=1, inline=True)
 def reference_reward(interaction: InteractionLogged, completion: str) -> float:
     """Graded similarity to the interaction's reference answer."""
     if interaction.reference is None:
@@ -66,6 +69,7 @@ def _param_float(interaction: InteractionLogged, key: str, default: float) -> fl
     return float(value)
 
 
+@declare(version=1, inline=True)
 def length_reward(interaction: InteractionLogged, completion: str) -> float:
     """scale / (scale + |len - target_chars|), optionally averaged with a charset fraction.
 
@@ -86,6 +90,7 @@ def length_reward(interaction: InteractionLogged, completion: str) -> float:
     return 0.5 * score + 0.5 * fraction
 
 
+@declare(version=2, inline=True)
 def feedback_reward(interaction: InteractionLogged, completion: str) -> float:
     """feedback x similarity to the rated response: be like what users liked, unlike the rest.
 
@@ -98,16 +103,18 @@ def feedback_reward(interaction: InteractionLogged, completion: str) -> float:
 
 
 REWARD_FUNCTIONS: dict[str, tuple[RewardFn, int]] = {
-    "reference": (reference_reward, 1),
-    "length": (length_reward, 1),
-    "feedback": (feedback_reward, 2),
+    fn.__name__.removesuffix("_reward"): (fn, fn.version)  # type: ignore[attr-defined]
+    for fn in (reference_reward, length_reward, feedback_reward)
 }
+"""The built-ins with their declared versions (what `score_completions` scores with)."""
 
 
 def score_completions(
     interaction: InteractionLogged, completions: list[str]
 ) -> tuple[list[float], str, int]:
-    """Score a group; any problem is the event's fault, so it is a poison event, not a retry."""
+    """Score a group with a built-in; any problem is the event's fault, so it is a poison
+    event, not a retry. The stages score through `workers.rewards.registry.Rewards`, which
+    also knows plugins and HTTP judges."""
     entry = REWARD_FUNCTIONS.get(interaction.task)
     if entry is None:
         known = ", ".join(sorted(REWARD_FUNCTIONS))

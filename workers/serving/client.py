@@ -17,11 +17,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 
-Prompts = str | Sequence[str]
+Prompts = str | Sequence[str] | Sequence[Sequence[int]]
+"""Text prompt(s), or token-id prompts (sent as `input_ids`: what was rendered is sampled)."""
 AdapterArg = str | None | Sequence[str | None]
 
 
@@ -64,8 +65,13 @@ def generate_payload(prompts: Prompts, *, lora_path: AdapterArg = None,
                      sampling_params: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
                      return_logprob: bool = True) -> dict[str, Any]:
     """GenerateReqInput as JSON; a list of prompts is always sent as a batch."""
-    body: dict[str, Any] = {"text": list(prompts) if not isinstance(prompts, str) else prompts,
-                            "return_logprob": return_logprob}
+    body: dict[str, Any] = {"return_logprob": return_logprob}
+    if isinstance(prompts, str):
+        body["text"] = prompts
+    elif prompts and not isinstance(prompts[0], str):
+        body["input_ids"] = [[int(t) for t in p] for p in prompts]
+    else:
+        body["text"] = list(prompts)
     if sampling_params is not None:
         body["sampling_params"] = (sampling_params if isinstance(sampling_params, dict)
                                    else list(sampling_params))
@@ -126,11 +132,15 @@ def openai_model(base_model: str, adapter: str | None) -> str:
 
 
 def sample_params(n_prompts: int, n: int, *, max_new_tokens: int, temperature: float,
-                  seed: int | None) -> list[dict[str, Any]]:
-    """One sampling_params per replicated row; distinct derived seeds keep samples distinct."""
+                  seed: int | None, stop_token_ids: Sequence[int] = ()
+                  ) -> list[dict[str, Any]]:
+    """One sampling_params per replicated row; distinct derived seeds keep samples distinct.
+    `stop_token_ids`: every end id the base declares (SGLang stops on them too)."""
     params = []
     for i in range(n_prompts * n):
         p: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature}
+        if stop_token_ids:
+            p["stop_token_ids"] = sorted(stop_token_ids)
         if seed is not None:
             p["sampling_seed"] = (seed * 1_000_003 + i) % (2**62)
         params.append(p)
@@ -187,14 +197,15 @@ class SGLangClient:
                                 return_logprob=return_logprob)
         return parse_generate_response(*self._request("POST", "/generate", body))
 
-    def sample(self, prompts: Sequence[str], adapter: str | None, *, n: int,
-               max_new_tokens: int, temperature: float = 1.0, seed: int | None = None
-               ) -> list[list[Generation]]:
+    def sample(self, prompts: Sequence[str] | Sequence[Sequence[int]], adapter: str | None, *,
+               n: int, max_new_tokens: int, temperature: float = 1.0, seed: int | None = None,
+               stop_token_ids: Sequence[int] = ()) -> list[list[Generation]]:
         """n samples per prompt with log-probs, in one batched /generate (rollout's shape)."""
         rows = [p for p in prompts for _ in range(n)]
         params = sample_params(len(prompts), n, max_new_tokens=max_new_tokens,
-                               temperature=temperature, seed=seed)
-        out = self.generate(rows, lora_path=[adapter] * len(rows), sampling_params=params)
+                               temperature=temperature, seed=seed, stop_token_ids=stop_token_ids)
+        out = self.generate(cast(Prompts, rows), lora_path=[adapter] * len(rows),
+                            sampling_params=params)
         return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def chat_completion(self, messages: list[dict[str, Any]], *, base_model: str,

@@ -52,6 +52,8 @@ class EngineConfig:
     served_model_name: str | None = None
     dtype: str = "float32"
     """`float32` or `bfloat16` (SGLang's `--dtype`) for the base; LoRA slots stay float32."""
+    device: str = "cpu"
+    """`cpu` or `cuda` (a GPU host without SGLang); slots live on the same device."""
     num_threads: int | None = None
     """Intra-op threads of the engine's model work (None: torch's default, one per core).
 
@@ -89,7 +91,8 @@ class CpuEngine:
             self.sampler = self._executor.submit(
                 SlotSampler, config.base_path, num_slots=self.registry.num_slots,
                 max_rank=config.max_lora_rank, target_modules=config.lora_target_modules,
-                dtype=_DTYPES[config.dtype], num_threads=config.num_threads).result()
+                dtype=_DTYPES[config.dtype], num_threads=config.num_threads,
+                device=config.device).result()
         except BaseException:
             self._executor.shutdown(wait=False)
             raise

@@ -40,8 +40,8 @@ def row_from_params(input_ids: list[int], params: dict[str, Any]) -> RowRequest:
                              "CPU engine (log-probs are of the raw logits)")
     if int(params.get("n") or 1) != 1:
         raise BadRequest("n > 1 is not supported: send the prompt once per sample")
-    if params.get("stop") or params.get("ignore_eos"):
-        raise BadRequest("stop strings and ignore_eos are not supported by the CPU engine")
+    if params.get("stop"):
+        raise BadRequest("stop strings are not supported by the CPU engine (use stop_token_ids)")
     max_new = int(params.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
     temperature = float(params.get("temperature", 1.0) if params.get("temperature")
                         is not None else 1.0)
@@ -50,7 +50,8 @@ def row_from_params(input_ids: list[int], params: dict[str, Any]) -> RowRequest:
     seed = params.get("sampling_seed")
     return RowRequest(list(input_ids), None, max_new_tokens=max_new, temperature=temperature,
                       seed=int(seed) if seed is not None else None,
-                      stop_token_ids=frozenset(params.get("stop_token_ids") or ()))
+                      stop_token_ids=frozenset(int(t) for t in params.get("stop_token_ids") or ()),
+                      ignore_eos=bool(params.get("ignore_eos")))
 
 
 def _as_list(value: Any, count: int, what: str) -> list[Any]:

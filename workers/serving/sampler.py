@@ -3,7 +3,11 @@
 Log-probs follow LocalEngine's contract (they are GRPO's `old` term): log_softmax(logits / T)
 of the raw logits, no other logit processing; T = 0 means greedy, with log_softmax(logits).
 Each row of a batch names its own slot, so requests for different adapters share one forward
-pass per decode step.
+pass per decode step. A row stops on any end id the model declares (`workers.models.chat.end_ids`:
+tokenizer, config and generation config) or on its `stop_token_ids`, unless `ignore_eos` (then,
+as in SGLang, it runs to `max_new_tokens`). The base is prepared by the architecture registry as
+the trainer's is (DSA's tie-stable top-k) and decodes with a cache of the layer types it
+declares (`DynamicCache(config=...)`: DSA needs indexed layers).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from torch import nn
 from transformers import DynamicCache
 
 from workers.models.base import LoraSpec, load_base_model
+from workers.models.chat import end_ids
+from workers.models.dsa import new_cache
+from workers.models.registry import prepare
 from workers.serving.slots import SlotLora
 
 
@@ -31,6 +38,7 @@ class RowRequest:
     temperature: float = 1.0
     seed: int | None = None
     stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -45,8 +53,10 @@ class SlotSampler:
 
     def __init__(self, base_path: Path, *, num_slots: int, max_rank: int,
                  target_modules: Iterable[str] = LoraSpec().target_modules,
-                 dtype: torch.dtype = torch.float32, num_threads: int | None = None) -> None:
-        self.model, self.tokenizer = load_base_model(Path(base_path))
+                 dtype: torch.dtype = torch.float32, num_threads: int | None = None,
+                 device: str = "cpu") -> None:
+        self.model, self.tokenizer = load_base_model(Path(base_path), device=device)
+        self.device = torch.device(device)
         # Set on every call, in whichever thread makes it: OpenMP's and MKL's counts are per
         # thread, and `torch.get_num_threads()` reports the process-wide default, which any
         # thread may have changed since, not the calling thread's own count.
@@ -54,9 +64,10 @@ class SlotSampler:
         # float32 by default: rollout log-probs must match the float32 trainer's. bfloat16
         # serves (as SGLang does) about twice as fast on CPUs with AVX512-BF16 or AMX.
         nn.Module.to(self.model, dtype)  # in place (transformers' `to` is typed narrower)
+        prepare(self.model)
         self.slots = SlotLora.install(self.model, target_modules, num_slots=num_slots,
                                       max_rank=max_rank)
-        self.eos_id: int | None = self.tokenizer.eos_token_id
+        self.eos_ids = end_ids(self.tokenizer, self.model)
         self.pad_id: int = self.tokenizer.pad_token_id or 0
         self.lock = threading.Lock()
 
@@ -98,7 +109,8 @@ class SlotSampler:
             mask[i, width - len(r.input_ids):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         steps = max(r.max_new_tokens for r in rows)
-        cache = DynamicCache() if steps > 1 else None  # one token: no later step reads it
+        # one token: no later step reads a cache (DSA models build their own for the prefill)
+        cache = new_cache(self.model.config) if steps > 1 else None
         gens = [_generator(r.seed) for r in rows]
         results = [RowResult() for _ in rows]
         done = [False] * len(rows)
@@ -116,9 +128,10 @@ class SlotSampler:
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                  cache: DynamicCache | None) -> torch.Tensor:
         # Only the last position's logits are sampled: skip the LM head everywhere else.
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
-        return out.logits[:, -1].float()
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=pos.to(self.device), past_key_values=cache,
+                         use_cache=cache is not None, logits_to_keep=1)
+        return out.logits[:, -1].float().cpu()
 
     def _sample_step(self, logits: torch.Tensor, rows: list[RowRequest],
                      gens: list[torch.Generator | None], results: list[RowResult],
@@ -137,7 +150,7 @@ class SlotSampler:
             res = results[i]
             res.output_ids.append(tok)
             res.logprobs.append(float(logp[tok]))
-            if tok == self.eos_id or tok in r.stop_token_ids:
+            if not r.ignore_eos and (tok in self.eos_ids or tok in r.stop_token_ids):
                 res.matched_stop = tok
                 done[i] = True
             elif step + 1 >= r.max_new_tokens:

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from schemas.errors import PoisonEventError, RetryableError
+from workers.models.chat import end_ids, render_prompt
 from workers.serving.client import Generation, SGLangClient, SGLangError, sample_params
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,10 @@ class Sample:
 
 @dataclass(frozen=True)
 class SampleRequest:
-    """One prompt to sample a group from: its adapter (None = the base) and its own seed."""
+    """One prompt to sample a group from (text, or the rendered ids `render` gives), its
+    adapter (None = the base) and its own seed."""
 
-    prompt: str
+    prompt: str | list[int]
     adapter: str | None
     seed: int | None = None
 
@@ -49,11 +51,14 @@ class Sampler(Protocol):
 
     def encode(self, prompt: str) -> list[int]: ...
 
+    def render(self, prompt: str, messages: list[dict[str, str]] | None = None
+               ) -> list[int]: ...
+
     def ensure_adapter(self, name: str, path: Path,
                        verify: Callable[[], bool] | None = None) -> None: ...
 
-    def generate(self, prompts: list[str], adapter: str | None, *, n: int,
-                 max_new_tokens: int, temperature: float = 1.0,
+    def generate(self, prompts: Sequence[str | list[int]], adapter: str | None, *,
+                 n: int, max_new_tokens: int, temperature: float = 1.0,
                  seed: int | None = None) -> list[list[Sample]]: ...
 
 
@@ -63,20 +68,28 @@ class EngineSampler:
     Given several engines (`engine_url` a comma-separated list) it uses one at a time and
     fails over to the next when the one in use stops answering: the failed call raises
     `RetryableError`, so the stage retries the unit, and its adapters are loaded again on the
-    engine it moved to (an engine knows only the adapters it was told to load)."""
+    engine it moved to (an engine knows only the adapters it was told to load).
+
+    Prompts go to the engine as token ids rendered here (`workers.models.chat`: the base's chat
+    template when it has one), so rollout, training (which trains on the rollout's ids) and
+    evaluation prompt the model the same way; every row stops on all the end ids the base
+    declares (`stop_token_ids`)."""
 
     def __init__(self, client: SGLangClient, tokenizer: PreTrainedTokenizerBase,
-                 standby: Sequence[SGLangClient] = ()) -> None:
+                 standby: Sequence[SGLangClient] = (),
+                 stop_ids: frozenset[int] = frozenset()) -> None:
         self.clients = [client, *standby]
         self.client = client
         self.tokenizer = tokenizer
+        self.stop_ids = stop_ids or end_ids(tokenizer)
         self._loaded: set[str] = set()
         self._lock = threading.RLock()
 
     @classmethod
     def connect(cls, url: str, base_path: Path, api_key: str | None = None) -> EngineSampler:
         clients = [SGLangClient(u.strip(), api_key=api_key) for u in url.split(",") if u.strip()]
-        return cls(clients[0], AutoTokenizer.from_pretrained(str(base_path)), clients[1:])
+        tokenizer = AutoTokenizer.from_pretrained(str(base_path))
+        return cls(clients[0], tokenizer, clients[1:], end_ids(tokenizer, _Declared(base_path)))
 
     def _fail_over(self, failed: SGLangClient) -> None:
         """Move to the next engine (once per failure of the one in use)."""
@@ -86,9 +99,20 @@ class EngineSampler:
             self.client = self.clients[(self.clients.index(failed) + 1) % len(self.clients)]
             self._loaded.clear()
 
+    def render(self, prompt: str, messages: list[dict[str, str]] | None = None) -> list[int]:
+        """An interaction's prompt ids (chat template applied when the tokenizer has one);
+        PoisonEventError for chat messages on a base without a template."""
+        try:
+            return render_prompt(self.tokenizer, prompt, messages)
+        except ValueError as exc:
+            raise PoisonEventError(str(exc)) from exc
+
     def encode(self, prompt: str) -> list[int]:
-        """Prompt ids as the engine sees them: the same tokenizer files as the base model."""
-        return list(self.tokenizer(prompt)["input_ids"])
+        """A text prompt's ids as the stages send them (`render` of one user turn)."""
+        return self.render(prompt)
+
+    def _ids(self, prompt: str | list[int]) -> list[int]:
+        return prompt if isinstance(prompt, list) else self.render(prompt)
 
     def ensure_adapter(self, name: str, path: Path,
                        verify: Callable[[], bool] | None = None) -> None:
@@ -106,11 +130,13 @@ class EngineSampler:
                     raise
             self._loaded.add(name)
 
-    def generate(self, prompts: list[str], adapter: str | None, *, n: int,
-                 max_new_tokens: int, temperature: float = 1.0,
+    def generate(self, prompts: Sequence[str | list[int]], adapter: str | None, *,
+                 n: int, max_new_tokens: int, temperature: float = 1.0,
                  seed: int | None = None) -> list[list[Sample]]:
-        groups = self._call(self.client.sample, prompts, adapter, n=n,
-                            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        ids = [self._ids(p) for p in prompts]
+        groups = self._call(self.client.sample, ids, adapter, n=n,
+                            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                            stop_token_ids=sorted(self.stop_ids))
         return [[_sample(g) for g in group] for group in groups]
 
     def generate_many(self, requests: Sequence[SampleRequest], *, n: int, max_new_tokens: int,
@@ -126,14 +152,15 @@ class EngineSampler:
         """
         if not requests:
             return []
-        rows: list[str] = []
+        rows: list[list[int]] = []
         adapters: list[str | None] = []
         params: list[dict[str, Any]] = []
         for r in requests:
-            rows += [r.prompt] * n
+            rows += [self._ids(r.prompt)] * n
             adapters += [r.adapter] * n
             params += sample_params(1, n, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, seed=r.seed)
+                                    temperature=temperature, seed=r.seed,
+                                    stop_token_ids=sorted(self.stop_ids))
         out = self._call(self.client.generate, rows, lora_path=adapters, sampling_params=params)
         if len(out) != len(rows):
             raise RuntimeError(f"engine answered {len(out)} rows for {len(rows)} requested")
@@ -148,6 +175,18 @@ class EngineSampler:
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             self._fail_over(client)
             raise RetryableError(f"engine unreachable: {exc}") from exc
+
+
+class _Declared:
+    """The end ids a base directory declares in its config and generation config."""
+
+    def __init__(self, base_path: Path) -> None:
+        self.config = AutoConfig.from_pretrained(str(base_path))
+        try:
+            self.generation_config: GenerationConfig | None = GenerationConfig.from_pretrained(
+                str(base_path))
+        except OSError:  # no generation_config.json: the config's ids are all there is
+            self.generation_config = None
 
 
 def _sample(g: Generation) -> Sample:
@@ -167,14 +206,15 @@ class EmbeddedEngine:
 
     def __init__(self, base_path: Path, *, max_loaded_loras: int, max_lora_rank: int,
                  target_modules: Sequence[str], admin_token: str | None = None,
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, dtype: str = "float32",
+                 device: str = "cpu") -> None:
         from workers.serving.cpu_engine import CpuEngine, EngineConfig
         from workers.serving.server import ServerThread
 
         config = EngineConfig(base_path=base_path, max_loaded_loras=max_loaded_loras,
                               max_lora_rank=max_lora_rank,
                               lora_target_modules=tuple(target_modules),
-                              num_threads=num_threads)
+                              num_threads=num_threads, dtype=dtype, device=device)
         self.admin_token = admin_token or secrets.token_urlsafe(32)
         self.server = ServerThread(CpuEngine(config), admin_token=self.admin_token).start()
         log.info("embedded CPU engine serving SGLang's API at %s", self.server.url)

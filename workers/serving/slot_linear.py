@@ -21,23 +21,32 @@ Why it looks like this (the timings are in docs/performance.md, "Inside the CPU 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from workers.models.experts import ExpertFactors
+    from workers.serving.slot_experts import SlotExperts
 
 
 class SlotContext:
     """Which slot each batch row uses; shared by every SlotLinear of one model."""
 
-    def __init__(self, scales: torch.Tensor, max_rank: int) -> None:
+    def __init__(self, scales: torch.Tensor, max_rank: int,
+                 device: torch.device | str = "cpu") -> None:
         self.scales = scales  # [num_slots] peft scale per slot (0 for an empty slot)
         self.max_rank = max_rank
+        self.device = torch.device(device)  # the slot storage's (and the model's)
         self.single: int | None = None  # every row uses this slot
         self.single_scale = 0.0
         self.distinct: torch.Tensor | None = None  # mixed batch: its distinct slots [D]
         self.mask: torch.Tensor | None = None  # [rows, D*R]
         self.threads = 1  # the forward's intra-op threads, restored after each LoRA delta
         self._gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._experts: dict[int, dict[str, ExpertFactors]] = {}
 
     def set_rows(self, slots: list[int | None]) -> None:
         """Rows with None use the bare base model (their LoRA delta is masked to 0)."""
@@ -54,13 +63,22 @@ class SlotContext:
         for row, slot in enumerate(slots):
             if slot is not None:
                 mask[row, where[slot]] = self.scales[slot]
-        self.distinct = torch.tensor(distinct, dtype=torch.long)
-        self.mask = mask.reshape(len(slots), -1)
+        self.distinct = torch.tensor(distinct, dtype=torch.long, device=self.device)
+        self.mask = mask.reshape(len(slots), -1).to(self.device)
 
     def clear(self) -> None:
         self.single, self.single_scale = None, 0.0
         self.distinct = self.mask = None
         self._gathered.clear()
+        self._experts.clear()
+
+    def gathered_experts(self, module: SlotExperts) -> dict[str, ExpertFactors]:
+        """An expert bank's factors of the batch's distinct slots (cached for the batch)."""
+        hit = self._experts.get(id(module))
+        if hit is None:
+            assert self.distinct is not None
+            hit = self._experts[id(module)] = module.gather(self.distinct)
+        return hit
 
     def gathered(self, module: SlotLinear) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's adapters of `module` side by side: A as [D*R, in], B as [out, D*R]

@@ -11,7 +11,9 @@ B), so a float32 PEFT file at full rank that targets every wrapped module has a 
 that *is* a slot row byte for byte: it is validated from its header and read straight into the
 slot (one `readinto`, no tensor objects). Any other adapter takes the per-tensor path:
 adapters of rank < `max_rank` are zero-padded (exact: the extra rank components contribute 0);
-modules an adapter does not target stay zero in its slot.
+modules an adapter does not target stay zero in its slot. Fused routed-expert banks get expert
+slots (`slot_experts`: peft's `target_parameters` layout or SGLang's per-expert one); what is
+wrapped is what the architecture registry resolves for the engine's targets.
 """
 
 from __future__ import annotations
@@ -22,12 +24,20 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import safetensors.torch
 import torch
 from torch import nn
 
+from workers.models.registry import resolve
+from workers.serving.slot_experts import (
+    ExpertSpan,
+    SlotExperts,
+    expert_spans,
+    fuse_per_expert,
+    native_expert_tensor,
+)
 from workers.serving.slot_linear import SlotContext, SlotLinear
 
 PEFT_PREFIX = "base_model.model."
@@ -62,58 +72,76 @@ class SlotLayout:
     spans: tuple[ModuleSpan, ...]
     max_rank: int
     numel: int
+    experts: tuple[ExpertSpan, ...] = ()
 
     @classmethod
-    def build(cls, modules: Iterable[tuple[str, nn.Linear]], max_rank: int) -> SlotLayout:
-        """Spans in the order safetensors stores an adapter's tensors (sorted by key)."""
+    def build(cls, modules: Iterable[tuple[str, nn.Linear]], max_rank: int,
+              banks: Iterable[tuple[str, nn.Module]] = ()) -> SlotLayout:
+        """Linear spans in the order safetensors stores an adapter's tensors (sorted by key),
+        then the expert banks' spans."""
         spans, offset = [], 0
         for name, linear in sorted(modules, key=lambda m: weight_key(m[0], "A")):
             a_off, b_off = offset, offset + max_rank * linear.in_features
             offset = b_off + linear.out_features * max_rank
             spans.append(ModuleSpan(name, linear.in_features, linear.out_features, a_off, b_off))
-        return cls(tuple(spans), max_rank, offset)
+        experts, offset = expert_spans(list(banks), max_rank, offset)
+        return cls(tuple(spans), max_rank, offset, tuple(experts))
 
     def signature(self) -> str:
         """Short digest of the geometry, stored in packed files to refuse a mismatched pack."""
         text = json.dumps([self.max_rank, [(s.name, s.in_features, s.out_features)
-                                           for s in self.spans]])
+                                           for s in self.spans],
+                           [(s.name, s.param, s.experts, s.in_features, s.out_features)
+                            for s in self.experts]])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _targets(model: nn.Module, target_modules: Iterable[str]) -> list[tuple[str, nn.Linear]]:
-    wanted = set(target_modules)
-    found = [(name, mod) for name, mod in model.named_modules()
-             if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in wanted]
-    if not found:
-        raise ValueError(f"no nn.Linear named {sorted(wanted)} in the model")
-    return found
 
 
 class SlotLora:
     """Owns the slot storage of one model; `install` wraps its target linears once."""
 
-    def __init__(self, layout: SlotLayout, num_slots: int,
-                 dtype: torch.dtype = SLOT_DTYPE) -> None:
+    def __init__(self, layout: SlotLayout, num_slots: int, dtype: torch.dtype = SLOT_DTYPE,
+                 device: torch.device | str = "cpu", banks: dict[str, nn.Module] | None = None
+                 ) -> None:
         self.layout = layout
         self.num_slots = num_slots
-        self.storage = torch.zeros(num_slots, layout.numel, dtype=dtype)
-        self.ctx = SlotContext(torch.zeros(num_slots, dtype=dtype), layout.max_rank)
+        self.storage = torch.zeros(num_slots, layout.numel, dtype=dtype, device=device)
+        self.ctx = SlotContext(torch.zeros(num_slots, dtype=dtype), layout.max_rank,
+                               self.storage.device)
         self._spans = {s.name: s for s in layout.spans}
-        self._direct_header = self._expected_header() if dtype == torch.float32 else None
+        self._expert_spans = {(s.name, s.param): s for s in layout.experts}
+        self._banks = banks or {}
+        direct = dtype == torch.float32 and not layout.experts and self.storage.device.type == "cpu"
+        self._direct_header = self._expected_header() if direct else None
 
     @classmethod
     def install(cls, model: nn.Module, target_modules: Iterable[str], *, num_slots: int,
                 max_rank: int) -> SlotLora:
+        """Wrap what the registry resolves for `target_modules` (groups or leaf names)."""
         if num_slots < 1 or max_rank < 1:
             raise ValueError("num_slots and max_rank must be >= 1")
-        targets = _targets(model, target_modules)
-        self = cls(SlotLayout.build(targets, max_rank), num_slots)
-        for name, linear in targets:
+        targets = resolve(model, tuple(target_modules))
+        linears = [(n, cast(nn.Linear, model.get_submodule(n))) for n in targets.linear_names]
+        banks = {n: model.get_submodule(n) for n in targets.experts}
+        device = next(model.parameters()).device
+        self = cls(SlotLayout.build(linears, max_rank, banks.items()), num_slots,
+                   device=device, banks=banks)
+        for name, linear in linears:
             a, b = self.views(self._spans[name])
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, SlotLinear(linear, a, b, self.ctx))
+            _replace(model, name, SlotLinear(linear, a, b, self.ctx))
+        for name, bank in banks.items():
+            views = {p: self.expert_views(self._expert_spans[(name, p)])
+                     for p in ("gate_up_proj", "down_proj")}
+            _replace(model, name, SlotExperts(bank, views, self.ctx))
         return self
+
+    def expert_views(self, span: ExpertSpan) -> tuple[torch.Tensor, torch.Tensor]:
+        """A [slots, E, R, in] and B [slots, E, out, R] of one bank parameter."""
+        r, e = self.layout.max_rank, span.experts
+        a = self.storage[:, span.a_offset:span.b_offset].view(
+            self.num_slots, e, r, span.in_features)
+        b_end = span.b_offset + e * span.out_features * r
+        b = self.storage[:, span.b_offset:b_end].view(self.num_slots, e, span.out_features, r)
+        return a, b
 
     def views(self, span: ModuleSpan) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.layout.max_rank
@@ -174,19 +202,34 @@ class SlotLora:
     def load_tensors(self, slot: int, tensors: dict[str, torch.Tensor], scale: float) -> None:
         """Validate every tensor first, so a bad adapter never leaves a half-written slot."""
         self._check_slot(slot)
-        plan = [self._placement(key, t) for key, t in tensors.items()]
+        try:
+            fused, rest = fuse_per_expert(tensors, self._banks)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise AdapterFormatError(f"per-expert adapter keys do not fit: {exc}") from exc
+        plan: list[tuple[ModuleSpan | ExpertSpan, str, torch.Tensor]] = []
+        for key, t in rest.items():
+            plan.append(self._placement(key, t))
+        for (bank, param, kind), t in fused.items():
+            plan.append(self._expert_placement(f"{bank}.{param}", bank, param, kind, t))
         row = self.storage[slot]
         row.zero_()
         for span, kind, t in plan:
+            if isinstance(span, ExpertSpan):
+                a, b = self.expert_views(span)
+                if kind == "A":
+                    a[slot][:, : t.shape[1]].copy_(t)
+                else:
+                    b[slot][:, :, : t.shape[2]].copy_(t)
+                continue
             a, b = self.views(span)
-            dst = a[slot] if kind == "A" else b[slot]
             if kind == "A":
-                dst[: t.shape[0]].copy_(t)
+                a[slot][: t.shape[0]].copy_(t)
             else:
-                dst[:, : t.shape[1]].copy_(t)
+                b[slot][:, : t.shape[1]].copy_(t)
         self.ctx.scales[slot] = scale
 
-    def _placement(self, key: str, t: torch.Tensor) -> tuple[ModuleSpan, str, torch.Tensor]:
+    def _placement(self, key: str, t: torch.Tensor
+                   ) -> tuple[ModuleSpan | ExpertSpan, str, torch.Tensor]:
         name = key.removeprefix(PEFT_PREFIX)
         for kind in ("A", "B"):
             suffix = f".lora_{kind}.weight"
@@ -195,6 +238,14 @@ class SlotLora:
                 break
         else:
             raise AdapterFormatError(f"not a LoRA A/B weight: {key}")
+        bank = name.removesuffix(".base_layer")
+        if bank in self._banks:  # peft target_parameters: gate_up innermost, down outermost
+            param = "gate_up_proj" if name.endswith(".base_layer") else "down_proj"
+            experts = self._expert_spans[(bank, param)].experts
+            if t.dim() != 2:
+                raise AdapterFormatError(f"{key}: expected a 2-D peft expert factor")
+            return self._expert_placement(key, bank, param, kind,
+                                          native_expert_tensor(param, kind, t, experts))
         span = self._spans.get(name)
         if span is None:
             raise AdapterFormatError(f"adapter targets {name}, which this engine does not wrap")
@@ -215,6 +266,17 @@ class SlotLora:
         self.storage[slot].copy_(block)
         return True
 
+    def _expert_placement(self, key: str, bank: str, param: str, kind: str, t: torch.Tensor
+                          ) -> tuple[ExpertSpan, str, torch.Tensor]:
+        span = self._expert_spans[(bank, param)]
+        r = t.shape[1] if kind == "A" else t.shape[2]
+        want = ((span.experts, r, span.in_features) if kind == "A"
+                else (span.experts, span.out_features, r))
+        if tuple(t.shape) != want or r > self.layout.max_rank:
+            raise AdapterFormatError(f"{key}: shape {tuple(t.shape)} does not fit {want} with "
+                                     f"max rank {self.layout.max_rank}")
+        return span, kind, t
+
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
         self.storage[slot].zero_()
@@ -228,12 +290,17 @@ class SlotLora:
         """Write the adapter as one contiguous block in this layout (adapter_dir/PACKED_FILE)."""
         adapter_dir = Path(adapter_dir)
         tensors = safetensors.torch.load_file(str(adapter_dir / WEIGHTS_FILE), device="cpu")
-        scratch = SlotLora(self.layout, 1, self.storage.dtype)
+        scratch = SlotLora(self.layout, 1, self.storage.dtype, banks=self._banks)
         scratch.load_tensors(0, tensors, 1.0)
         out = adapter_dir / PACKED_FILE
         safetensors.torch.save_file({PACKED_KEY: scratch.storage[0].contiguous()}, str(out),
                                     metadata={"layout": self.layout.signature()})
         return out
+
+
+def _replace(model: nn.Module, name: str, wrapper: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
 
 
 def weight_key(module: str, kind: str) -> str:

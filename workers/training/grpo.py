@@ -53,6 +53,9 @@ class TrainGroup:
     completions: list[list[int]]
     old_logprobs: list[list[float]]
     rewards: list[float]
+    objective: str = "grpo"
+    """`grpo`, `sft` (completions are targets) or `dpo` (one pair: chosen, rejected);
+    `workers/training/objectives.py`."""
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,9 @@ def make_mlps_lean(model: nn.Module) -> int:
 def lora_down(layer: MultiLoraLinear, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """`layer(silu(gate) * up)` for a MultiLoraLinear down projection, lean in memory."""
     r = layer.routing
+    lora = next(iter(layer.lora_A.values()), None)
+    if lora is not None and lora.dtype != gate.dtype:  # float32 LoRA on a bfloat16 base
+        return layer(swiglu(gate, up))  # type: ignore[no-any-return]
     if r.single is not None:
         key = f"s{r.single}"
         p, xa = swiglu_then_a(gate, up, layer.lora_A[key])

@@ -21,7 +21,7 @@ recomputes each layer with the same routing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import cast
@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.models.experts import EXPERT_PARAMS, ExpertFactors, expert_shape, experts_forward
+from workers.models.registry import LoraTargets, resolve
 from workers.training.leanmlp import lora_down, make_mlps_lean
 
 PEFT_PREFIX = "base_model.model."
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
-"""Fused expert parameters (Mixtral/Qwen-MoE layout [E, out, in]), in registration order."""
 _EXPERT_PEFT_INFIX = {"gate_up_proj": ".base_layer", "down_proj": ""}
 """peft nests one ParamWrapper per targeted parameter; the first registered is innermost."""
 
@@ -53,7 +53,8 @@ class Routing:
     runs one forward per token, and re-concatenating every layer's factors each time was a
     measurable share of a mixed decode (docs/performance.md)."""
 
-    def set(self, row_slots: Sequence[int | None], dtype: torch.dtype) -> None:
+    def set(self, row_slots: Sequence[int | None], dtype: torch.dtype,
+            device: torch.device | None = None) -> None:
         """None rows use the bare base model (their mask row is all zero)."""
         present = tuple(sorted({s for s in row_slots if s is not None}))
         unknown = [s for s in present if s not in self.ranks]
@@ -68,7 +69,7 @@ class Routing:
         scale = torch.tensor([self.scales[s] for s in present], dtype=dtype)[owner]
         index = {s: i for i, s in enumerate(present)}
         rows = torch.tensor([index[s] if s is not None else -1 for s in row_slots])
-        self.mask = (rows[:, None] == owner[None, :]).to(dtype) * scale
+        self.mask = ((rows[:, None] == owner[None, :]).to(dtype) * scale).to(device)
 
     def clear(self) -> None:
         self.slots, self.single, self.mask = (), None, None
@@ -85,6 +86,12 @@ class Routing:
         raise ValueError(f"input of shape {tuple(x.shape)} does not match {rows} routed rows")
 
 
+def lora_dtype(base: torch.dtype) -> torch.dtype:
+    """LoRA factors are at least float32: a bfloat16 base keeps float32 adapters (the optimizer
+    steps full-precision factors, and the engine serves the same float32 factors)."""
+    return torch.promote_types(base, torch.float32)
+
+
 class MultiLoraLinear(nn.Module):
     """A frozen base linear plus each row's own policy delta `scale * (x A^T) B^T`."""
 
@@ -97,8 +104,9 @@ class MultiLoraLinear(nn.Module):
 
     def add_slot(self, slot: int, rank: int) -> list[nn.Parameter]:
         w = self.base.weight
-        a = nn.Parameter(torch.zeros(rank, w.shape[1], dtype=w.dtype, device=w.device))
-        b = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
+        dtype = lora_dtype(w.dtype)
+        a = nn.Parameter(torch.zeros(rank, w.shape[1], dtype=dtype, device=w.device))
+        b = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=dtype, device=w.device))
         self.lora_A[f"s{slot}"], self.lora_B[f"s{slot}"] = a, b
         return [a, b]
 
@@ -110,12 +118,13 @@ class MultiLoraLinear(nn.Module):
         r = self.routing
         if r.single is not None:
             key = f"s{r.single}"
-            delta = F.linear(F.linear(x, self.lora_A[key]), self.lora_B[key])
-            return y + delta * r.scales[r.single]
+            a = self.lora_A[key]
+            delta = F.linear(F.linear(x.to(a.dtype), a), self.lora_B[key])
+            return y + (delta * r.scales[r.single]).to(y.dtype)
         if not r.slots:
             return y
         a, b = self.concatenated()
-        return y + F.linear(F.linear(x, a) * r.row_mask(x), b)
+        return y + F.linear(F.linear(x.to(a.dtype), a) * r.row_mask(x), b).to(y.dtype)
 
     def forward_swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """`self(silu(gate) * up)` keeping only gate and up for backward
@@ -140,20 +149,19 @@ class MultiLoraLinear(nn.Module):
 
 
 class MultiLoraExperts(nn.Module):
-    """Fused MoE experts (eager loop over hit experts) with per-token, per-expert LoRA deltas.
+    """A fused MoE expert bank (`workers.models.experts`) with per-token, per-expert deltas.
 
     Per slot and parameter: A [E, r, in] and B [E, out, r], i.e. rank r on every expert, which
     is what peft's `target_parameters` LoRA (`ParamWrapper`, peft >= 0.17) does for a 3-D
-    parameter.
+    parameter. GPT-OSS's transposed, interleaved, biased bank is handled by the shared forward:
+    B's rows follow the parameter's output order (interleaved gate/up), as peft's do; the
+    biases stay frozen.
     """
 
     def __init__(self, experts: nn.Module, routing: Routing) -> None:
         super().__init__()
-        if getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False):
-            raise ValueError(f"{type(experts).__name__}: only [E, out, in] experts without bias")
         self.experts = experts
-        self.num_experts = int(cast(torch.Tensor, experts.gate_up_proj).shape[0])
-        self.act_fn = cast(Callable[[torch.Tensor], torch.Tensor], experts.act_fn)
+        self.num_experts = expert_shape(experts, "gate_up_proj")[0]
         self.routing = routing
         self.lora_A = nn.ParameterDict()  # "<param>_s<slot>" -> [E, r, in]
         self.lora_B = nn.ParameterDict()  # "<param>_s<slot>" -> [E, out, r]
@@ -162,9 +170,10 @@ class MultiLoraExperts(nn.Module):
         params = []
         for name in EXPERT_PARAMS:
             w = self.weight(name)
-            e, out, inp = w.shape
-            a = nn.Parameter(torch.zeros(e, rank, inp, dtype=w.dtype, device=w.device))
-            b = nn.Parameter(torch.zeros(e, out, rank, dtype=w.dtype, device=w.device))
+            e, out, inp = expert_shape(self.experts, name)
+            dtype = lora_dtype(w.dtype)
+            a = nn.Parameter(torch.zeros(e, rank, inp, dtype=dtype, device=w.device))
+            b = nn.Parameter(torch.zeros(e, out, rank, dtype=dtype, device=w.device))
             self.lora_A[f"{name}_s{slot}"], self.lora_B[f"{name}_s{slot}"] = a, b
             params += [a, b]
         return params
@@ -174,79 +183,57 @@ class MultiLoraExperts(nn.Module):
             del self.lora_A[f"{name}_s{slot}"], self.lora_B[f"{name}_s{slot}"]
 
     def weight(self, name: str) -> torch.Tensor:
-        """The frozen fused expert weight [E, out, in] (the original Parameter, not a copy)."""
+        """The frozen fused expert weight (the original Parameter, not a copy)."""
         return cast(torch.Tensor, getattr(self.experts, name))
 
-    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _factors(self) -> dict[str, ExpertFactors] | None:
         slots = self.routing.slots
         if not slots:
             return None
-        a = torch.cat([self.lora_A[f"{name}_s{s}"] for s in slots], dim=1)
-        b = torch.cat([self.lora_B[f"{name}_s{s}"] for s in slots], dim=2)
-        return a, b
+        return {name: ExpertFactors(
+            torch.cat([self.lora_A[f"{name}_s{s}"] for s in slots], dim=1),
+            torch.cat([self.lora_B[f"{name}_s{s}"] for s in slots], dim=2))
+            for name in EXPERT_PARAMS}
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        w_gate_up, w_down = self.weight("gate_up_proj"), self.weight("down_proj")
-        out = torch.zeros_like(hidden)
-        gu, dn = self._factors("gate_up_proj"), self._factors("down_proj")
+        factors = self._factors()
         r = self.routing
-        tok_scale: torch.Tensor | None = None
-        if gu is not None:
-            tok_scale = (r.row_mask(hidden) if r.single is None else
-                         torch.full((hidden.shape[0], 1), r.scales[r.single], dtype=hidden.dtype))
-        with torch.no_grad():
-            hits = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
-            experts_hit = torch.greater(hits.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
-        for e in experts_hit:
-            pos, tok = torch.where(hits[e])
-            x = hidden[tok]
-            h = F.linear(x, w_gate_up[e])
-            if gu is not None and tok_scale is not None:
-                h = h + F.linear(F.linear(x, gu[0][e]) * tok_scale[tok], gu[1][e])
-            gate, up = h.chunk(2, dim=-1)
-            h = self.act_fn(gate) * up
-            y = F.linear(h, w_down[e])
-            if dn is not None and tok_scale is not None:
-                y = y + F.linear(F.linear(h, dn[0][e]) * tok_scale[tok], dn[1][e])
-            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
-        return out
-
-
-def _is_fused_experts(module: nn.Module) -> bool:
-    return all(isinstance(getattr(module, n, None), nn.Parameter)
-               and getattr(module, n).dim() == 3 for n in EXPERT_PARAMS)
+        scale: torch.Tensor | None = None
+        if factors is not None:
+            dtype = factors["down_proj"].a.dtype
+            scale = (r.row_mask(hidden).to(dtype) if r.single is None else
+                     torch.full((hidden.shape[0], 1), r.scales[r.single], dtype=dtype,
+                                device=hidden.device))
+        return experts_forward(self.experts, hidden, top_k_index, top_k_weights, factors, scale)
 
 
 class MultiLora:
     """Owns the routing and the wrapped layers of one base model; slots are added per policy."""
 
-    def __init__(self, model: nn.Module, routing: Routing,
+    def __init__(self, model: nn.Module, routing: Routing, targets: LoraTargets,
                  linears: dict[str, MultiLoraLinear], experts: dict[str, MultiLoraExperts]):
-        self.model, self.routing, self.linears, self.experts = model, routing, linears, experts
+        self.model, self.routing, self.targets = model, routing, targets
+        self.linears, self.experts = linears, experts
 
     @classmethod
-    def install(cls, model: nn.Module, target_modules: Sequence[str], *,
-                target_experts: bool = True) -> MultiLora:
-        """Wrap (in place) each nn.Linear named in `target_modules` and each fused expert stack,
-        and give SwiGLU MLPs the memory-lean forward (`workers.training.leanmlp`)."""
-        wanted, routing = set(target_modules), Routing()
+    def install(cls, model: nn.Module, target_modules: Sequence[str]) -> MultiLora:
+        """Wrap (in place) the targets the registry resolves for `target_modules` (groups such
+        as `attn`/`mlp`/`shared`/`experts`, or leaf names), and give SwiGLU MLPs the
+        memory-lean forward (`workers.training.leanmlp`)."""
+        targets = resolve(model, target_modules)
+        routing = Routing()
         linears: dict[str, MultiLoraLinear] = {}
         experts: dict[str, MultiLoraExperts] = {}
-        for name, module in list(model.named_modules()):
-            wrapper: nn.Module
-            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in wanted:
-                wrapper = linears[name] = MultiLoraLinear(module, routing)
-            elif target_experts and _is_fused_experts(module):
-                wrapper = experts[name] = MultiLoraExperts(module, routing)
-            else:
-                continue
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, wrapper)
-        if not linears and not experts:
-            raise ValueError(f"no target modules {sorted(wanted)} in the model")
+        for name in targets.linear_names:
+            linear = cast(nn.Linear, model.get_submodule(name))
+            linears[name] = MultiLoraLinear(linear, routing)
+            _replace(model, name, linears[name])
+        for name in targets.experts:
+            experts[name] = MultiLoraExperts(model.get_submodule(name), routing)
+            _replace(model, name, experts[name])
         make_mlps_lean(model)
-        return cls(model, routing, linears, experts)
+        return cls(model, routing, targets, linears, experts)
 
     def add_slot(self, slot: int, rank: int, alpha: float,
                  generator: torch.Generator | None = None) -> list[nn.Parameter]:
@@ -275,19 +262,23 @@ class MultiLora:
     @contextmanager
     def route(self, row_slots: Sequence[int | None]) -> Iterator[None]:
         """Route rows for a forward (and its backward, if run inside the block)."""
-        self.routing.set(row_slots, self._dtype())
+        self.routing.set(row_slots, *self._dtype())
         try:
             yield
         finally:
             self.routing.clear()
 
-    def _dtype(self) -> torch.dtype:
+    def _dtype(self) -> tuple[torch.dtype, torch.device]:
+        """The LoRA factors' dtype and device (the routing mask's)."""
         for layer in self.linears.values():
-            return layer.base.weight.dtype
-        return next(iter(self.experts.values())).weight("gate_up_proj").dtype
+            w = layer.base.weight
+            return lora_dtype(w.dtype), w.device
+        w = next(iter(self.experts.values())).weight("gate_up_proj")
+        return lora_dtype(w.dtype), w.device
 
-    def export(self, slot: int) -> dict[str, torch.Tensor]:
-        """The slot as a peft state dict (saved-key format: adapter name stripped, fp32)."""
+    def export(self, slot: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The slot as a peft state dict (saved-key format: adapter name stripped, float32 on
+        the CPU; `dtype` float64 for oracle comparisons)."""
         out: dict[str, torch.Tensor] = {}
         for name, layer in self.linears.items():
             out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[f"s{slot}"].detach()
@@ -301,7 +292,7 @@ class MultiLora:
                 out[f"{key}.lora_A.weight"] = a.reshape(e * rank, inp)
                 # peft reads B [out, r*E] as .reshape(out, r, E): expert-minor columns
                 out[f"{key}.lora_B.weight"] = b.permute(1, 2, 0).reshape(b.shape[1], rank * e)
-        return {k: v.to("cpu", torch.float32).clone().contiguous() for k, v in out.items()}
+        return {k: v.to("cpu", dtype).clone().contiguous() for k, v in out.items()}
 
     def load(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
         """Copy a peft state dict into a slot; every key and shape is checked before any copy."""
@@ -326,6 +317,7 @@ class MultiLora:
                     b_peft = tensors[f"{key}.lora_B.weight"].view(b.shape[1], rank, e)
                     b.copy_(b_peft.permute(2, 0, 1))
 
-    def target_parameters(self) -> list[str]:
-        """peft `target_parameters` entries for the wrapped experts (empty for dense models)."""
-        return [f"experts.{p}" for p in EXPERT_PARAMS] if self.experts else []
+
+def _replace(model: nn.Module, name: str, wrapper: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, wrapper)

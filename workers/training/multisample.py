@@ -10,7 +10,7 @@ it (no top-k/top-p or other logit processing).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,19 +72,21 @@ def _prefill(model: PreTrainedModel, multi: MultiLora, requests: Sequence[Sample
     """One row per request, then every tensor repeated to one row per completion."""
     ids, attention = _left_pad([r.prompt_ids for r in requests], pad_id)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    device = model.device
     with multi.route([r.slot for r in requests]):
-        out = model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                    use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids.to(device), attention_mask=attention.to(device),
+                    position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
     rows = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(
         [r.n for r in requests]))
     cache = out.past_key_values
-    cache.reorder_cache(rows)
-    return _State(out.logits[rows, -1], cache, attention[rows], positions[rows, -1:])
+    cache.reorder_cache(rows.to(device))
+    return _State(out.logits[rows.to(device), -1].cpu(), cache, attention[rows],
+                  positions[rows, -1:])
 
 
 @torch.no_grad()
 def _decode(model: PreTrainedModel, state: _State, *, max_new_tokens: int, temperature: float,
-            eos_id: int, pad_id: int,
+            eos_ids: torch.Tensor, pad_id: int,
             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per step for every row; rows stop at EOS (then emit pad). No forward runs
     after the last token is drawn."""
@@ -98,22 +100,25 @@ def _decode(model: PreTrainedModel, state: _State, *, max_new_tokens: int, tempe
                           _draw(lp, generator))
         tokens.append(tok)
         logps.append(lp.gather(-1, tok[:, None])[:, 0])
-        done |= tok == eos_id
+        done |= torch.isin(tok, eos_ids)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
         positions = positions + 1
-        logits = model(input_ids=tok[:, None], attention_mask=attention, position_ids=positions,
-                       past_key_values=state.cache, use_cache=True).logits[:, -1]
+        device = model.device
+        logits = model(input_ids=tok[:, None].to(device), attention_mask=attention.to(device),
+                       position_ids=positions.to(device), past_key_values=state.cache,
+                       use_cache=True).logits[:, -1].cpu()
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
 def sample_many(
     model: PreTrainedModel, multi: MultiLora, requests: Sequence[SampleRequest], *,
-    max_new_tokens: int, temperature: float = 1.0, eos_id: int, pad_id: int,
+    max_new_tokens: int, temperature: float = 1.0, eos_ids: Collection[int], pad_id: int,
     seed: int | None = None,
 ) -> list[list[Completion]]:
-    """All requests' completions in one generation pass; result[i] holds request i's `n`."""
+    """All requests' completions in one generation pass; result[i] holds request i's `n`.
+    A row ends at the first of `eos_ids` (every end id the model declares; empty: never)."""
     if max_new_tokens < 1 or temperature <= 0.0 or any(r.n < 1 for r in requests):
         raise ValueError("need n >= 1, max_new_tokens >= 1, temperature > 0")
     if any(not r.prompt_ids for r in requests):
@@ -127,14 +132,17 @@ def sample_many(
         state = _prefill(model, multi, requests, pad_id)
         with multi.route([r.slot for r in requests for _ in range(r.n)]):
             tokens, logps = _decode(model, state, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, eos_id=eos_id, pad_id=pad_id,
+                                    temperature=temperature,
+                                    eos_ids=torch.tensor(sorted(eos_ids), dtype=torch.long),
+                                    pad_id=pad_id,
                                     generator=generator)
     finally:
         model.train(was_training)
     rows = []
     for row, row_lp in zip(tokens.tolist(), logps.tolist(), strict=True):
-        length = row.index(eos_id) + 1 if eos_id in row else len(row)
-        rows.append(Completion(row[:length], row_lp[:length], eos_id in row[:length]))
+        end = next((i for i, t in enumerate(row) if t in eos_ids), None)
+        length = len(row) if end is None else end + 1
+        rows.append(Completion(row[:length], row_lp[:length], end is not None))
     out, start = [], 0
     for r in requests:
         out.append(rows[start:start + r.n])

@@ -15,9 +15,10 @@ the others.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,12 +28,13 @@ from torch.utils.checkpoint import checkpoint
 
 from schemas.errors import PoisonEventError, TrainingRejected
 from workers.models.base import LoraSpec, load_base_model
+from workers.models.chat import end_ids
+from workers.models.registry import prepare
 from workers.training import checkpoint as ckpt_io
 from workers.training.grpo import (
     Batch,
     StepResult,
     TrainGroup,
-    grpo_loss,
     make_batch,
     policy_seed,
     validate_groups,
@@ -40,6 +42,8 @@ from workers.training.grpo import (
 from workers.training.multilora import MultiLora
 from workers.training.multipass import PASS_ACTIVATION_MB, concat, pack, token_activation_mb
 from workers.training.multisample import Completion, SampleRequest, sample_many
+from workers.training.objectives import Part, needs_reference, order_groups, policy_loss
+from workers.training.perpolicy import PolicyTraining, complete, export_targeted, trainable
 from workers.training.sharedprefix import Packed, packed_shape, share_prefixes
 
 HEAD_CHUNK = 256
@@ -59,6 +63,7 @@ class _Policy:
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.AdamW
     steps: int = 0
+    training: PolicyTraining = field(default_factory=PolicyTraining)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class _Item:
     policy_id: str
     policy: _Policy
     batch: Batch
+    parts: list[Part]  # rows of each objective (`workers.training.objectives`)
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -86,14 +92,17 @@ class MultiPolicyTrainer:
     def __init__(
         self, base_path: Path, lora: LoraSpec, *, lr: float = 2e-2, clip_eps: float = 0.2,
         kl_beta: float = 0.0, max_grad_norm: float = 1.0, temperature: float = 1.0,
-        seed: int = 0, dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
+        seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
+        gradient_checkpointing: bool = False,
         checkpoint_above_tokens: int | None = CHECKPOINT_ABOVE_TOKENS,
         max_grad_norm_reject: float | None = None,
         pass_activation_mb: float | None = PASS_ACTIVATION_MB,
     ) -> None:
-        base, self.tokenizer = load_base_model(Path(base_path))
-        self.base = base.to(dtype=dtype)  # type: ignore[call-arg]
+        self.base, self.tokenizer = load_base_model(Path(base_path), device=device, dtype=dtype)
+        self.family = prepare(self.base)
+        self.device = torch.device(device)
         self.multi = MultiLora.install(self.base, lora.target_modules)
+        self._sliding = _sliding_window(self.base.config)
         self.lora, self.lr, self.clip_eps, self.kl_beta = lora, lr, clip_eps, kl_beta
         self.max_grad_norm, self.temperature, self.seed = max_grad_norm, temperature, seed
         self.gradient_checkpointing = gradient_checkpointing  # True: every pass
@@ -106,6 +115,7 @@ class MultiPolicyTrainer:
             gradient_checkpointing_kwargs={"use_reentrant": False})
         self.base.eval()
         self._policies: dict[str, _Policy] = {}
+        self._training: dict[str, PolicyTraining] = {}  # `configure`d policies
         self._next_slot = 0
         self._lock = threading.RLock()
         pad = self.tokenizer.pad_token_id
@@ -144,16 +154,43 @@ class MultiPolicyTrainer:
             return self._policies[policy_id]
         gen = torch.Generator().manual_seed(policy_seed(self.seed, policy_id))
         slot, self._next_slot = self._next_slot, self._next_slot + 1
-        params = self.multi.add_slot(slot, self.lora.rank, self.lora.alpha, gen)
-        policy = _Policy(slot, params, self._new_optimizer(params))
+        training = self.training_of(policy_id)
+        params = self.multi.add_slot(slot, training.lora.rank, training.lora.alpha, gen)
+        params = trainable(self.multi, slot, params, training.lora)
+        policy = _Policy(slot, params, self._new_optimizer(params, training.lr), 0, training)
         self._policies[policy_id] = policy
         return policy
 
-    def _new_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    def training_of(self, policy_id: str) -> PolicyTraining:
+        """The policy's own configuration, else the trainer's (the pipeline's) defaults."""
+        return self._training.get(policy_id) or PolicyTraining(
+            self.lora, self.lr, self.clip_eps, self.kl_beta)
+
+    @_locked
+    def configure(self, policy_id: str, training: PolicyTraining) -> None:
+        """Give a policy its own configuration; it applies from its next step. A new adapter
+        shape (rank, alpha, targets) restarts the policy's adapter and optimiser."""
+        self._training[policy_id] = training
+        policy = self._policies.get(policy_id)
+        if policy is None or policy.training == training:
+            return
+        if policy.training.lora != training.lora:
+            steps = policy.steps
+            del self._policies[policy_id]
+            self.multi.remove_slot(policy.slot)
+            self._policy(policy_id).steps = steps
+            return
+        for group in policy.optimizer.param_groups:
+            group["lr"] = training.lr
+        policy.training = training
+
+    def _new_optimizer(self, params: list[torch.nn.Parameter],
+                       lr: float | None = None) -> torch.optim.AdamW:
         # No weight decay: a zero-advantage step must not shrink the adapter. Fused: one kernel
         # for all of a policy's LoRA tensors, several times faster than foreach on CPU
         # (docs/performance.md); the same update up to rounding.
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0, fused=True)
+        return torch.optim.AdamW(params, lr=self.lr if lr is None else lr, weight_decay=0.0,
+                                 fused=True)
 
     def _require(self, policy_id: str) -> _Policy:
         if policy_id not in self._policies:
@@ -169,8 +206,7 @@ class MultiPolicyTrainer:
         the chunk is recomputed in backward, so a big pass never holds more than one chunk."""
         decoder = getattr(self.base, self.base.base_model_prefix)
         hidden = decoder(input_ids=packed.ids, position_ids=packed.positions,
-                         attention_mask=packed.attention_mask(self._dtype),
-                         use_cache=False).last_hidden_state
+                         attention_mask=self._mask(packed), use_cache=False).last_hidden_state
         picked = hidden[packed.seq, packed.pos]
         head = self.base.get_output_embeddings()
         dtype = torch.promote_types(hidden.dtype, torch.float32)
@@ -187,12 +223,23 @@ class MultiPolicyTrainer:
                                  targets[i:i + HEAD_CHUNK], use_reentrant=False)
                  for i in range(0, len(targets), HEAD_CHUNK)]
         flat = torch.cat(parts) if parts else picked.new_zeros(0, dtype=dtype)
-        out = torch.zeros(shape, dtype=dtype)
+        out = torch.zeros(shape, dtype=dtype, device=flat.device)
         return out.index_put((packed.rows, packed.cols), flat)
 
-    def _ref_logps(self, packed: Packed, shape: tuple[int, int]) -> torch.Tensor | None:
-        """One shared base pass (LoRA off for every row) is the KL reference of all policies."""
-        if self.kl_beta <= 0:
+    def _mask(self, packed: Packed) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The packed block mask; models with sliding-window layers (GPT-OSS) get the mapping
+        transformers takes per layer type, so those layers keep their window here too."""
+        full = packed.attention_mask(self._dtype)
+        if self._sliding is None:
+            return full
+        return {"full_attention": full,
+                "sliding_attention": packed.attention_mask(self._dtype, window=self._sliding)}
+
+    def _ref_logps(self, packed: Packed, shape: tuple[int, int],
+                   needed: bool) -> torch.Tensor | None:
+        """One shared base pass (LoRA off for every row) is the KL and DPO reference of all
+        policies."""
+        if not needed:
             return None
         with torch.no_grad(), self.multi.route([None] * packed.ids.shape[0]):
             return self._logps(packed, shape, keep_head=False)
@@ -203,9 +250,11 @@ class MultiPolicyTrainer:
         batch = concat([it.batch for it in items], self._pad_id)
         row_slots: list[int | None] = [it.policy.slot for it in items
                                        for _ in range(it.batch.ids.shape[0])]
-        packed = share_prefixes(batch, row_slots, self._pad_id)
+        packed = share_prefixes(batch, row_slots, self._pad_id).to(self.device)
+        batch = _batch_to(batch, self.device)
         shape = (batch.ids.shape[0], batch.ids.shape[1] - 1)
-        ref = self._ref_logps(packed, shape)
+        ref = self._ref_logps(packed, shape, any(
+            needs_reference(it.policy.training, it.parts) for it in items))
         bounds, start = [], 0
         for it in items:
             bounds.append((start, start + it.batch.ids.shape[0]))
@@ -218,18 +267,12 @@ class MultiPolicyTrainer:
                 logp = self._logps(packed, shape, keep_head=not recompute)
                 total: torch.Tensor | None = None
                 for it, (s, e) in zip(items, bounds, strict=True):
-                    mask = batch.cmask[s:e, 1:]
-                    r = None if ref is None else ref[s:e]
-                    loss = grpo_loss(logp[s:e], batch.old[s:e].to(logp.dtype), r,
-                                     batch.adv[s:e], mask, self.clip_eps, self.clip_eps,
-                                     self.kl_beta)
+                    loss, kl = policy_loss(it.parts, it.policy.training, logp[s:e],
+                                           batch.old[s:e], None if ref is None else ref[s:e],
+                                           batch.adv[s:e], batch.cmask[s:e, 1:])
                     if not torch.isfinite(loss):
                         out[it.policy_id] = None
                         continue
-                    kl = 0.0
-                    if r is not None:
-                        d = (r - logp[s:e]).detach()
-                        kl = float(((torch.exp(d) - d - 1) * mask).sum() / mask.sum().clamp(min=1))
                     out[it.policy_id] = (float(loss.detach()), kl, 0.0)
                     total = loss if total is None else total + loss
                 if total is not None and total.requires_grad:
@@ -269,11 +312,12 @@ class MultiPolicyTrainer:
         for policy_id, groups in batches.items():
             try:
                 validate_groups(groups, self._vocab)
+                ordered, parts = order_groups(groups)
             except (PoisonEventError, TrainingRejected) as exc:
                 results[policy_id] = exc
                 continue
             items.append(_Item(policy_id, self._policy(policy_id),
-                               make_batch(groups, self._pad_id)))
+                               make_batch(ordered, self._pad_id), parts))
         shapes = [packed_shape(it.batch) for it in items]
         for chunk in pack(shapes, self._token_mb, self.pass_activation_mb):
             self._train([items[i] for i in chunk], results)
@@ -326,7 +370,7 @@ class MultiPolicyTrainer:
         """The policy's logits for a batch (export round-trip checks and debugging)."""
         slot = self._require(policy_id).slot
         with self.multi.route([slot] * input_ids.shape[0]):
-            return self.base(input_ids=input_ids).logits.float()
+            return self.base(input_ids=input_ids.to(self.device)).logits.float().cpu()
 
     @_locked
     def sample_many(
@@ -338,19 +382,21 @@ class MultiPolicyTrainer:
         `stop_at_eos=False` always samples `max_new_tokens` (fixed-size work for benchmarks)."""
         reqs = [SampleRequest(prompt, None if pid is None else self._policy(pid).slot, n)
                 for prompt, pid, n in requests]
-        eos = int(self.tokenizer.eos_token_id) if stop_at_eos else -1  # -1: no token matches
+        eos = end_ids(self.tokenizer, self.base) if stop_at_eos else frozenset()
         return sample_many(self.base, self.multi, reqs, max_new_tokens=max_new_tokens,
-                           temperature=self.temperature, eos_id=eos, pad_id=self._pad_id,
+                           temperature=self.temperature, eos_ids=eos, pad_id=self._pad_id,
                            seed=seed)
 
     @_locked
     def adapter_state(self, policy_id: str) -> dict[str, torch.Tensor]:
         """PEFT saved-key format (adapter name stripped), ready to export as a revision."""
-        return self.multi.export(self._require(policy_id).slot)
+        policy = self._require(policy_id)
+        return export_targeted(self.multi, policy.slot, policy.training.lora)
 
     def _set_weights(self, policy: _Policy, tensors: dict[str, torch.Tensor]) -> None:
         try:
-            self.multi.load(policy.slot, tensors)
+            self.multi.load(policy.slot, complete(self.multi, policy.slot,
+                                                  policy.training.lora, tensors))
         except ValueError as exc:
             raise PoisonEventError(str(exc)) from exc
 
@@ -361,7 +407,7 @@ class MultiPolicyTrainer:
         """Start (or restart) a policy from exported weights with a fresh optimizer."""
         policy = self._policy(policy_id)
         self._set_weights(policy, tensors)
-        policy.optimizer = self._new_optimizer(policy.params)
+        policy.optimizer = self._new_optimizer(policy.params, policy.training.lr)
         if step is not None:
             policy.steps = step
 
@@ -369,20 +415,34 @@ class MultiPolicyTrainer:
     def save_checkpoint(self, policy_id: str, directory: Path) -> None:
         """Adapter + AdamW moments as safetensors, hyper-params + step as JSON (no pickle)."""
         policy = self._require(policy_id)
-        ckpt_io.save(directory, policy_id=policy_id, step=policy.steps, lora=self.lora,
+        ckpt_io.save(directory, policy_id=policy_id, step=policy.steps, lora=policy.training.lora,
                      adapter=self.adapter_state(policy_id), optimizer=policy.optimizer,
-                     keys=list(self.multi.export(policy.slot)),
+                     keys=list(self.adapter_state(policy_id)),
                      shapes=[list(p.shape) for p in policy.params])
 
     @_locked
     def load_checkpoint(self, policy_id: str, directory: Path) -> None:
         """Resume exactly where save_checkpoint left off (weights, moments, step)."""
-        ckpt = ckpt_io.load(directory, self.lora)
+        ckpt = ckpt_io.load(directory, self.training_of(policy_id).lora)
         policy = self._policy(policy_id)
         shapes = ckpt.meta.get("shapes")
         if shapes is not None and shapes != [list(p.shape) for p in policy.params]:
             raise PoisonEventError(f"checkpoint in {directory} has other parameter shapes")
         self._set_weights(policy, ckpt.adapter)
-        policy.optimizer = self._new_optimizer(policy.params)
+        policy.optimizer = self._new_optimizer(policy.params, policy.training.lr)
         ckpt.restore_optimizer(policy.optimizer, len(policy.params))
         policy.steps = ckpt.step
+
+
+def _sliding_window(config: Any) -> int | None:
+    """The window of a model whose layers mix full and sliding-window attention, else None."""
+    types = getattr(config, "layer_types", None) or ()
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window and "sliding_attention" in types else None
+
+
+def _batch_to(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    return dataclasses.replace(batch, cmask=batch.cmask.to(device), old=batch.old.to(device),
+                               adv=batch.adv.to(device))

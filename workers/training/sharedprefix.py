@@ -40,11 +40,26 @@ class Packed:
         """Padded decoder tokens of the pass (what activation memory scales with)."""
         return int(self.ids.numel())
 
-    def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
+    def attention_mask(self, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
         """Additive 4-D mask [S, 1, W, W] (0 where allowed, the dtype's min elsewhere): HF
-        passes a 4-D mask through as-is, to SDPA and eager attention alike."""
-        blocked = torch.full(self.allowed.shape, torch.finfo(dtype).min, dtype=dtype)
-        return blocked.masked_fill(self.allowed, 0.0)[:, None]
+        passes a 4-D mask through as-is, to SDPA and eager attention alike. `window`: a
+        sliding-window layer's mask (a key at most `window - 1` positions back, as HF's)."""
+        allowed = self.allowed
+        if window is not None:
+            back = self.positions[:, :, None] - self.positions[:, None, :]
+            allowed = allowed & (back < window) | torch.eye(allowed.shape[-1], dtype=torch.bool,
+                                                            device=allowed.device)
+        blocked = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype,
+                             device=allowed.device)
+        return blocked.masked_fill(allowed, 0.0)[:, None]
+
+    def to(self, device: torch.device) -> Packed:
+        """The same layout on `device` (the trainer's)."""
+        if device.type == "cpu":
+            return self
+        return Packed(self.ids.to(device), self.positions.to(device), self.allowed.to(device),
+                      self.slots, self.seq.to(device), self.pos.to(device),
+                      self.targets.to(device), self.rows.to(device), self.cols.to(device))
 
 
 def _row_parts(batch: Batch) -> list[tuple[int, int]]:
