@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     from streams.cli import catalog as catalog_cli
     from streams.cli import commands
     from streams.cli import engine as serving_cli
+    from streams.cli import gateway as gateway_cli
     from streams.cli import guards as guard_cli
     from streams.cli import infra as infra_cli
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     catalog_cli.register(sub)
     guard_cli.register(sub)
     serving_cli.register(sub)
+    gateway_cli.register(sub)
     return parser
 
 

@@ -11,6 +11,13 @@ Resolution, in order:
    active (`ColdLoadTimeout`) or failed (`AdapterLoadFailed`).
 Because SGLang re-loads any name it has seen before, this check, not an unload, is what keeps a
 retired or unknown adapter from being served.
+
+`route_name` places an already resolved serve name (the gateway resolves a policy, a pinned
+`policy@rev` or the base itself, in the same round trip that tells it the namespace). A busy
+front door may cache the live-engine list for `engines_ttl_s` and refresh a demand score at most
+every `touch_interval_s` per engine and name (0 = every request, the default), so a warm request
+costs one Redis round trip here. A request that finds the engine no longer has its adapter
+(`report_lost`) tells that engine's controller, which reloads it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,12 @@ from workers.serving.client import AsyncSGLangClient, Generation, SGLangError
 from workers.serving.residency import Residency
 
 MAX_POLL_S = 0.2
+
+
+def adapter_missing(exc: SGLangError) -> bool:
+    """The engine refused because it does not have the named adapter (SGLang's message for a
+    name it never loaded, which is every name after a restart)."""
+    return exc.status in (400, 404) and "never been loaded" in exc.message
 
 
 class RouterError(LorastreamError):
@@ -78,13 +91,17 @@ class Router:
     """Places requests using the controllers' published states; one per process."""
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None, *,
-                 cold_timeout_s: float = 30.0, poll_s: float = 0.01) -> None:
+                 cold_timeout_s: float = 30.0, poll_s: float = 0.01,
+                 engines_ttl_s: float = 0.0, touch_interval_s: float = 0.0) -> None:
         self.settings = settings
         self.r = client or redis.Redis.from_url(settings.redis_url)
         self.index = CatalogIndex(settings, self.r)
         self.cold_timeout_s, self.poll_s = cold_timeout_s, poll_s
+        self.engines_ttl_s, self.touch_interval_s = engines_ttl_s, touch_interval_s
         self.stats = RouterStats()
         self._clients: dict[str, AsyncSGLangClient] = {}
+        self._engine_cache: tuple[float, dict[str, str]] = (0.0, {})
+        self._touched: dict[tuple[str, str], float] = {}
 
     async def close(self) -> None:
         for client in self._clients.values():
@@ -99,7 +116,11 @@ class Router:
         return resolved.serve_name if resolved.revision > 0 else None
 
     async def route(self, policy_id: str) -> Route:
-        name = self.serving_name(policy_id)
+        return await self.route_name(self.serving_name(policy_id))
+
+    async def route_name(self, name: str | None) -> Route:
+        """Place a resolved serve name (None: the bare base model) on an engine holding it,
+        or wait, bounded, for its scheduled cold load."""
         engines = await self._engines()
         if name is None:
             self.stats.base += 1
@@ -126,18 +147,30 @@ class Router:
         self.stats.cold_wait_s.append(time.perf_counter() - started)
         return Route(engine, engines[engine], name, cold=True, ticket=ticket)
 
+    def report_lost(self, route: Route) -> None:
+        """The engine answered that it does not have the route's adapter (it restarted or
+        evicted it behind its controller's back): its controller reloads it."""
+        if route.serve_name is not None:
+            self.r.sadd(engine_key(self.settings, route.engine_id, "lost"), route.serve_name)
+            self._engine_cache = (0.0, {})
+
     def release(self, route: Route) -> None:
         """A cold route's request is done: it no longer holds its adapter in the working set."""
         if route.ticket is not None:
             self.r.zrem(engine_key(self.settings, route.engine_id, "waiting"), route.ticket)
 
     async def _engines(self) -> dict[str, str]:
-        """Live engines; while none is registered (e.g. at start-up) wait, bounded."""
+        """Live engines (cached up to `engines_ttl_s`); while none is registered (e.g. at
+        start-up) wait, bounded."""
+        fetched_at, cached = self._engine_cache
+        if cached and time.monotonic() - fetched_at < self.engines_ttl_s:
+            return cached
         deadline = time.monotonic() + self.cold_timeout_s
         while not (engines := live_engines(self.settings, self.r)):
             if time.monotonic() >= deadline:
                 raise NoEngineError(f"no live engine registered within {self.cold_timeout_s} s")
             await asyncio.sleep(self.poll_s)
+        self._engine_cache = (time.monotonic(), engines)
         return engines
 
     def _states(self, name: str, engines: list[str]) -> list[str | None]:
@@ -146,13 +179,20 @@ class Router:
             pipe.hget(engine_key(self.settings, engine, "states"), name)
         return [s.decode() if s is not None else None for s in pipe.execute()]
 
-    def _touch(self, engine: str, name: str) -> None:
+    def _touch(self, engine: str, name: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and self.touch_interval_s > 0:
+            if now - self._touched.get((engine, name), -1e9) < self.touch_interval_s:
+                return
+            if len(self._touched) > 100_000:  # bounded: forget old touches wholesale
+                self._touched.clear()
+            self._touched[(engine, name)] = now
         self.r.zadd(engine_key(self.settings, engine, "demand"), {name: time.time()})
 
     async def _wait_active(self, engine: str, name: str) -> None:
         """Schedule the cold load and wait for the controller's verdict, bounded."""
         key = engine_key(self.settings, engine, "states")
-        self._touch(engine, name)
+        self._touch(engine, name, force=True)
         deadline = time.monotonic() + self.cold_timeout_s
         interval = self.poll_s
         while True:
@@ -187,8 +227,11 @@ class Router:
                     prompts, lora_path=route.serve_name, sampling_params=sampling_params,
                     return_logprob=return_logprob)
             except SGLangError as exc:
-                # Lost a race with an unload (the engine no longer knows the name): re-route.
-                if attempt == 1 or "never been loaded" not in exc.message:
+                # Lost a race with an unload, or the engine restarted: re-route.
+                if not adapter_missing(exc):
+                    raise
+                self.report_lost(route)
+                if attempt == 1:
                     raise
             finally:
                 self.release(route)
