@@ -19,11 +19,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from workers.serving.gateway.apikeys import ApiKey
 from workers.serving.gateway.service import Call, Gateway, GatewayError
 
 log = logging.getLogger(__name__)
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
-KEY = "api_key"
+KEY: web.RequestKey[ApiKey] = web.RequestKey("api_key", ApiKey)
 OPEN_PATHS = frozenset({"/health"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

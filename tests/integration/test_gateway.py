@@ -1,0 +1,134 @@
+"""The gateway on the real broker and Redis, over CPU engines: the official `openai` client,
+streaming, keys per namespace, feedback into `interactions`, promotion seen at once, online
+rollback from production feedback, and an engine restart."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import safetensors.torch
+
+from infra.settings import Settings
+from tests.helpers import wait_for
+from tests.integration.worker_support import read_topic
+from tests.serving_support import base_dir, make_adapter
+from tests.support.catalog import evaluate_and_promote, record
+from tests.support.gateway import ServingStack, engine
+from workers.artifacts.store import WEIGHTS_FILE, ArtifactStore, adapter_config
+from workers.catalog.writer import Catalog
+from workers.models.base import LoraSpec
+from workers.serving.client import SGLangClient
+from workers.serving.gateway.apikeys import ApiKeys
+from workers.serving.server import ServerThread
+
+__all__ = ["base_dir"]
+ASK = [{"role": "user", "content": "hello there"}]
+
+
+def publish(catalog: Catalog, base: Path, tmp: Path, policy: str, revision: int, seed: int,
+            namespace: str = "default") -> None:
+    """Export a revision into the artifact store, record and promote it (export + promote)."""
+    src = make_adapter(base, tmp / f"{policy}-{revision}", seed=seed, scale=0.5)
+    tensors = safetensors.torch.load_file(str(src / WEIGHTS_FILE))
+    ref = ArtifactStore(catalog.settings.artifacts).put_adapter(
+        tensors, adapter_config(LoraSpec(), str(base)))
+    if namespace != "default" and catalog.index.get(policy) is None:
+        from schemas.catalog import LoraConfig
+        from tests.support.catalog import BASE_HASH
+
+        catalog.register(policy, base_model="tiny", base_model_hash=BASE_HASH,
+                         lora=LoraConfig(rank=1, alpha=2.0, target_modules=("q_proj",)),
+                         namespace=namespace)
+    assert record(catalog, policy, ref.sha256, step=revision) == revision
+    evaluate_and_promote(catalog, policy, revision)
+
+
+@pytest.fixture
+def engines(base_dir: Path) -> Iterator[list[ServerThread]]:
+    servers = [engine(base_dir)]
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+def client(stack: ServingStack, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0)
+
+
+def test_openai_client_streaming_keys_and_feedback(
+        settings: Settings, catalog: Catalog, base_dir: Path, tmp_path: Path,
+        engines: list[ServerThread]) -> None:
+    publish(catalog, base_dir, tmp_path, "alice", 1, seed=1)
+    publish(catalog, base_dir, tmp_path, "carol", 1, seed=5, namespace="other")
+    keys = ApiKeys(settings)
+    secret, _ = keys.create("default", "test")
+    other, _ = keys.create("other")
+    with ServingStack(settings, engines) as stack:
+        oa = client(stack, secret)
+        first = oa.chat.completions.create(model="alice", messages=ASK, max_tokens=6,
+                                           temperature=0.0)
+        assert first.model == "alice@1" and first.id.startswith("chatcmpl-")
+        assert first.usage is not None and first.usage.completion_tokens > 0
+        direct = SGLangClient(engines[0].url).chat_completion(
+            ASK, base_model="x", max_tokens=6, temperature=0.0)
+        assert first.choices[0].message.content != direct["choices"][0]["message"]["content"]
+
+        chunks = list(oa.chat.completions.create(
+            model="alice", messages=ASK, max_tokens=6, temperature=0.0, stream=True,
+            stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == first.choices[0].message.content
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+        assert {c.model for c in chunks} == {"alice@1"}
+
+        completion = oa.completions.create(model="alice@1", prompt="hi", max_tokens=3,
+                                           temperature=0.0)
+        assert completion.model == "alice@1" and completion.choices[0].text is not None
+        assert {m.id for m in oa.models.list()} >= {"alice"}
+        assert "carol" not in {m.id for m in oa.models.list()}
+
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            oa.chat.completions.create(model="mallory", messages=ASK, max_tokens=2)
+        with pytest.raises(openai.NotFoundError):  # another namespace's policy looks unknown
+            client(stack, other).chat.completions.create(model="alice", messages=ASK)
+        assert client(stack, other).chat.completions.create(
+            model="carol", messages=ASK, max_tokens=2).model == "carol@1"
+        with pytest.raises(openai.AuthenticationError):
+            client(stack, "lsk-nope-nope").chat.completions.create(model="alice", messages=ASK)
+
+        receipt = oa.post("/feedback", cast_to=dict,
+                          body={"id": first.id, "score": 0.5})
+        assert receipt["policy"] == "alice" and receipt["revision"] == 1
+        fixed = oa.chat.completions.create(model="alice", messages=ASK, max_tokens=4)
+        oa.post("/feedback", cast_to=dict, body={"id": fixed.id, "score": -1.0,
+                                                 "correction": "hi!"})
+        with pytest.raises(openai.ConflictError):
+            oa.post("/feedback", cast_to=dict, body={"id": first.id, "score": -0.5})
+        with pytest.raises(openai.NotFoundError):  # other namespaces cannot rate it
+            client(stack, other).post("/feedback", cast_to=dict,
+                                      body={"id": first.id, "score": 1.0})
+
+        logged = wait_for(lambda: len(e := read_topic(settings, "interactions")) >= 2 and e,
+                          30, message="feedback on interactions")
+        by_id = {e["answer_id"]: e for e in logged}
+        assert by_id[first.id]["task"] == "feedback" and by_id[first.id]["feedback"] == 0.5
+        assert by_id[first.id]["served_revision"] == 1
+        assert by_id[first.id]["prompt"] == "hello there"
+        assert by_id[first.id]["response"] == first.choices[0].message.content
+        assert by_id[fixed.id]["task"] == "reference" and by_id[fixed.id]["reference"] == "hi!"
+        served = wait_for(lambda: len(e := read_topic(settings, "served")) >= 4 and e, 30,
+                          message="answers on served")
+        assert {e["revision"] for e in served if e["policy_id"] == "alice"} == {1}
+        assert all(e["completion_tokens"] > 0 and e["latency_ms"] > 0 for e in served)
+
+        # A promotion is seen by the next request; a pinned revision still answers.
+        publish(catalog, base_dir, tmp_path, "alice", 2, seed=2)
+        assert oa.chat.completions.create(model="alice", messages=ASK,
+                                          max_tokens=2).model == "alice@2"
+        assert oa.chat.completions.create(model="alice@1", messages=ASK,
+                                          max_tokens=2).model == "alice@1"
+        with pytest.raises(openai.NotFoundError):
+            oa.chat.completions.create(model="alice@9", messages=ASK, max_tokens=2)
