@@ -132,3 +132,76 @@ def test_openai_client_streaming_keys_and_feedback(
                                           max_tokens=2).model == "alice@1"
         with pytest.raises(openai.NotFoundError):
             oa.chat.completions.create(model="alice@9", messages=ASK, max_tokens=2)
+
+
+def test_production_feedback_rolls_back_a_worse_revision(
+        settings: Settings, catalog: Catalog, base_dir: Path, tmp_path: Path,
+        engines: list[ServerThread]) -> None:
+    run = settings.model_copy(update={"feedback_rollback_min_count": 3,
+                                      "feedback_rollback_window": 5})
+    publish(catalog, base_dir, tmp_path, "alice", 1, seed=1)
+    secret, _ = ApiKeys(run).create("default")
+    with ServingStack(run, engines) as stack:
+        oa = client(stack, secret)
+
+        def rate(score: float) -> dict:
+            answer = oa.chat.completions.create(model="alice", messages=ASK, max_tokens=2)
+            return oa.post("/feedback", cast_to=dict, body={"id": answer.id, "score": score})
+
+        assert [rate(0.8)["revision"] for _ in range(3)] == [1, 1, 1]
+        publish(catalog, base_dir, tmp_path, "alice", 2, seed=2)
+        receipts = [rate(-0.5) for _ in range(3)]
+        assert [r["revision"] for r in receipts] == [2, 2, 2]
+        assert [r["rolled_back_to"] for r in receipts] == [None, None, 1]
+        # The same path as `lorastream rollback`: catalog, hot set, and a PolicyRolledBack.
+        assert catalog.index.get("alice").serving == 1  # type: ignore[union-attr]
+        rolled = wait_for(lambda: [e for e in read_topic(run, "promotions")
+                                   if e.get("kind") == "policy_rolled_back"], 30)
+        assert rolled[0]["from_revision"] == 2 and rolled[0]["to_revision"] == 1
+        assert "production feedback" in rolled[0]["reason"]
+        assert oa.chat.completions.create(model="alice", messages=ASK,
+                                          max_tokens=2).model == "alice@1"
+
+
+def test_engine_restart_is_noticed_and_adapters_reloaded(
+        settings: Settings, catalog: Catalog, base_dir: Path, tmp_path: Path,
+        engines: list[ServerThread]) -> None:
+    publish(catalog, base_dir, tmp_path, "alice", 1, seed=1)
+    secret, _ = ApiKeys(settings).create("default")
+    with ServingStack(settings, engines) as stack:
+        oa = client(stack, secret)
+        want = oa.chat.completions.create(model="alice", messages=ASK, max_tokens=5,
+                                          temperature=0.0)
+        port = int(engines[0].url.rsplit(":", 1)[1])
+        engines[0].stop()  # a crash: the engine comes back empty on the same address
+        engines[0] = engine(base_dir, port=port)
+        try:  # at once: the right adapter or a 503, never the bare base model in its place
+            early = oa.chat.completions.create(model="alice", messages=ASK, max_tokens=5,
+                                               temperature=0.0)
+            assert early.choices[0].message.content == want.choices[0].message.content
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 503 and exc.response.headers["Retry-After"]
+        direct = SGLangClient(engines[0].url)
+        wait_for(lambda: "alice@1" in {m["id"] for m in direct.models()}, 30,
+                 message="the controller to reload alice@1 on the restarted engine")
+        again = oa.chat.completions.create(model="alice", messages=ASK, max_tokens=5,
+                                           temperature=0.0)
+        assert again.model == "alice@1"
+        assert again.choices[0].message.content == want.choices[0].message.content
+
+
+def test_unavailable_adapters_are_503_with_retry_after_never_the_base(
+        settings: Settings, catalog: Catalog, base_dir: Path, tmp_path: Path,
+        engines: list[ServerThread]) -> None:
+    publish(catalog, base_dir, tmp_path, "eve", 1, seed=3)
+    sha = catalog.index.serving("eve").sha256
+    weights = ArtifactStore(settings.artifacts).adapter_path(str(sha)) / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # corrupt at rest
+    secret, _ = ApiKeys(settings).create("default")
+    with ServingStack(settings, engines) as stack:
+        oa = client(stack, secret)
+        with pytest.raises(openai.APIStatusError) as failed:
+            oa.chat.completions.create(model="eve", messages=ASK, max_tokens=2)
+        assert failed.value.status_code == 503
+        assert failed.value.response.headers["Retry-After"] == "30"
+        assert "sha256" in failed.value.message
