@@ -205,3 +205,24 @@ def test_unavailable_adapters_are_503_with_retry_after_never_the_base(
         assert failed.value.status_code == 503
         assert failed.value.response.headers["Retry-After"] == "30"
         assert "sha256" in failed.value.message
+
+
+def test_keys_cli_create_list_revoke(settings: Settings, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import orjson
+
+    from streams.cli.main import main
+
+    monkeypatch.setenv("LORASTREAM_REDIS_PREFIX", settings.redis_prefix)
+    assert main(["keys", "create", "--namespace", "team-a", "--name", "ci", "--json"]) == 0
+    made = orjson.loads(capsys.readouterr().out)
+    keys = ApiKeys(settings)
+    assert keys.check(made["key"]).namespace == "team-a"  # type: ignore[union-attr]
+    stored = settings.redis_url and keys.r.hget(keys.keys.api_keys(), made["key_id"])
+    assert made["key"].encode() not in stored  # type: ignore[operator]  # only its hash
+    assert main(["keys", "list", "--json"]) == 0
+    listed = orjson.loads(capsys.readouterr().out)
+    assert [(k["key_id"], k["namespace"]) for k in listed] == [(made["key_id"], "team-a")]
+    assert main(["keys", "revoke", made["key_id"]]) == 0
+    assert keys.check(made["key"]) is None
+    assert main(["keys", "revoke", made["key_id"]]) == 1

@@ -52,25 +52,29 @@ class TopN:
     """Which policies get their own label: the `n` with the most traffic.
 
     Space-Saving: at most `table` policies are counted; a new one replaces the least counted
-    and inherits its count (+1), so a policy's count overestimates by at most that floor. A
-    policy outside the labelled set takes the place of the least counted labelled one once its
-    count is higher."""
+    and inherits its count (+1), so a policy's count overestimates by at most what it
+    inherited. A policy outside the labelled set takes the place of the least counted labelled
+    one once its guaranteed count (count minus what it inherited) is higher, so a flood of
+    one-off names never takes a label."""
 
     def __init__(self, n: int = 50, table: int | None = None) -> None:
         self.n, self.table = n, table or max(8 * n, 64)
         self.counts: dict[str, int] = {}
+        self.inherited: dict[str, int] = {}
         self.labelled: set[str] = set()
 
     def admit(self, policy: str) -> tuple[str, str | None]:
         """(label for this request, a policy that lost its label now or None)."""
         count = self.counts.get(policy)
         if count is None:
+            count = 0
             if len(self.counts) >= self.table:
                 victim = min((p for p in self.counts if p not in self.labelled),
                              key=self.counts.__getitem__, default=None)
                 if victim is not None:
                     count = self.counts.pop(victim)
-            count = count or 0
+                    self.inherited.pop(victim, None)
+            self.inherited[policy] = count
         self.counts[policy] = count + 1
         if policy in self.labelled:
             return policy, None
@@ -78,7 +82,7 @@ class TopN:
             self.labelled.add(policy)
             return policy, None
         weakest = min(self.labelled, key=self.counts.__getitem__)
-        if self.counts[policy] <= self.counts[weakest]:
+        if self.counts[policy] - self.inherited.get(policy, 0) <= self.counts[weakest]:
             return OTHER, None
         self.labelled.discard(weakest)
         self.labelled.add(policy)
