@@ -226,3 +226,34 @@ def test_keys_cli_create_list_revoke(settings: Settings, monkeypatch: pytest.Mon
     assert main(["keys", "revoke", made["key_id"]]) == 0
     assert keys.check(made["key"]) is None
     assert main(["keys", "revoke", made["key_id"]]) == 1
+
+
+def test_in_flight_requests_finish_on_the_revision_they_started_on(
+        settings: Settings, catalog: Catalog, base_dir: Path, tmp_path: Path,
+        engines: list[ServerThread]) -> None:
+    import threading
+
+    publish(catalog, base_dir, tmp_path, "alice", 1, seed=1)
+    secret, _ = ApiKeys(settings).create("default")
+    with ServingStack(settings, engines) as stack:
+        oa = client(stack, secret)
+        for seed in range(20):  # a seeded sample long enough to promote during it
+            long = {"model": "alice", "messages": ASK, "max_tokens": 300, "seed": seed}
+            want = oa.chat.completions.create(**long)  # type: ignore[call-overload]
+            if want.usage.completion_tokens >= 100:
+                break
+        assert want.usage.completion_tokens >= 100
+        result: list = []
+        worker = threading.Thread(target=lambda: result.append(
+            oa.chat.completions.create(**long)))  # type: ignore[call-overload]
+        worker.start()
+        registry = engines[0].engine.registry
+        wait_for(lambda: (ref := registry.get("alice@1")) is not None and ref.in_flight > 0,
+                 30, interval=0.005, message="the long request in flight on alice@1")
+        publish(catalog, base_dir, tmp_path, "alice", 2, seed=2)
+        assert oa.chat.completions.create(model="alice", messages=ASK,
+                                          max_tokens=2).model == "alice@2"
+        worker.join(60)
+        (old,) = result
+        assert old.model == "alice@1"
+        assert old.choices[0].message.content == want.choices[0].message.content
