@@ -90,3 +90,46 @@ def test_a_whole_answer_becomes_openai_chunks() -> None:
     for chunk in text:
         observe_chunk(outcome, chunk)
     assert outcome.text == "yo" and outcome.finish_reason == "stop"
+
+
+async def test_streamed_engine_answers_pass_through_as_chunks() -> None:
+    """An engine that streams (SGLang does) is relayed chunk by chunk; an error chunk raises."""
+    import orjson
+    from aiohttp import web
+
+    from workers.serving.gateway.upstream import Upstream, UpstreamError
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        assert body["stream"] and body["stream_options"] == {"include_usage": True}
+        for piece in ("he", "llo"):
+            chunk = {"id": "u", "object": "chat.completion.chunk", "model": body["model"],
+                     "choices": [{"index": 0, "delta": {"content": piece},
+                                  "finish_reason": None}]}
+            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        if body["model"] == "broken":
+            await resp.write(b'data: {"error": {"message": "boom"}}\n\n')
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", sse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    upstream = Upstream()
+    try:
+        outcome = Outcome()
+        async for chunk in upstream.stream(url, "/v1/chat/completions", {"model": "m"}):
+            observe_chunk(outcome, chunk)
+        assert outcome.text == "hello" and outcome.chunks == 2
+        with pytest.raises(UpstreamError, match="boom"):
+            async for _ in upstream.stream(url, "/v1/chat/completions", {"model": "broken"}):
+                pass
+    finally:
+        await upstream.close()
+        await runner.cleanup()

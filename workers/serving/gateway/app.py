@@ -99,7 +99,7 @@ async def _stream(request: web.Request, gateway: Gateway, kind: str,
 
 
 async def handle_models(request: web.Request) -> web.Response:
-    return web.json_response(request.app[GATEWAY].models(request[KEY]))
+    return web.json_response(await request.app[GATEWAY].models(request[KEY]))
 
 
 async def handle_feedback(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ controller and placed again once; it is never answered by the base model in its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import orjson
 import redis
 from aiokafka import AIOKafkaProducer
@@ -32,6 +34,7 @@ from workers.catalog.index import CatalogIndex
 from workers.catalog.online import observe_feedback
 from workers.catalog.writer import Catalog
 from workers.serving import adapter_metrics as am
+from workers.serving.assignment import live_engines
 from workers.serving.gateway.answers import (
     Answer,
     AnswerStore,
@@ -113,6 +116,14 @@ class Gateway:
         self._producer = AIOKafkaProducer(**aiokafka_config(self.settings), acks="all",
                                           linger_ms=5)
         await self._producer.start()
+        await self.learn_base_ids()
+
+    async def learn_base_ids(self) -> None:
+        """Ask live engines for their served model id (the name the base model answers to);
+        best effort: an engine that is not up yet is asked on its first request."""
+        for url in live_engines(self.settings, self.r).values():
+            with contextlib.suppress(UpstreamError, OSError, aiohttp.ClientError, TimeoutError):
+                await self.upstream.base_id(url)
 
     async def close(self) -> None:
         if self._producer is not None:
@@ -140,8 +151,10 @@ class Gateway:
                                code="invalid_api_key")
         return key
 
-    def models(self, key: ApiKey) -> dict[str, Any]:
+    async def models(self, key: ApiKey) -> dict[str, Any]:
         """The key's namespace's policies, each with the revision it serves."""
+        if not self.upstream.base_ids:
+            await self.learn_base_ids()
         policies = self.index.namespace_policies(key.namespace)
         serving = self.index.serving_names(policies)
         base = next(iter(self.upstream.base_ids.values()), "base")
