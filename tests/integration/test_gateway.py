@@ -10,8 +10,11 @@ from pathlib import Path
 import openai
 import pytest
 import safetensors.torch
+from prometheus_client import REGISTRY
 
 from infra.settings import Settings
+from streams.sdk.gateway import GatewayClient
+from streams.sdk.gateway import GatewayError as SdkError
 from tests.helpers import wait_for
 from tests.integration.worker_support import read_topic
 from tests.serving_support import base_dir, make_adapter
@@ -133,6 +136,16 @@ def test_openai_client_streaming_keys_and_feedback(
         with pytest.raises(openai.NotFoundError):
             oa.chat.completions.create(model="alice@9", messages=ASK, max_tokens=2)
 
+        # Per-adapter metrics on both sides (one registry here: gateway and engine in-process).
+        for component in ("gateway", "engine"):
+            labels = {"component": component, "policy": "alice", "revision": "1"}
+            assert (REGISTRY.get_sample_value("lorastream_adapter_requests_total", labels)
+                    or 0) >= 3
+            assert (REGISTRY.get_sample_value("lorastream_adapter_tokens_total",
+                                               {**labels, "direction": "out"}) or 0) > 0
+        assert (REGISTRY.get_sample_value("lorastream_adapter_errors_total", {
+            "component": "gateway", "policy": "-", "revision": "-", "code": "404"}) or 0) >= 1
+
 
 def test_production_feedback_rolls_back_a_worse_revision(
         settings: Settings, catalog: Catalog, base_dir: Path, tmp_path: Path,
@@ -142,11 +155,11 @@ def test_production_feedback_rolls_back_a_worse_revision(
     publish(catalog, base_dir, tmp_path, "alice", 1, seed=1)
     secret, _ = ApiKeys(run).create("default")
     with ServingStack(run, engines) as stack:
-        oa = client(stack, secret)
+        sdk = GatewayClient(stack.url, secret)
 
-        def rate(score: float) -> dict:
-            answer = oa.chat.completions.create(model="alice", messages=ASK, max_tokens=2)
-            return oa.post("/feedback", cast_to=dict, body={"id": answer.id, "score": score})
+        def rate(score: float) -> dict:  # through the SDK this time
+            answer = sdk.chat("alice", "hello there", max_tokens=2)
+            return sdk.feedback(answer.id, score)
 
         assert [rate(0.8)["revision"] for _ in range(3)] == [1, 1, 1]
         publish(catalog, base_dir, tmp_path, "alice", 2, seed=2)
@@ -159,8 +172,10 @@ def test_production_feedback_rolls_back_a_worse_revision(
                                    if e.get("kind") == "policy_rolled_back"], 30)
         assert rolled[0]["from_revision"] == 2 and rolled[0]["to_revision"] == 1
         assert "production feedback" in rolled[0]["reason"]
-        assert oa.chat.completions.create(model="alice", messages=ASK,
-                                          max_tokens=2).model == "alice@1"
+        assert sdk.chat("alice", "hello", max_tokens=2).revision == 1
+        with pytest.raises(SdkError) as refused:
+            sdk.feedback("chatcmpl-nope", 1.0)
+        assert refused.value.status == 404
 
 
 def test_engine_restart_is_noticed_and_adapters_reloaded(
