@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 import safetensors.torch
+from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client import REGISTRY
 
 from infra.settings import Settings
@@ -28,7 +30,7 @@ from workers.serving.gateway.apikeys import ApiKeys
 from workers.serving.server import ServerThread
 
 __all__ = ["base_dir"]
-ASK = [{"role": "user", "content": "hello there"}]
+ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there"}]
 
 
 def publish(catalog: Catalog, base: Path, tmp: Path, policy: str, revision: int, seed: int,
@@ -57,6 +59,10 @@ def engines(base_dir: Path) -> Iterator[list[ServerThread]]:
         s.stop()
 
 
+def _at_least(events: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    return events if len(events) >= n else []
+
+
 def client(stack: ServingStack, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0)
 
@@ -76,7 +82,7 @@ def test_openai_client_streaming_keys_and_feedback(
         assert first.model == "alice@1" and first.id.startswith("chatcmpl-")
         assert first.usage is not None and first.usage.completion_tokens > 0
         direct = SGLangClient(engines[0].url).chat_completion(
-            ASK, base_model="x", max_tokens=6, temperature=0.0)
+            [dict(m) for m in ASK], base_model="x", max_tokens=6, temperature=0.0)
         assert first.choices[0].message.content != direct["choices"][0]["message"]["content"]
 
         chunks = list(oa.chat.completions.create(
@@ -114,15 +120,15 @@ def test_openai_client_streaming_keys_and_feedback(
             client(stack, other).post("/feedback", cast_to=dict,
                                       body={"id": first.id, "score": 1.0})
 
-        logged = wait_for(lambda: len(e := read_topic(settings, "interactions")) >= 2 and e,
-                          30, message="feedback on interactions")
+        logged = wait_for(lambda: _at_least(read_topic(settings, "interactions"), 2), 30,
+                          message="feedback on interactions")
         by_id = {e["answer_id"]: e for e in logged}
         assert by_id[first.id]["task"] == "feedback" and by_id[first.id]["feedback"] == 0.5
         assert by_id[first.id]["served_revision"] == 1
         assert by_id[first.id]["prompt"] == "hello there"
         assert by_id[first.id]["response"] == first.choices[0].message.content
         assert by_id[fixed.id]["task"] == "reference" and by_id[fixed.id]["reference"] == "hi!"
-        served = wait_for(lambda: len(e := read_topic(settings, "served")) >= 4 and e, 30,
+        served = wait_for(lambda: _at_least(read_topic(settings, "served"), 4), 30,
                           message="answers on served")
         assert {e["revision"] for e in served if e["policy_id"] == "alice"} == {1}
         assert all(e["completion_tokens"] > 0 and e["latency_ms"] > 0 for e in served)
