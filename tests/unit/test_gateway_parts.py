@@ -49,6 +49,7 @@ def test_serve_names_split_into_labels() -> None:
 
 def test_feedback_parsing_and_the_interaction_it_becomes() -> None:
     assert parse_feedback({"id": "chatcmpl-1", "score": 1}) == ("chatcmpl-1", 1.0, None)
+    bad: object
     for bad in ({"id": "x", "score": 2}, {"id": "x", "score": True}, {"score": 0.1},
                 {"id": "x", "score": 0, "correction": " "}, []):
         with pytest.raises(FeedbackError):
