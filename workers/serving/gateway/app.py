@@ -16,11 +16,13 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from workers.serving.gateway.apikeys import ApiKey
 from workers.serving.gateway.service import Call, Gateway, GatewayError
+from workers.serving.gateway.upstream import UpstreamError
 
 log = logging.getLogger(__name__)
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
@@ -81,20 +83,24 @@ async def _stream(request: web.Request, gateway: Gateway, kind: str,
     await resp.prepare(request)
     usage = bool((body.get("stream_options") or {}).get("include_usage"))
     try:
-        async for chunk in chunks:
-            if chunk.get("usage") and not chunk.get("choices"):
-                if not usage:
-                    continue
-            elif not usage:
-                chunk.pop("usage", None)
-            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-    except Exception as exc:  # headers are out: the error goes in the stream, as OpenAI does
-        log.warning("stream of %s failed: %s", call.answer_id, exc)
-        err = {"error": {"message": str(exc), "type": "server_error", "param": None,
-                         "code": None}}
-        await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
+        try:
+            async for chunk in chunks:
+                if chunk.get("usage") and not chunk.get("choices"):
+                    if not usage:
+                        continue
+                elif not usage:
+                    chunk.pop("usage", None)
+                await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        except (UpstreamError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            # The headers are out: the error goes in the stream, as OpenAI does.
+            log.warning("stream of %s failed: %s", call.answer_id, exc)
+            err = {"error": {"message": str(exc), "type": "server_error", "param": None,
+                             "code": None}}
+            await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+    finally:  # also when the client went away: the route is released, nothing is recorded
+        await chunks.aclose()
     return resp
 
 

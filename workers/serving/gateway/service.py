@@ -17,7 +17,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,7 +225,7 @@ class Gateway:
         raise AssertionError("unreachable")
 
     async def open_stream(self, kind: str, body: dict[str, Any], key: ApiKey
-                          ) -> tuple[Call, AsyncIterator[dict[str, Any]]]:
+                          ) -> tuple[Call, AsyncGenerator[dict[str, Any], None]]:
         """Start a streamed answer; its first chunk has arrived (or failed) when this returns,
         so nothing has been sent to the client before an error is known."""
         for attempt in (0, 1):
@@ -236,6 +236,7 @@ class Gateway:
                 first = await anext(chunks)
             except UpstreamError as exc:
                 self.router.release(call.route)
+                await chunks.aclose()
                 if not self._lost(call, exc, attempt):
                     raise self._upstream_error(call, exc) from exc
                 continue
@@ -243,7 +244,8 @@ class Gateway:
         raise AssertionError("unreachable")
 
     async def _relay(self, call: Call, first: dict[str, Any],
-                     chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+                     chunks: AsyncGenerator[dict[str, Any], None]
+                     ) -> AsyncGenerator[dict[str, Any], None]:
         try:
             chunk: dict[str, Any] | None = first
             while chunk is not None:
@@ -252,6 +254,7 @@ class Gateway:
                 chunk = await anext(chunks, None)
         finally:
             self.router.release(call.route)
+            await chunks.aclose()  # the engine's response, also when the client went away
         await self.finish(call)
 
     def _lost(self, call: Call, exc: UpstreamError, attempt: int) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,7 +98,7 @@ class Upstream:
         return out
 
     async def stream(self, url: str, path: str, body: dict[str, Any]
-                     ) -> AsyncIterator[dict[str, Any]]:
+                     ) -> AsyncGenerator[dict[str, Any], None]:
         """The engine's answer as OpenAI chunk objects (without the final [DONE]). The first
         chunk is awaited before anything is yielded, so an engine's refusal raises here."""
         payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
