@@ -152,7 +152,11 @@ class Router:
         evicted it behind its controller's back): its controller reloads it."""
         if route.serve_name is not None:
             self.r.sadd(engine_key(self.settings, route.engine_id, "lost"), route.serve_name)
-            self._engine_cache = (0.0, {})
+            self.forget_engines()
+
+    def forget_engines(self) -> None:
+        """Drop the cached live-engine list (an engine stopped answering)."""
+        self._engine_cache = (0.0, {})
 
     def release(self, route: Route) -> None:
         """A cold route's request is done: it no longer holds its adapter in the working set."""

@@ -63,6 +63,7 @@ from workers.serving.router import (
 
 log = logging.getLogger(__name__)
 PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+UNREACHABLE = (aiohttp.ClientConnectionError, OSError, TimeoutError)
 
 
 class GatewayError(Exception):
@@ -201,7 +202,8 @@ class Gateway:
 
     async def _engine_body(self, call: Call) -> dict[str, Any]:
         # Only the gateway names adapters: a client's `lora_path` could bypass namespaces.
-        body = {k: v for k, v in call.body.items() if "lora" not in k and k != "stream"}
+        body = {k: v for k, v in call.body.items()
+                if "lora" not in k and k not in ("stream", "stream_options")}
         body["model"] = await self.upstream.model(call.route.url, call.target.serve_name)
         return body
 
@@ -216,6 +218,9 @@ class Gateway:
             except UpstreamError as exc:
                 if not self._lost(call, exc, attempt):
                     raise self._upstream_error(call, exc) from exc
+                continue
+            except UNREACHABLE as exc:
+                self._unreachable(call, exc, attempt)
                 continue
             finally:
                 self.router.release(call.route)
@@ -234,10 +239,12 @@ class Gateway:
                                           await self._engine_body(call))
             try:
                 first = await anext(chunks)
-            except UpstreamError as exc:
+            except (UpstreamError, *UNREACHABLE) as exc:
                 self.router.release(call.route)
                 await chunks.aclose()
-                if not self._lost(call, exc, attempt):
+                if not isinstance(exc, UpstreamError):
+                    self._unreachable(call, exc, attempt)
+                elif not self._lost(call, exc, attempt):
                     raise self._upstream_error(call, exc) from exc
                 continue
             return call, self._relay(call, first, chunks)
@@ -267,6 +274,18 @@ class Gateway:
         raise GatewayError(503, f"{call.target.label} is being reloaded on "
                            f"{call.route.engine_id}", type_="server_error",
                            code="adapter_loading", retry_after=1.0)
+
+    def _unreachable(self, call: Call, exc: BaseException, attempt: int) -> None:
+        """The engine did not answer (it died after its controller last reported): place the
+        request again once, with a fresh view of the live engines; then 503."""
+        log.warning("engine %s unreachable for %s: %r", call.route.engine_id, call.answer_id,
+                    exc)
+        self.router.forget_engines()
+        if attempt == 1:
+            self.metrics.failed(call.metric_name, 503)
+            raise GatewayError(503, f"engine {call.route.engine_id} is unreachable",
+                               type_="server_error", code="engine_unreachable",
+                               retry_after=1.0) from exc
 
     def _upstream_error(self, call: Call, exc: UpstreamError) -> GatewayError:
         self.metrics.failed(call.metric_name, exc.status)
