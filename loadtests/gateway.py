@@ -17,7 +17,10 @@ Last stdout line: {"policies", "requests", "requests_per_s", "p50_ms", "p99_ms",
 "feedback_events", "feedback_to_interaction_p99_ms"}, plus "feedback_found", "max_tokens" and
 the same ratio over warm requests only ("warm_p50_ms", "warm_direct_p50_ms",
 "warm_overhead_p50_ratio"): a cold request's wait for its adapter is placement, not the
-gateway's own cost, and the direct request after it always finds the adapter loaded.
+gateway's own cost, and the direct request after it always finds the adapter loaded. On a
+shared machine latency ratios move with other processes' load, so it also reports CPU time per
+request: the gateway process's ("gateway_cpu_ms_per_request") and the engines' per request they
+answered, gateway and direct counted ("engine_cpu_ms_per_request").
 """
 
 from __future__ import annotations
@@ -65,11 +68,15 @@ class Tally:
     error_samples: list[str] = field(default_factory=list)
     feedback_sent: dict[str, float] = field(default_factory=dict)
     feedback_seen: dict[str, float] = field(default_factory=dict)
+    cpu_s: list[float] = field(default_factory=list)
+    """CPU seconds over the measured window: gateway, engine 0, engine 1."""
 
 
-def spawn(settings: Settings, args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def spawn(settings: Settings, args: list[str], log_path: Path,
+          profile: str | None = None) -> subprocess.Popen[bytes]:
+    prefix = ["-m", "cProfile", "-o", profile] if profile else []
     with open(log_path, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "streams.cli", *args],
+        return subprocess.Popen([sys.executable, *prefix, "-m", "streams.cli", *args],
                                 env={**os.environ, **settings_env(settings)}, cwd=REPO_ROOT,
                                 stdout=out, stderr=subprocess.STDOUT)
 
@@ -155,7 +162,15 @@ async def client_loop(args: argparse.Namespace, gw: str, key: str, engines: dict
                         tally.errors += 1
 
 
-async def traffic(args: argparse.Namespace, settings: Settings, gw: str, key: str) -> Tally:
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used: its cost independent of how busy the
+    machine is."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def traffic(args: argparse.Namespace, settings: Settings, gw: str, key: str,
+                  pids: list[int]) -> Tally:
     r = redis.Redis.from_url(settings.redis_url)
     engines = live_engines(settings, r)
     bases: dict[str, str] = {}
@@ -172,8 +187,12 @@ async def traffic(args: argparse.Namespace, settings: Settings, gw: str, key: st
     t_measure, t_end = now + args.warmup, now + args.warmup + args.duration
     streams = [[f"u{perm[k]}" for k in ranks[j::args.concurrency]]
                for j in range(args.concurrency)]
-    await asyncio.gather(*(client_loop(args, gw, key, engines, bases, streams[j], tally,
-                                       t_measure, t_end) for j in range(args.concurrency)))
+    loops = asyncio.gather(*(client_loop(args, gw, key, engines, bases, streams[j], tally,
+                                         t_measure, t_end) for j in range(args.concurrency)))
+    await asyncio.sleep(args.warmup)
+    before = [cpu_s(p) for p in pids]
+    await loops
+    tally.cpu_s = [cpu_s(p) - b for p, b in zip(pids, before, strict=True)]
     deadline = time.monotonic() + 60
     while (set(tally.feedback_sent) - set(tally.feedback_seen)) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
@@ -195,7 +214,8 @@ async def run(args: argparse.Namespace, settings: Settings, work: Path) -> dict[
                 "engine", "--port", str(port), "--engine-id", f"e{i}", "--base-model", str(base),
                 "--max-loaded-loras", str(args.slots), "--max-loras-per-batch", "8",
                 "--max-lora-rank", "2", "--num-threads", "1"], work / f"engine{i}.log"))
-        procs.append(spawn(settings, ["gateway", "--port", str(args.port)], work / "gw.log"))
+        procs.append(spawn(settings, ["gateway", "--port", str(args.port)], work / "gw.log",
+                           args.profile))
         gw = f"http://127.0.0.1:{args.port}"
         for port in (args.port + 1, args.port + 2):
             await wait_http(f"http://127.0.0.1:{port}/health")
@@ -203,13 +223,15 @@ async def run(args: argparse.Namespace, settings: Settings, work: Path) -> dict[
         while len(live_engines(settings, r)) < 2:
             await asyncio.sleep(0.1)
         log(f"{args.policies} policies, 2 engines, gateway up; {args.warmup}+{args.duration} s")
-        tally = await traffic(args, settings, gw, key)
+        tally = await traffic(args, settings, gw, key, [procs[2].pid, procs[0].pid,
+                                                        procs[1].pid])
     finally:
         for proc in procs:
             stop_child(proc, 15)
     if tally.error_samples:
         log(f"errors, e.g.: {tally.error_samples}")
     p50, d50 = pct(tally.gateway_ms, 50), pct(tally.direct_ms, 50)
+    n = len(tally.gateway_ms)
     warm_gw = pct([g for g, _ in tally.warm_pairs], 50)
     warm_direct = pct([d for _, d in tally.warm_pairs], 50)
     lags = [(tally.feedback_seen[a] - t) * 1e3 for a, t in tally.feedback_sent.items()
@@ -223,7 +245,10 @@ async def run(args: argparse.Namespace, settings: Settings, work: Path) -> dict[
             "feedback_events": len(tally.feedback_sent), "feedback_found": len(lags),
             "feedback_to_interaction_p99_ms": pct(lags, 99), "max_tokens": args.max_tokens,
             "warm_p50_ms": warm_gw, "warm_direct_p50_ms": warm_direct,
-            "warm_overhead_p50_ratio": round(warm_gw / warm_direct, 3) if warm_direct else None}
+            "warm_overhead_p50_ratio": round(warm_gw / warm_direct, 3) if warm_direct else None,
+            "gateway_cpu_ms_per_request": round(tally.cpu_s[0] * 1e3 / n, 2) if n else None,
+            "engine_cpu_ms_per_request": round(sum(tally.cpu_s[1:]) * 1e3 / (2 * n), 2)
+            if n else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feedback-every", type=int, default=10)
     parser.add_argument("--port", type=int, default=18800)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", help="run the gateway under cProfile, writing this file")
     args = parser.parse_args(argv)
     tag = f"gwbench{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="gateway-") as tmp:

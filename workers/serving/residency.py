@@ -31,7 +31,6 @@ import time
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import aiohttp
@@ -41,19 +40,10 @@ from infra.settings import Settings
 from workers.artifacts.store import ArtifactStore
 from workers.catalog.index import CatalogIndex
 from workers.serving import metrics
-from workers.serving.assignment import assign_hot_set, engine_key, register_engine
+from workers.serving.assignment import Residency, assign_hot_set, engine_key, register_engine
 from workers.serving.client import AsyncSGLangClient, SGLangError
 
 log = logging.getLogger(__name__)
-
-
-class Residency(StrEnum):
-    QUEUED = "queued"
-    LOADING = "loading"
-    ACTIVE = "active"
-    DRAINING = "draining"
-    EVICTED = "evicted"
-    FAILED = "failed"
 
 
 ALLOWED: dict[Residency | None, frozenset[Residency]] = {

@@ -35,9 +35,8 @@ import redis
 from infra.settings import Settings
 from schemas.errors import LorastreamError
 from workers.catalog.index import CatalogIndex
-from workers.serving.assignment import engine_key, live_engines, rank_engines
+from workers.serving.assignment import Residency, engine_key, live_engines, rank_engines
 from workers.serving.client import AsyncSGLangClient, Generation, SGLangError
-from workers.serving.residency import Residency
 
 MAX_POLL_S = 0.2
 

@@ -31,6 +31,10 @@ OPEN_PATHS = frozenset({"/health"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
 def error_response(exc: GatewayError) -> web.Response:
     headers = {"Retry-After": str(math.ceil(exc.retry_after))} if exc.retry_after else None
     body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param,
@@ -72,7 +76,7 @@ async def handle_completion(request: web.Request) -> web.StreamResponse:
     if body.get("stream"):
         return await _stream(request, gateway, kind, body)
     call, out = await gateway.answer(kind, body, request[KEY])
-    return web.json_response(out, headers=_headers(call))
+    return web.json_response(out, headers=_headers(call), dumps=_dumps)
 
 
 async def _stream(request: web.Request, gateway: Gateway, kind: str,

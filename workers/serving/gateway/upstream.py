@@ -9,13 +9,13 @@ here, so clients always get the shape they asked for.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
 
 
 class UpstreamError(RuntimeError):
@@ -90,8 +90,8 @@ class Upstream:
             raw = await resp.read()
             status = resp.status
         try:
-            out = json.loads(raw) if raw else None
-        except ValueError:
+            out = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
             out = raw.decode(errors="replace")
         if status != 200 or not isinstance(out, dict):
             raise UpstreamError(status, error_message(out))
@@ -117,7 +117,7 @@ class Upstream:
                 data = data[5:].strip()
                 if data == b"[DONE]":
                     return
-                chunk = json.loads(data)
+                chunk = orjson.loads(data)
                 if isinstance(chunk, dict) and "error" in chunk:
                     raise UpstreamError(502, error_message(chunk))
                 yield chunk
