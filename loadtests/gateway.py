@@ -6,7 +6,9 @@ processes (CPU engine + residency controller, tiny base model, one intra-op thre
 afterwards. Policies are promoted through the catalog index exactly as the writer applies its
 records (no broker round trip per policy, as in `loadtests.residency`).
 
-Each of `--concurrency` clients loops for `--warmup` + `--duration` seconds: pick a policy by
+The engines first load the hot set they are assigned (`--slots` each; 512 holds all 1,000
+policies, as a long-running deployment would; `--slots 64` shows the cold path too). Each of
+`--concurrency` clients loops for `--warmup` + `--duration` seconds: pick a policy by
 Zipf rank, ask the gateway (`/v1/chat/completions`, `--max-tokens`, temperature 0), then send the
 same request straight to the engine that answered (its header names it) with the engine's own
 model name for that revision: `direct_*` is what the same traffic costs without the gateway,
@@ -50,7 +52,7 @@ from loadtests.residency import make_artifacts, pct, populate
 from workers.artifacts.store import ArtifactStore
 from workers.catalog.index import CatalogIndex
 from workers.models.base import build_tiny_model
-from workers.serving.assignment import live_engines
+from workers.serving.assignment import engine_key, live_engines
 from workers.serving.gateway.apikeys import ApiKeys
 
 
@@ -74,14 +76,17 @@ class Tally:
 
 def spawn(settings: Settings, args: list[str], log_path: Path,
           profile: str | None = None) -> subprocess.Popen[bytes]:
-    prefix = ["-m", "cProfile", "-o", profile] if profile else []
+    # CPU time, not wall time: on a shared machine waiting is not the gateway's cost.
+    cmd = ["-c", "import cProfile, sys, time; from streams.cli.main import main; "
+           "p = cProfile.Profile(time.process_time); p.runcall(main, sys.argv[2:]); "
+           "p.dump_stats(sys.argv[1])", profile] if profile else ["-m", "streams.cli"]
     with open(log_path, "ab") as out:
-        return subprocess.Popen([sys.executable, *prefix, "-m", "streams.cli", *args],
+        return subprocess.Popen([sys.executable, *cmd, *args],
                                 env={**os.environ, **settings_env(settings)}, cwd=REPO_ROOT,
                                 stdout=out, stderr=subprocess.STDOUT)
 
 
-async def wait_http(url: str, timeout: float = 120.0) -> None:
+async def wait_http(url: str, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as s:
         while True:
@@ -201,6 +206,19 @@ async def traffic(args: argparse.Namespace, settings: Settings, gw: str, key: st
     return tally
 
 
+async def preload(settings: Settings, r: redis.Redis, want: int, timeout: float = 600) -> float:
+    """Wait until the controllers have loaded the hot set they were assigned (every serving
+    revision, up to the engines' slots): the working set a long-running deployment holds."""
+    started, deadline = time.perf_counter(), time.monotonic() + timeout
+    while True:
+        active = sum(sum(v == b"active" for v in r.hvals(  # type: ignore[union-attr]
+            engine_key(settings, e, "states"))) for e in live_engines(settings, r))
+        if active >= want or time.monotonic() > deadline:
+            log(f"{active} adapters active after {time.perf_counter() - started:.1f} s")
+            return time.perf_counter() - started
+        await asyncio.sleep(0.5)
+
+
 async def run(args: argparse.Namespace, settings: Settings, work: Path) -> dict[str, object]:
     r = redis.Redis.from_url(settings.redis_url)
     base = build_tiny_model(work / "tiny")
@@ -222,6 +240,7 @@ async def run(args: argparse.Namespace, settings: Settings, work: Path) -> dict[
         await wait_http(f"{gw}/health")
         while len(live_engines(settings, r)) < 2:
             await asyncio.sleep(0.1)
+        preload_s = await preload(settings, r, min(args.policies, 2 * args.slots))
         log(f"{args.policies} policies, 2 engines, gateway up; {args.warmup}+{args.duration} s")
         tally = await traffic(args, settings, gw, key, [procs[2].pid, procs[0].pid,
                                                         procs[1].pid])
@@ -237,6 +256,7 @@ async def run(args: argparse.Namespace, settings: Settings, work: Path) -> dict[
     lags = [(tally.feedback_seen[a] - t) * 1e3 for a, t in tally.feedback_sent.items()
             if a in tally.feedback_seen]
     return {"policies": args.policies, "requests": len(tally.gateway_ms),
+            "slots_per_engine": args.slots, "preload_s": round(preload_s, 1),
             "requests_per_s": round(len(tally.gateway_ms) / args.duration, 1),
             "p50_ms": p50, "p99_ms": pct(tally.gateway_ms, 99),
             "direct_p50_ms": d50, "direct_p99_ms": pct(tally.direct_ms, 99),
@@ -256,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="(always on) end with JSON")
     parser.add_argument("--policies", type=int, default=1000)
     parser.add_argument("--distinct", type=int, default=16)
-    parser.add_argument("--slots", type=int, default=64)
+    parser.add_argument("--slots", type=int, default=512,
+                        help="adapters per engine (512: all 1,000 policies resident)")
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--warmup", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=4)

@@ -256,8 +256,17 @@ class CatalogIndex:
     def lookup(self, policy_id: str, revision: int | None = None) -> Lookup | None:
         """Namespace and the serving (or the pinned `revision`) revision, in one round trip;
         None for a policy the catalog does not know."""
-        got = self._lookup(keys=[self.key(policy_id)],
-                           args=["" if revision is None else str(revision)])
+        return self.parse_lookup(policy_id, self._lookup(
+            keys=[self.key(policy_id)], args=["" if revision is None else str(revision)]))
+
+    def lookup_in(self, pipe: Any, policy_id: str, revision: int | None = None) -> None:
+        """Queue `lookup` on a pipeline (so a caller can fetch more in the same round trip);
+        parse its result with `parse_lookup`."""
+        self._lookup(keys=[self.key(policy_id)],
+                     args=["" if revision is None else str(revision)], client=pipe)
+
+    @staticmethod
+    def parse_lookup(policy_id: str, got: Any) -> Lookup | None:
         if got is None:
             return None
         namespace = got[0].decode().split("\0")[0]

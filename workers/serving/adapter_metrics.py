@@ -16,6 +16,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import Counter, Histogram
 
@@ -100,6 +101,8 @@ class AdapterMetrics:
     _top: TopN = field(init=False)
     _series: dict[str, dict[str, set[tuple[str, ...]]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _children: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
+    """(policy, revision) -> its labelled series (label lookups cost more than the update)."""
 
     def __post_init__(self) -> None:
         self._top = TopN(self.top)
@@ -129,6 +132,7 @@ class AdapterMetrics:
             self._remove(policy, revision, extras)
 
     def _remove(self, policy: str, revision: str, extras: set[tuple[str, ...]]) -> None:
+        self._children.pop((policy, revision), None)
         base = (self.component, policy, revision)
         for metric in (REQUESTS, TTFT, LATENCY):
             _quiet_remove(metric, base)
@@ -140,14 +144,21 @@ class AdapterMetrics:
                  latency_s: float, ttft_s: float | None = None) -> None:
         policy, revision = self.labels(*split_serve_name(name))
         with self._lock:
-            self._note(policy, revision, ("direction", "in"))
-            self._note(policy, revision, ("direction", "out"))
-        base = (self.component, policy, revision)
-        REQUESTS.labels(*base).inc()
-        TOKENS.labels(*base, "in").inc(prompt_tokens)
-        TOKENS.labels(*base, "out").inc(completion_tokens)
-        LATENCY.labels(*base).observe(latency_s)
-        TTFT.labels(*base).observe(latency_s if ttft_s is None else ttft_s)
+            children = self._children.get((policy, revision))
+            if children is None:
+                self._note(policy, revision, ("direction", "in"))
+                self._note(policy, revision, ("direction", "out"))
+                base = (self.component, policy, revision)
+                children = (REQUESTS.labels(*base), TOKENS.labels(*base, "in"),
+                            TOKENS.labels(*base, "out"), LATENCY.labels(*base),
+                            TTFT.labels(*base))
+                self._children[(policy, revision)] = children
+        requests, tokens_in, tokens_out, latency, ttft = children
+        requests.inc()
+        tokens_in.inc(prompt_tokens)
+        tokens_out.inc(completion_tokens)
+        latency.observe(latency_s)
+        ttft.observe(latency_s if ttft_s is None else ttft_s)
 
     def failed(self, name: str | None, code: int) -> None:
         policy, revision = self.labels(*split_serve_name(name))

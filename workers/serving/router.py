@@ -117,16 +117,33 @@ class Router:
     async def route(self, policy_id: str) -> Route:
         return await self.route_name(self.serving_name(policy_id))
 
-    async def route_name(self, name: str | None) -> Route:
+    def states_in(self, pipe: Any, name: str) -> list[str]:
+        """Queue the residency states of `name` on the cached live engines (none cached: none
+        queued) on a pipeline; returns those engines, in the order their states come back.
+        A caller that fetches them with its own lookup passes them to `route_name`."""
+        fetched_at, cached = self._engine_cache
+        if not cached or time.monotonic() - fetched_at >= self.engines_ttl_s:
+            return []
+        engines = sorted(cached)
+        for engine in engines:
+            pipe.hget(engine_key(self.settings, engine, "states"), name)
+        return engines
+
+    async def route_name(self, name: str | None,
+                         prefetched: dict[str, str | None] | None = None) -> Route:
         """Place a resolved serve name (None: the bare base model) on an engine holding it,
-        or wait, bounded, for its scheduled cold load."""
+        or wait, bounded, for its scheduled cold load. `prefetched`: the name's states per
+        engine, fetched by the caller (`states_in`), saving a round trip."""
         engines = await self._engines()
         if name is None:
             self.stats.base += 1
             engine = random.choice(sorted(engines))
             return Route(engine, engines[engine], None, cold=False)
         ranked = rank_engines(name, engines)
-        states = self._states(name, ranked)
+        if prefetched is not None and all(e in prefetched for e in ranked):
+            states = [prefetched[e] for e in ranked]
+        else:
+            states = self._states(name, ranked)
         holders = [e for e, s in zip(ranked, states, strict=True) if s == Residency.ACTIVE]
         if holders:
             self.stats.hits += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from workers.catalog.index import CatalogIndex
+from workers.catalog.index import Lookup
 
 POLICY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 BASE_ALIASES = frozenset({"base"})
@@ -37,14 +37,20 @@ class Target:
         return f"{self.policy_id}@{self.revision}" if self.policy_id else "base"
 
 
-def resolve(index: CatalogIndex, model: str, namespace: str, base_ids: set[str]) -> Target:
-    """Resolve `model` for a key of `namespace`, or raise ModelNotFound."""
+def parse_model(model: str, base_ids: set[str]) -> tuple[str, int | None] | None:
+    """(policy, pinned revision or None), or None for the base model; ModelNotFound for a
+    name no policy can have."""
     if model in BASE_ALIASES or model in base_ids:
-        return Target(None, namespace, 0, None)
+        return None
     policy, sep, rev = model.partition("@")
     if not POLICY.match(policy) or (sep and not rev.isdigit()):
         raise ModelNotFound(f"The model `{model}` does not exist.")
-    found = index.lookup(policy, int(rev) if sep else None)
+    return policy, int(rev) if sep else None
+
+
+def check(model: str, found: Lookup | None, namespace: str) -> Target:
+    """The target a lookup found, if a key of `namespace` may use it (else ModelNotFound)."""
+    policy = model.partition("@")[0]
     if found is None or found.namespace != namespace:
         raise ModelNotFound(f"The model `{model}` does not exist.")
     if not found.recorded or found.collected:

@@ -45,7 +45,7 @@ from workers.serving.gateway.answers import (
     prompt_text,
 )
 from workers.serving.gateway.apikeys import ApiKey, ApiKeys, digest
-from workers.serving.gateway.resolve import ModelNotFound, Target, resolve
+from workers.serving.gateway.resolve import ModelNotFound, Target, check, parse_model
 from workers.serving.gateway.upstream import (
     Outcome,
     Upstream,
@@ -112,6 +112,7 @@ class Gateway:
         self._key_cache: dict[str, tuple[float, ApiKey | None]] = {}
         self._producer: AIOKafkaProducer | None = None
         self._catalog: Catalog | None = None
+        self._guesses: dict[str, str | None] = {}
 
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(**aiokafka_config(self.settings), acks="all",
@@ -167,22 +168,40 @@ class Gateway:
         return {"object": "list", "data": data}
 
     # -- answering ---------------------------------------------------------------------------
-    def _target(self, body: dict[str, Any], key: ApiKey) -> Target:
+    def _target(self, body: dict[str, Any], key: ApiKey
+                ) -> tuple[Target, dict[str, str | None] | None]:
+        """Resolve the request's model and, in the same round trip, the residency states of
+        the serve name it resolved to last time (right unless it was just promoted)."""
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "'model' must name a policy, policy@revision or the base "
                                "model", param="model")
         try:
-            return resolve(self.index, model, key.namespace, set(self.upstream.base_ids.values()))
+            parsed = parse_model(model, set(self.upstream.base_ids.values()))
+            if parsed is None:
+                return Target(None, key.namespace, 0, None), None
+            guess = self._guesses.get(model)
+            pipe = self.r.pipeline(transaction=False)
+            self.index.lookup_in(pipe, *parsed)
+            engines = self.router.states_in(pipe, guess) if guess else []
+            got = pipe.execute()
+            target = check(model, self.index.parse_lookup(parsed[0], got[0]), key.namespace)
         except ModelNotFound as exc:
             self.metrics.failed_unresolved(404)
             raise GatewayError(404, str(exc), param="model", code="model_not_found") from exc
+        if len(self._guesses) > 100_000:
+            self._guesses.clear()
+        self._guesses[model] = target.serve_name
+        if not engines or target.serve_name != guess:
+            return target, None
+        return target, {e: v.decode() if v is not None else None
+                        for e, v in zip(engines, got[1:], strict=True)}
 
     async def _place(self, kind: str, body: dict[str, Any], key: ApiKey) -> Call:
-        target = self._target(body, key)
+        target, states = self._target(body, key)
         started = time.perf_counter()
         try:
-            route = await self.router.route_name(target.serve_name)
+            route = await self.router.route_name(target.serve_name, states)
         except (ColdLoadTimeout, NoEngineError) as exc:
             am.COLD_WAITS.labels("timeout").inc()
             self.metrics.failed(target.label if target.policy_id else None, 503)
