@@ -1,9 +1,9 @@
 """The gateway's request path, without HTTP: authenticate, resolve, place, answer, log.
 
-Per warm request: one Redis round trip for the key (cached for `key_cache_s`), one to resolve
-the model (`CatalogIndex.lookup`), one for the residency states (`Router.route_name`, engines
-cached for a moment); then the engine call, and one pipelined write of the answer (for
-feedback). Resolution happens per request, so a request that starts after a promotion or a
+Per warm request: the key's lookup (cached for `key_cache_s`); one Redis round trip that
+resolves the model (`CatalogIndex.lookup_in`) and fetches the residency states of the serve name
+it resolved to last time (`Router.states_in`; a fresh promotion costs one more); then the
+engine call, and one pipelined write of the answer (for feedback). Resolution happens per request, so a request that starts after a promotion or a
 rollback gets the new revision, while requests already routed finish on the old one (an
 engine's unload waits for its in-flight requests). A request whose adapter the engine turns
 out not to have (restart, eviction behind the controller's back) is reported to the
