@@ -54,8 +54,8 @@ class Settings(BaseSettings):
     """Intra-op threads of the embedded engine (0: torch's default, one per core); unused with
     `engine_url`. One by default: the embedded engine shares its process with the trainer's
     thread, and two multi-threaded OpenMP teams in one process make libgomp put every barrier
-    to sleep once their threads outnumber the cores (`workers.serving.cpu_engine`). Measured
-    on 2 cores: the demo's 3 x 128 groups trained in 15.6-15.8 s with 1, 17.3-19.2 s with 2."""
+    to sleep once their threads outnumber the cores (`workers.serving.cpu_engine`; the demo's
+    training with 1 and 2 threads: docs/performance.md)."""
     engine_admin_token: SecretStr | None = None
     """Bearer token an engine requires on /load_lora_adapter and /unload_lora_adapter (SGLang's
     `--admin-api-key`); clients that load adapters send it."""

@@ -45,6 +45,8 @@ def create_app(
 
 def faust_app(settings: Settings, app_id: str) -> faust.App:
     """The Faust app every stage process runs on (also the ingest benchmark's bare baseline)."""
+    datadir = settings.data_dir / "faust"
+    datadir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     return faust.App(
         app_id,
         broker=f"kafka://{settings.bootstrap_servers.replace(',', ';')}",
@@ -57,6 +59,9 @@ def faust_app(settings: Settings, app_id: str) -> faust.App:
         topic_disable_leader=True,
         topic_partitions=settings.partitions,
         web_enabled=False,
+        # Faust keeps per-app state in a directory ("{id}-data" in the working directory by
+        # default); under the git-ignored data directory it never litters a checkout.
+        datadir=str(datadir / "{conf.name}"),
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=settings.heartbeat_interval_s,

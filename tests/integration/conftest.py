@@ -1,25 +1,37 @@
 """Integration fixtures: real Kafka and Redis, one isolated pipeline namespace per test.
 
-Every test gets its own topic prefix, consumer-group prefix (app id) and Redis key prefix, so
-tests never see each other's data and can run against a shared broker; everything is removed
-afterwards (best effort: a failed cleanup must not fail the test).
+Every test gets its own topic prefix, consumer-group prefix (app id) and Redis key prefix
+(`settings`), so tests never see each other's data and can run against a shared broker;
+everything is removed afterwards (tests/support/namespace.py).
+
+`run` is `settings` on the tiny base model, with the settings a test module (or one test)
+asks for through `run_settings` marks:
+
+    pytestmark = pytest.mark.run_settings(group_size=2, update_batch=1)
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
-from infra import admin, services
+from infra import services
 from infra.settings import Settings
+from tests.support import namespace
 from workers.catalog.writer import Catalog
 
 INTEGRATION_DIR = Path(__file__).resolve().parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "run_settings(**overrides): settings the `run` fixture applies on top of "
+        "the test's namespace and the tiny base model (a test's own mark wins over its module's)")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -50,43 +62,19 @@ def infra_settings() -> Settings:
 @pytest.fixture
 def settings(infra_settings: Settings, tmp_path: Path) -> Iterator[Settings]:
     """Settings for one test: unique topic/group/Redis prefixes, 2 partitions, topics created."""
-    tag = f"t{uuid.uuid4().hex[:12]}"
-    overrides = {
-        "topic_prefix": f"{tag}.",
-        "app_id": tag,
-        "redis_prefix": f"{tag}:",
-        "partitions": 2,
-        "data_dir": tmp_path / "data",
-        "artifact_dir": tmp_path / "artifacts",
-    }
-    s = Settings(**{**infra_settings.model_dump(), **overrides})
-    admin.create_topics(s)
+    s = namespace.isolated(infra_settings, tmp_path)
     yield s
-    _cleanup(s)
+    namespace.remove(s)
 
 
-def _cleanup(s: Settings) -> None:
-    """Delete the test's topics, consumer groups and Redis keys; never raises."""
-    steps = (
-        lambda: admin.delete_topics(s, admin.list_topics(s, s.topic_prefix)),
-        lambda: admin.delete_groups(s, s.app_id),
-        lambda: _delete_redis_keys(s),
-    )
-    for step in steps:
-        try:
-            step()
-        except Exception as exc:  # best effort
-            print(f"cleanup of {s.topic_prefix!r} failed: {exc!r}")
-
-
-def _delete_redis_keys(s: Settings) -> None:
-    client = redis.Redis.from_url(s.redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{s.redis_prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+@pytest.fixture
+def run(settings: Settings, tiny_model_dir: Path, request: pytest.FixtureRequest) -> Settings:
+    """`settings` on the tiny base model, plus the test's `run_settings` marks (the module's
+    first, then the test's own)."""
+    overrides: dict[str, Any] = {"base_model": tiny_model_dir}
+    for mark in reversed(list(request.node.iter_markers("run_settings"))):
+        overrides.update(mark.kwargs)
+    return settings.model_copy(update=overrides)
 
 
 @pytest.fixture

@@ -7,18 +7,18 @@ the dedup marks (real Redis) and the stage function are the production ones.
 from __future__ import annotations
 
 import base64
-from typing import Any
 
 import orjson
 import pytest
+from faust.types import AgentT, ChannelT
 
 from infra.settings import Settings
 from schemas import DeadLetter, InteractionLogged, RolloutGenerated, RolloutRewarded, decode_event
 from schemas.codec import encode_event
 from schemas.events import Completion
-from tests.integration.stage_support import in_process_stage
+from tests.support.stages import in_process_stage
 
-AgentUnderTest = tuple[Any, Any, Any]
+AgentUnderTest = tuple[AgentT, ChannelT, ChannelT]
 """(agent, subscription to its sink, subscription to its dead letters)."""
 
 
@@ -33,11 +33,11 @@ def _rollout(policy: str = "alice", task: str = "length") -> RolloutGenerated:
     )
 
 
-async def _drain(subscriber: object, count: int) -> list[bytes]:
+async def _drain(subscriber: ChannelT, count: int) -> list[bytes]:
     """The next `count` values sent to a channel (through a subscription made beforehand)."""
     out = []
     for _ in range(count):
-        event = await subscriber.get(timeout=10)  # type: ignore[attr-defined]
+        event = await subscriber.get(timeout=10)
         out.append(event.value)
     return out
 
@@ -93,7 +93,7 @@ async def test_redelivered_event_is_processed_once(reward_agent: AgentUnderTest)
         await ctx.put(encode_event(other), key=b"alice")
         outs = [orjson.loads(x) for x in await _drain(sink, 2)]
     assert [o["rollout"]["event_id"] for o in outs] == [ro.event_id, other.event_id]
-    assert sink.empty()  # type: ignore[attr-defined]
+    assert sink.empty()
 
 
 async def test_held_out_batch_is_stored_in_bulk_and_only_once(settings: Settings) -> None:

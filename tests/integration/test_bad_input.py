@@ -20,9 +20,13 @@ import pytest
 from infra.settings import Settings
 from schemas.catalog import LoraConfig
 from schemas.events import MAX_PROMPT_CHARS
-from tests.helpers import wait_for
-from tests.integration.worker_support import produce_raw, read_topic, start_worker, stop_worker
+from tests.support.kafka import produce_raw, read_topic
+from tests.support.processes import start_worker, stop_process
+from tests.support.waiting import wait_for
 from workers.catalog.writer import Catalog
+
+pytestmark = pytest.mark.run_settings(group_size=2, max_new_tokens=4, update_batch=1,
+                                      export_every=1000, require_registered_policies=True)
 
 GOOD = {"policy_id": "alice", "prompt": "hi?", "task": "length",
         "task_params": {"target_chars": 0}}
@@ -43,14 +47,6 @@ BAD_REWARDS = [b"[NaN, 0.5]", b"[Infinity, 0.0]", b"[-Infinity, 1.0]", b"[1e999,
 
 
 @pytest.fixture
-def run(settings: Settings, tiny_model_dir: Path) -> Settings:
-    return settings.model_copy(update={
-        "base_model": tiny_model_dir, "group_size": 2, "max_new_tokens": 4,
-        "update_batch": 1, "export_every": 1000, "require_registered_policies": True,
-    })
-
-
-@pytest.fixture
 def worker(run: Settings, tmp_path: Path) -> Iterator[None]:
     catalog = Catalog(run)
     catalog.register("alice", base_model="tiny", base_model_hash="0" * 64,
@@ -59,7 +55,7 @@ def worker(run: Settings, tmp_path: Path) -> Iterator[None]:
     log = tmp_path / "worker.log"
     proc = start_worker(run, "rollout,reward,update", log)
     yield
-    stop_worker(proc, log)
+    stop_process(proc, log)
 
 
 def _updates(run: Settings) -> list[dict[str, Any]]:

@@ -88,7 +88,8 @@ def test_rollback_cli_moves_serving_hot_set_and_is_published(
     assert index.serving(PID).revision == 1 and index.hot_set() == [f"{PID}@1"]
     entry = catalog.entry(PID)
     assert entry.serving == 1 and entry.revisions[2].state is RevisionState.ROLLED_BACK
-    assert catalog.index.resolve(PID).revision == 1  # type: ignore[union-attr]
+    resolved = catalog.index.resolve(PID)
+    assert resolved is not None and resolved.revision == 1
     promoted = list(tail(settings, "promotions", from_beginning=True, timeout_s=3))
     assert [(p["kind"], p["to_revision"]) for p in promoted] == [("policy_rolled_back", 1)]
     with pytest.raises(IllegalTransitionError):  # a stale evaluation cannot re-promote it

@@ -20,27 +20,17 @@ from infra.settings import Settings
 from schemas.codec import encode_event
 from schemas.events import InteractionLogged
 from streams.app import group_id
-from tests.helpers import wait_for
-from tests.integration.worker_support import (
-    drained,
-    produce_raw,
-    read_topic,
-    start_worker,
-    stop_worker,
-)
+from tests.support.kafka import drained, produce_raw, read_topic
+from tests.support.processes import start_worker, stop_process
+from tests.support.waiting import wait_for
 from workers.artifacts.store import ArtifactStore
 from workers.catalog.index import CatalogIndex
 
+pytestmark = pytest.mark.run_settings(group_size=2, max_new_tokens=4, update_batch=1,
+                                      export_every=2)
+
 TRAIN, EXPORT = "rollout,reward,update", "export"
 N = 6  # interactions = trainer steps (one group per step); export every 2 -> 3 revisions
-
-
-@pytest.fixture
-def run(settings: Settings, tiny_model_dir: Path) -> Settings:
-    return settings.model_copy(update={
-        "base_model": tiny_model_dir, "group_size": 2, "max_new_tokens": 4,
-        "update_batch": 1, "export_every": 2,
-    })
 
 
 def _unique(run: Settings, topic: str, kind: str) -> list[dict[str, Any]]:
@@ -96,15 +86,15 @@ def crash_and_restart(run: Settings, tmp_path: Path, point: str) -> list[Interac
         try:
             assert doomed.wait(240) == 137, f"the worker did not die at {point}"
         finally:
-            stop_worker(doomed, log)
+            stop_process(doomed, log)
         restarted = start_worker(run, doomed_stages, log)
         try:
             wait_for(lambda: _finished(run), 300, interval=0.5,
                      message="both workers consumed everything after the restart")
         finally:
-            stop_worker(restarted, log)
+            stop_process(restarted, log)
     finally:
-        stop_worker(other, other_log)
+        stop_process(other, other_log)
     return interactions
 
 

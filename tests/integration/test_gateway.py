@@ -17,11 +17,11 @@ from prometheus_client import REGISTRY
 from infra.settings import Settings
 from streams.sdk.gateway import GatewayClient
 from streams.sdk.gateway import GatewayError as SdkError
-from tests.helpers import wait_for
-from tests.integration.worker_support import read_topic
-from tests.serving_support import base_dir, make_adapter
+from tests.support.adapters import make_adapter
 from tests.support.catalog import evaluate_and_promote, record
 from tests.support.gateway import ServingStack, engine
+from tests.support.kafka import read_topic
+from tests.support.waiting import wait_for
 from workers.artifacts.store import WEIGHTS_FILE, ArtifactStore, adapter_config
 from workers.catalog.writer import Catalog
 from workers.models.base import LoraSpec
@@ -29,7 +29,6 @@ from workers.serving.client import SGLangClient
 from workers.serving.gateway.apikeys import ApiKeys
 from workers.serving.server import ServerThread
 
-__all__ = ["base_dir"]
 ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there"}]
 
 
@@ -52,8 +51,8 @@ def publish(catalog: Catalog, base: Path, tmp: Path, policy: str, revision: int,
 
 
 @pytest.fixture
-def engines(base_dir: Path) -> Iterator[list[ServerThread]]:
-    servers = [engine(base_dir)]
+def engines(tiny_model_dir: Path) -> Iterator[list[ServerThread]]:
+    servers = [engine(tiny_model_dir)]
     yield servers
     for s in servers:
         s.stop()
@@ -68,10 +67,10 @@ def client(stack: ServingStack, key: str) -> openai.OpenAI:
 
 
 def test_openai_client_streaming_keys_and_feedback(
-        settings: Settings, catalog: Catalog, base_dir: Path, tmp_path: Path,
+        settings: Settings, catalog: Catalog, tiny_model_dir: Path, tmp_path: Path,
         engines: list[ServerThread]) -> None:
-    publish(catalog, base_dir, tmp_path, "alice", 1, seed=1)
-    publish(catalog, base_dir, tmp_path, "carol", 1, seed=5, namespace="other")
+    publish(catalog, tiny_model_dir, tmp_path, "alice", 1, seed=1)
+    publish(catalog, tiny_model_dir, tmp_path, "carol", 1, seed=5, namespace="other")
     keys = ApiKeys(settings)
     secret, _ = keys.create("default", "test")
     other, _ = keys.create("other")
@@ -134,7 +133,7 @@ def test_openai_client_streaming_keys_and_feedback(
         assert all(e["completion_tokens"] > 0 and e["latency_ms"] > 0 for e in served)
 
         # A promotion is seen by the next request; a pinned revision still answers.
-        publish(catalog, base_dir, tmp_path, "alice", 2, seed=2)
+        publish(catalog, tiny_model_dir, tmp_path, "alice", 2, seed=2)
         assert oa.chat.completions.create(model="alice", messages=ASK,
                                           max_tokens=2).model == "alice@2"
         assert oa.chat.completions.create(model="alice@1", messages=ASK,
@@ -154,11 +153,11 @@ def test_openai_client_streaming_keys_and_feedback(
 
 
 def test_production_feedback_rolls_back_a_worse_revision(
-        settings: Settings, catalog: Catalog, base_dir: Path, tmp_path: Path,
+        settings: Settings, catalog: Catalog, tiny_model_dir: Path, tmp_path: Path,
         engines: list[ServerThread]) -> None:
     run = settings.model_copy(update={"feedback_rollback_min_count": 3,
                                       "feedback_rollback_window": 5})
-    publish(catalog, base_dir, tmp_path, "alice", 1, seed=1)
+    publish(catalog, tiny_model_dir, tmp_path, "alice", 1, seed=1)
     secret, _ = ApiKeys(run).create("default")
     with ServingStack(run, engines) as stack:
         sdk = GatewayClient(stack.url, secret)
@@ -168,12 +167,12 @@ def test_production_feedback_rolls_back_a_worse_revision(
             return sdk.feedback(answer.id, score)
 
         assert [rate(0.8)["revision"] for _ in range(3)] == [1, 1, 1]
-        publish(catalog, base_dir, tmp_path, "alice", 2, seed=2)
+        publish(catalog, tiny_model_dir, tmp_path, "alice", 2, seed=2)
         receipts = [rate(-0.5) for _ in range(3)]
         assert [r["revision"] for r in receipts] == [2, 2, 2]
         assert [r["rolled_back_to"] for r in receipts] == [None, None, 1]
         # The same path as `lorastream rollback`: catalog, hot set, and a PolicyRolledBack.
-        assert catalog.index.get("alice").serving == 1  # type: ignore[union-attr]
+        assert catalog.index.serving("alice").revision == 1
         rolled = wait_for(lambda: [e for e in read_topic(run, "promotions")
                                    if e.get("kind") == "policy_rolled_back"], 30)
         assert rolled[0]["from_revision"] == 2 and rolled[0]["to_revision"] == 1
@@ -185,9 +184,9 @@ def test_production_feedback_rolls_back_a_worse_revision(
 
 
 def test_engine_restart_is_noticed_and_adapters_reloaded(
-        settings: Settings, catalog: Catalog, base_dir: Path, tmp_path: Path,
+        settings: Settings, catalog: Catalog, tiny_model_dir: Path, tmp_path: Path,
         engines: list[ServerThread]) -> None:
-    publish(catalog, base_dir, tmp_path, "alice", 1, seed=1)
+    publish(catalog, tiny_model_dir, tmp_path, "alice", 1, seed=1)
     secret, _ = ApiKeys(settings).create("default")
     with ServingStack(settings, engines) as stack:
         oa = client(stack, secret)
@@ -195,7 +194,7 @@ def test_engine_restart_is_noticed_and_adapters_reloaded(
                                           temperature=0.0)
         port = int(engines[0].url.rsplit(":", 1)[1])
         engines[0].stop()  # a crash: the engine comes back empty on the same address
-        engines[0] = engine(base_dir, port=port)
+        engines[0] = engine(tiny_model_dir, port=port)
         try:  # at once: the right adapter or a 503, never the bare base model in its place
             early = oa.chat.completions.create(model="alice", messages=ASK, max_tokens=5,
                                                temperature=0.0)
@@ -212,9 +211,9 @@ def test_engine_restart_is_noticed_and_adapters_reloaded(
 
 
 def test_unavailable_adapters_are_503_with_retry_after_never_the_base(
-        settings: Settings, catalog: Catalog, base_dir: Path, tmp_path: Path,
+        settings: Settings, catalog: Catalog, tiny_model_dir: Path, tmp_path: Path,
         engines: list[ServerThread]) -> None:
-    publish(catalog, base_dir, tmp_path, "eve", 1, seed=3)
+    publish(catalog, tiny_model_dir, tmp_path, "eve", 1, seed=3)
     sha = catalog.index.serving("eve").sha256
     weights = ArtifactStore(settings.artifacts).adapter_path(str(sha)) / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # corrupt at rest
@@ -238,9 +237,10 @@ def test_keys_cli_create_list_revoke(settings: Settings, monkeypatch: pytest.Mon
     assert main(["keys", "create", "--namespace", "team-a", "--name", "ci", "--json"]) == 0
     made = orjson.loads(capsys.readouterr().out)
     keys = ApiKeys(settings)
-    assert keys.check(made["key"]).namespace == "team-a"  # type: ignore[union-attr]
-    stored = settings.redis_url and keys.r.hget(keys.keys.api_keys(), made["key_id"])
-    assert made["key"].encode() not in stored  # type: ignore[operator]  # only its hash
+    found = keys.check(made["key"])
+    assert found is not None and found.namespace == "team-a"
+    stored = keys.r.hget(keys.keys.api_keys(), made["key_id"])
+    assert isinstance(stored, bytes) and made["key"].encode() not in stored  # only its hash
     assert main(["keys", "list", "--json"]) == 0
     listed = orjson.loads(capsys.readouterr().out)
     assert [(k["key_id"], k["namespace"]) for k in listed] == [(made["key_id"], "team-a")]
@@ -250,28 +250,29 @@ def test_keys_cli_create_list_revoke(settings: Settings, monkeypatch: pytest.Mon
 
 
 def test_in_flight_requests_finish_on_the_revision_they_started_on(
-        settings: Settings, catalog: Catalog, base_dir: Path, tmp_path: Path,
+        settings: Settings, catalog: Catalog, tiny_model_dir: Path, tmp_path: Path,
         engines: list[ServerThread]) -> None:
     import threading
 
-    publish(catalog, base_dir, tmp_path, "alice", 1, seed=1)
+    publish(catalog, tiny_model_dir, tmp_path, "alice", 1, seed=1)
     secret, _ = ApiKeys(settings).create("default")
     with ServingStack(settings, engines) as stack:
         oa = client(stack, secret)
         for seed in range(20):  # a seeded sample long enough to promote during it
-            long = {"model": "alice", "messages": ASK, "max_tokens": 300, "seed": seed}
-            want = oa.chat.completions.create(**long)  # type: ignore[call-overload]
-            if want.usage.completion_tokens >= 100:
+            want = oa.chat.completions.create(model="alice", messages=ASK, max_tokens=300,
+                                              seed=seed)
+            if want.usage is not None and want.usage.completion_tokens >= 100:
                 break
-        assert want.usage.completion_tokens >= 100
+        assert want.usage is not None and want.usage.completion_tokens >= 100
         result: list = []
         worker = threading.Thread(target=lambda: result.append(
-            oa.chat.completions.create(**long)))  # type: ignore[call-overload]
+            oa.chat.completions.create(model="alice", messages=ASK, max_tokens=300,
+                                       seed=seed)))
         worker.start()
         registry = engines[0].engine.registry
         wait_for(lambda: (ref := registry.get("alice@1")) is not None and ref.in_flight > 0,
                  30, interval=0.005, message="the long request in flight on alice@1")
-        publish(catalog, base_dir, tmp_path, "alice", 2, seed=2)
+        publish(catalog, tiny_model_dir, tmp_path, "alice", 2, seed=2)
         assert oa.chat.completions.create(model="alice", messages=ASK,
                                           max_tokens=2).model == "alice@2"
         worker.join(60)

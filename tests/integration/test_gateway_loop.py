@@ -12,9 +12,9 @@ from infra.settings import Settings
 from schemas.catalog import LoraConfig
 from schemas.events import InteractionLogged
 from streams.sdk.producer import InteractionProducer
-from tests.helpers import wait_for
-from tests.integration.worker_support import start_worker, stop_worker
 from tests.support.gateway import ServingStack, engine
+from tests.support.processes import start_worker, stop_process
+from tests.support.waiting import wait_for
 from workers.catalog.provenance import cached_base_hash
 from workers.catalog.writer import Catalog
 from workers.models.base import LoraSpec
@@ -59,5 +59,5 @@ def test_feedback_through_the_gateway_trains_and_the_promoted_revision_answers(
             assert after.model == f"alice@{serving}"
     finally:
         server.stop()
-        stop_worker(worker, log)
+        stop_process(worker, log)
         catalog.close()

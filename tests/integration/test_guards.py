@@ -28,13 +28,16 @@ from schemas.events import (
     RolloutGenerated,
     RolloutRewarded,
 )
-from tests.helpers import wait_for
-from tests.integration.stage_support import evaluate_with, export_step, promote_guarded
-from tests.integration.worker_support import produce_raw, read_topic, start_worker, stop_worker
+from tests.support.kafka import produce_raw, read_topic
+from tests.support.processes import start_worker, stop_process
+from tests.support.stages import evaluate_with, export_step, promote_guarded
+from tests.support.waiting import wait_for
 from workers.catalog.index import CatalogIndex
 from workers.pipeline import guards
 from workers.pipeline.context import StageContext
 from workers.pipeline.promote import NotBetterError
+
+pytestmark = pytest.mark.run_settings(update_batch=1, export_every=1000)
 
 
 def _rewarded(policy: str, rewards: list[float], revision: int = 0) -> RolloutRewarded:
@@ -49,17 +52,11 @@ def _rewarded(policy: str, rewards: list[float], revision: int = 0) -> RolloutRe
 
 
 @pytest.fixture
-def run(settings: Settings, tiny_model_dir: Path) -> Settings:
-    return settings.model_copy(update={"base_model": tiny_model_dir, "update_batch": 1,
-                                       "export_every": 1000})
-
-
-@pytest.fixture
 def worker(run: Settings, tmp_path: Path) -> Iterator[None]:
     log = tmp_path / "worker.log"
     proc = start_worker(run, "rollout,update", log)
     yield
-    stop_worker(proc, log)
+    stop_process(proc, log)
 
 
 def _of(run: Settings, topic: str, kind: str) -> list[dict[str, Any]]:
@@ -172,7 +169,7 @@ def test_serving_guards_hold_in_a_worker_process(ctx: StageContext, tmp_path: Pa
         rolled = wait_for(lambda: _of(ctx.settings, "promotions", "policy_rolled_back"), 120,
                           interval=0.5, message="serving rolled back by the reward worker")
     finally:
-        stop_worker(proc, log)
+        stop_process(proc, log)
     assert (rolled[0]["from_revision"], rolled[0]["to_revision"]) == (2, 1)
     assert ctx.index.serving("p").revision == 1
     assert _of(ctx.settings, "promotions", "policy_promoted") == []  # the worker promoted none

@@ -18,7 +18,7 @@ from infra import admin, services
 from infra.settings import REPO_ROOT, Settings
 from infra.topics import PIPELINE_TOPICS, topic_names
 from streams.cli import infra as cli
-from tests.helpers import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

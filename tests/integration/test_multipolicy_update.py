@@ -7,8 +7,6 @@ channels (as in test_agents), so the test sees exactly what the update agent sen
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,9 +16,13 @@ from schemas.codec import encode_event
 from schemas.errors import PoisonEventError, PolicyFailures
 from schemas.events import Completion, RolloutRewarded
 from streams.runner.runner import Received
-from tests.integration.stage_support import in_process_stage
+from tests.support.stages import all_of, in_process_stage
 from workers.pipeline.context import StageContext
 from workers.pipeline.update import update
+from workers.training.grpo import TrainGroup
+from workers.training.multitrainer import StepOutcome
+
+pytestmark = pytest.mark.run_settings(export_every=1, update_batch=2)
 
 BAD_TOKEN = 10**6
 
@@ -39,32 +41,31 @@ def _rewarded(policy: str, i: int, token: int = 5) -> RolloutRewarded:
 
 
 @pytest.fixture
-def ctx(settings: Settings, tiny_model_dir: Path) -> StageContext:
-    run = settings.model_copy(update={"base_model": tiny_model_dir, "export_every": 1,
-                                      "update_batch": 2})
+def ctx(run: Settings) -> StageContext:
     return StageContext.create(run)
 
 
-def _count_passes(ctx: StageContext) -> list[list[str]]:
+def _count_passes(ctx: StageContext, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Record each step_many call's policies (the trainer is real; only observed)."""
     trainer, calls = ctx.trainer, []
     original = trainer.step_many
 
-    def spy(batches: dict[str, Any]) -> Any:
+    def spy(batches: dict[str, list[TrainGroup]]) -> dict[str, StepOutcome]:
         calls.append(sorted(batches))
         return original(batches)
 
-    trainer.step_many = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(trainer, "step_many", spy)
     return calls
 
 
-def test_update_steps_many_policies_in_one_call(ctx: StageContext) -> None:
-    calls = _count_passes(ctx)
+def test_update_steps_many_policies_in_one_call(ctx: StageContext,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_passes(ctx, monkeypatch)
     events = [_rewarded("a", 0), _rewarded("b", 1), _rewarded("a", 2), _rewarded("c", 3)]
-    outputs = update(ctx, events)
+    outputs = all_of(PolicyUpdated, update(ctx, events))
     assert calls == [["a", "b", "c"]]
     assert [(o.policy_id, o.step) for o in outputs] == [("a", 1), ("b", 1), ("c", 1)]
-    a = next(o for o in outputs if isinstance(o, PolicyUpdated) and o.policy_id == "a")
+    a = next(o for o in outputs if o.policy_id == "a")
     assert a.rollout_ids == [events[0].rollout.event_id, events[2].rollout.event_id]
     assert a.checkpoint is not None and ctx.state.checkpoint_step("a") == 1
 
@@ -72,7 +73,7 @@ def test_update_steps_many_policies_in_one_call(ctx: StageContext) -> None:
 def test_a_failing_policy_does_not_cost_the_others_their_step(ctx: StageContext) -> None:
     with pytest.raises(PolicyFailures) as info:
         update(ctx, [_rewarded("a", 0), _rewarded("bad", 1, token=BAD_TOKEN)])
-    assert [o.policy_id for o in info.value.outputs] == ["a"]  # type: ignore[attr-defined]
+    assert [o.policy_id for o in all_of(PolicyUpdated, info.value.outputs)] == ["a"]
     assert isinstance(info.value.failures["bad"], PoisonEventError)
     assert ctx.trainer.steps_done("a") == 1
     with pytest.raises(PoisonEventError):  # alone: the policy's own error, as before
@@ -80,12 +81,12 @@ def test_a_failing_policy_does_not_cost_the_others_their_step(ctx: StageContext)
 
 
 async def test_runner_sends_good_policies_and_dead_letters_only_the_bad(
-    ctx: StageContext,
+    ctx: StageContext, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     agent, runner = in_process_stage(ctx.settings, "update")
     runner.ctx = ctx
     sink, dlq = runner.sink.__aiter__(), runner.dead_letters.__aiter__()
-    calls = _count_passes(ctx)
+    calls = _count_passes(ctx, monkeypatch)
     events = [_rewarded("a", 0), _rewarded("a", 1), _rewarded("a", 2),
               _rewarded("bad", 3, token=BAD_TOKEN), _rewarded("b", 4)]
     raws = [encode_event(e) for e in events]
@@ -94,10 +95,11 @@ async def test_runner_sends_good_policies_and_dead_letters_only_the_bad(
             [Received(raw, "rewards", 0, i) for i, raw in enumerate(raws)]), 60)
     # update_batch=2: round 1 trains a (2 groups), bad, b together; round 2 trains a's third
     assert calls == [["a", "b", "bad"], ["a"]]
-    assert [(o.policy_id, o.step) for o in sent] == [("a", 1), ("b", 1), ("a", 2)]
+    assert [(o.policy_id, o.step) for o in all_of(PolicyUpdated, sent)] == [
+        ("a", 1), ("b", 1), ("a", 2)]
     got = [decode_event(PolicyUpdated, (await sink.get(timeout=10)).value) for _ in sent]
     assert [o.policy_id for o in got] == ["a", "b", "a"]
     letter = DeadLetter.model_validate_json((await dlq.get(timeout=10)).value)
     assert (letter.policy_id, letter.offset, letter.stage) == ("bad", 3, "update")
-    assert dlq.empty()  # type: ignore[attr-defined]
+    assert dlq.empty()
     assert await runner.process_many([Received(raws[4], "rewards", 0, 4)]) == []  # seen

@@ -28,7 +28,7 @@ def test_feedback_rule(settings: Settings, catalog: Catalog, redis_client: redis
     assert [rate(1, 0.5) for _ in range(3)] == [None] * 3  # r1 does not serve: only kept
     # The window keeps r2's newest 4 scores: mean -0.25 vs r1's 0.5 is worse by 0.75.
     assert rate(2, 0.5) == 1
-    assert catalog.index.get("alice").serving == 1  # type: ignore[union-attr]
+    assert catalog.index.serving("alice").revision == 1
     serve(catalog, "alice", "a3" * 32)  # r3 serves, within the margin of r1's 0.5
     assert [rate(3, 0.3) for _ in range(4)] == [None] * 4
     run_off = run.model_copy(update={"feedback_rollback": False})

@@ -6,7 +6,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +17,13 @@ import redis
 from kafka import KafkaProducer, TopicPartition
 
 from infra import admin
-from infra.settings import REPO_ROOT, Settings, settings_env
+from infra.settings import Settings
 from schemas.codec import encode_event
 from schemas.events import AdapterEvaluated, AdapterExported, PolicyPromoted, PolicyUpdated
-from tests.helpers import wait_for
-from tests.integration.ops_helpers import commit, free_port, produce
 from tests.support.catalog import evaluate_and_promote, record
+from tests.support.kafka import commit, produce
+from tests.support.processes import free_port, start_cli, stop_process
+from tests.support.waiting import wait_for
 from workers.catalog.writer import Catalog
 from workers.serving.assignment import engine_key, register_engine
 
@@ -81,20 +81,12 @@ def _write_pipeline(settings: Settings, redis_client: redis.Redis) -> None:
 @pytest.fixture
 def dashboard(settings: Settings, tmp_path: Path) -> Iterator[str]:
     """`lorastream dashboard` as a real process on a free port; yields its base URL."""
-    port = free_port()
-    log = (tmp_path / "dashboard.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "dashboard", "--port", str(port),
-         "--refresh", "0.5"],
-        cwd=REPO_ROOT, env={**os.environ, **settings_env(settings)}, stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    port, log = free_port(), tmp_path / "dashboard.log"
+    proc = start_cli(settings, log, "dashboard", "--port", str(port), "--refresh", "0.5")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
+        stop_process(proc, log)
 
 
 def _get(url: str) -> bytes | None:

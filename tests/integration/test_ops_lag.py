@@ -9,7 +9,8 @@ from kafka import TopicPartition
 
 from infra import admin, services
 from infra.settings import Settings
-from tests.integration.ops_helpers import commit, lorastream, produce
+from tests.support.kafka import commit, produce
+from tests.support.processes import lorastream
 
 pytestmark = pytest.mark.integration
 

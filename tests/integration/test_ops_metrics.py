@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -15,7 +12,7 @@ from kafka import KafkaProducer
 from prometheus_client import REGISTRY
 
 from infra import admin
-from infra.settings import REPO_ROOT, Settings, settings_env
+from infra.settings import Settings
 from schemas.codec import encode_event
 from schemas.events import (
     AdapterEvaluated,
@@ -27,8 +24,8 @@ from schemas.events import (
     RolloutGenerated,
 )
 from streams.ops import metrics
-from tests.helpers import wait_for
-from tests.integration.ops_helpers import free_port
+from tests.support.processes import free_port, start_worker, stop_process
+from tests.support.waiting import wait_for
 from workers.serving import metrics as serving_metrics
 
 pytestmark = pytest.mark.integration
@@ -81,24 +78,13 @@ def _rollout(policy_id: str) -> RolloutGenerated:
 @pytest.fixture
 def reward_worker(settings: Settings, tmp_path: Path) -> Iterator[int]:
     """`lorastream worker --stages reward --metrics-port P` as a real process; yields P."""
-    port = free_port()
-    log = (tmp_path / "worker.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "worker", "--stages", "reward",
-         "--metrics-port", str(port), "--lag-interval", "0.5"],
-        cwd=REPO_ROOT, env={**os.environ, **settings_env(settings)}, stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    port, log = free_port(), tmp_path / "worker.log"
+    proc = start_worker(settings, "reward", log, "--metrics-port", str(port),
+                        "--lag-interval", "0.5")
     try:
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_process(proc, log)
 
 
 def test_worker_serves_stage_metrics_and_lag(settings: Settings, reward_worker: int) -> None:

@@ -8,11 +8,10 @@ a malformed event must land in the dead-letter topic without stopping the stream
 from __future__ import annotations
 
 import base64
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import orjson
 import pytest
@@ -21,56 +20,44 @@ from kafka import KafkaProducer
 from peft import PeftModel
 
 from infra.admin import consumer_lag
-from infra.settings import REPO_ROOT, Settings, settings_env
+from infra.settings import Settings
 from schemas import InteractionLogged
 from streams.app import group_id
 from streams.sdk.follow import PipelineFollower
 from streams.sdk.producer import InteractionProducer
 from streams.sdk.watch import tail
-from tests.helpers import wait_for
+from tests.support.processes import start_worker, stop_process
+from tests.support.waiting import wait_for
 from workers.models.base import load_base_model
+
+pytestmark = pytest.mark.run_settings(
+    export_every=2, group_size=4, max_new_tokens=6,
+    promote_margin=-1.0,  # promote every new revision: this test is about the plumbing
+    update_batch=1,  # one group per step, so the revisions to expect are known
+)
 
 STEPS = 4
 
 
 @pytest.fixture
-def run(settings: Settings, tiny_model_dir: Path) -> Settings:
-    return settings.model_copy(update={
-        "base_model": tiny_model_dir, "export_every": 2, "group_size": 4, "max_new_tokens": 6,
-        "promote_margin": -1.0,  # promote every new revision: this test is about the plumbing
-        "update_batch": 1,  # one group per step, so the revisions to expect are known
-    })
-
-
-@pytest.fixture
-def worker(run: Settings, tmp_path: Path) -> Iterator[subprocess.Popen]:
-    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "worker", "--stages", "all"],
-        env={**os.environ, **settings_env(run)}, cwd=REPO_ROOT, stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+def worker(run: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    log = tmp_path / "worker.log"
+    proc = start_worker(run, "all", log)
     yield proc
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-    if proc.returncode not in (0, -15):
-        print((tmp_path / "worker.log").read_text()[-4000:])
+    stop_process(proc, log)
 
 
 def _interactions(policy: str) -> list[InteractionLogged]:
-    spec = {"task": "length", "task_params": {"target_chars": 0}}
-    held = [InteractionLogged(policy_id=policy, prompt=f"held {i}?", split="eval", **spec)
-            for i in range(2)]
-    return held + [InteractionLogged(policy_id=policy, prompt=f"train {i}?", **spec)
-                   for i in range(STEPS)]
+    def length(prompt: str, split: Literal["train", "eval"] = "train") -> InteractionLogged:
+        return InteractionLogged(policy_id=policy, prompt=prompt, split=split, task="length",
+                                 task_params={"target_chars": 0})
+
+    held = [length(f"held {i}?", split="eval") for i in range(2)]
+    return held + [length(f"train {i}?") for i in range(STEPS)]
 
 
 def test_interactions_flow_to_evaluations_and_a_servable_revision(
-    run: Settings, worker: subprocess.Popen, tiny_model_dir: Path
+    run: Settings, worker: subprocess.Popen[bytes], tiny_model_dir: Path
 ) -> None:
     policies = ["alice", "bob"]
     with InteractionProducer(run) as producer:

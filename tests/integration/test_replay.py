@@ -18,27 +18,17 @@ from infra.settings import Settings
 from schemas.codec import encode_event
 from schemas.events import InteractionLogged
 from streams.app import group_id
-from tests.helpers import wait_for
-from tests.integration.worker_support import (
-    drained,
-    produce_raw,
-    read_topic,
-    start_worker,
-    stop_worker,
-)
+from tests.support.kafka import drained, produce_raw, read_topic
+from tests.support.processes import start_worker, stop_process
+from tests.support.waiting import wait_for
 from workers.catalog.index import CatalogIndex
+
+pytestmark = pytest.mark.run_settings(group_size=2, max_new_tokens=4, update_batch=1,
+                                      export_every=2)
 
 STAGES = "rollout,reward,update,export"
 STAGE_LIST = STAGES.split(",")
 TOPICS = ["rollouts", "rewards", "updates", "exports"]
-
-
-@pytest.fixture
-def run(settings: Settings, tiny_model_dir: Path) -> Settings:
-    return settings.model_copy(update={
-        "base_model": tiny_model_dir, "group_size": 2, "max_new_tokens": 4,
-        "update_batch": 1, "export_every": 2,
-    })
 
 
 def _snapshot(run: Settings) -> dict[str, Counter[str]]:
@@ -59,7 +49,7 @@ def test_replaying_every_topic_creates_no_duplicate_effects(run: Settings,
         wait_for(lambda: drained(run, group_id(run, STAGE_LIST), ["interactions", *TOPICS[:3]]),
                  60, interval=0.5, message="first worker committed everything")
     finally:
-        stop_worker(first, log)
+        stop_process(first, log)
     before = _snapshot(run)
     assert all(n == 1 for c in before.values() for n in c.values()), before
     assert [len(before[t]) for t in TOPICS] == [4, 4, 4, 2]
@@ -72,7 +62,7 @@ def test_replaying_every_topic_creates_no_duplicate_effects(run: Settings,
                                  ["interactions", *TOPICS[:3]]),
                  240, interval=0.5, message="second worker consumed every topic from the start")
     finally:
-        stop_worker(second, log)
+        stop_process(second, log)
 
     assert _snapshot(run) == before
     updates = read_topic(run, "updates", 0.5)

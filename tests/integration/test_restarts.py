@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,14 +20,16 @@ import pytest
 import redis
 import safetensors.torch
 
-from infra.settings import REPO_ROOT, Settings, settings_env
+from infra.process import stop_child
+from infra.settings import Settings
 from schemas.codec import encode_event
 from schemas.events import InteractionLogged
-from tests.helpers import wait_for
-from tests.integration.stage_support import evaluate_with, export_step, promote_guarded
-from tests.integration.worker_support import produce_raw
-from tests.serving_support import make_adapter
+from tests.support.adapters import make_adapter
 from tests.support.catalog import serve
+from tests.support.kafka import produce_raw
+from tests.support.processes import free_port, lorastream, start_cli
+from tests.support.stages import evaluate_with, export_step, promote_guarded
+from tests.support.waiting import wait_for
 from workers.artifacts.store import WEIGHTS_FILE, ArtifactStore, adapter_config
 from workers.catalog.index import CatalogIndex
 from workers.catalog.writer import Catalog
@@ -39,12 +39,6 @@ from workers.pipeline.context import StageContext
 from workers.serving.client import SGLangClient, SGLangError
 
 TOKEN = "engine-admin-token"
-
-
-def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **settings_env(settings)}
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], env=env, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
 
 
 def _snapshot(ctx: StageContext) -> dict[str, Any]:
@@ -57,10 +51,9 @@ def _snapshot(ctx: StageContext) -> dict[str, Any]:
             "catalog": (entry.serving, entry.candidate, sorted(entry.revisions))}
 
 
-def test_redis_flushed_and_rebuilt_from_the_catalog(settings: Settings,
-                                                    redis_client: redis.Redis,
-                                                    tiny_model_dir: Path) -> None:
-    ctx = StageContext.create(settings.model_copy(update={"base_model": tiny_model_dir}))
+def test_redis_flushed_and_rebuilt_from_the_catalog(settings: Settings, run: Settings,
+                                                    redis_client: redis.Redis) -> None:
+    ctx = StageContext.create(run)
     held = [InteractionLogged(policy_id="p", prompt=f"held {i}?", split="eval") for i in range(3)]
     train = InteractionLogged(policy_id="p", prompt="train?")
     produce_raw(settings, "interactions", [(b"p", encode_event(e)) for e in [*held, train]]
@@ -76,7 +69,7 @@ def test_redis_flushed_and_rebuilt_from_the_catalog(settings: Settings,
     redis_client.delete(*keys)  # the namespace's FLUSHDB
     assert ctx.index.head("p").revision == 0 and CatalogIndex(settings).get("p") is None
 
-    done = _cli(settings, "catalog", "rebuild", "--json")
+    done = lorastream(settings, "catalog", "rebuild", "--json")
     assert done.returncode == 0, done.stderr
     assert _snapshot(ctx) == before  # held-out prompts too: replayed from `interactions`
     r3 = export_step(ctx, "p", 6)  # numbering continues without a gap or a reuse
@@ -86,18 +79,9 @@ def test_redis_flushed_and_rebuilt_from_the_catalog(settings: Settings,
 
 
 @pytest.fixture
-def engine_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def served(settings: Settings, tiny_model_dir: Path, tmp_path: Path,
-           catalog: Catalog) -> Settings:
-    """alice@1 in the artifact store, recorded, serving: the hot set an engine must hold."""
-    run = settings.model_copy(update={"base_model": tiny_model_dir,
-                                      "engine_admin_token": TOKEN})
+def served(run: Settings, tiny_model_dir: Path, tmp_path: Path, catalog: Catalog) -> Settings:
+    """alice@1 in the artifact store, recorded, serving: the hot set an engine must hold
+    (`run` carries the engine admin token its test marks)."""
     src = make_adapter(tiny_model_dir, tmp_path / "alice-1", seed=1, scale=0.5)
     tensors = safetensors.torch.load_file(str(src / WEIGHTS_FILE))
     ref = ArtifactStore(run.artifacts).put_adapter(
@@ -107,12 +91,8 @@ def served(settings: Settings, tiny_model_dir: Path, tmp_path: Path,
 
 
 def _start_engine(run: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "engine", "--port", str(port),
-             "--engine-id", "e1", "--max-lora-rank", "4", "--max-loaded-loras", "4"],
-            env={**os.environ, **settings_env(run)}, cwd=REPO_ROOT, stdout=out,
-            stderr=subprocess.STDOUT)
+    return start_cli(run, log, "engine", "--port", str(port), "--engine-id", "e1",
+                     "--max-lora-rank", "4", "--max-loaded-loras", "4")
 
 
 def _loaded(url: str) -> set[str]:
@@ -130,8 +110,9 @@ def engine_log(tmp_path: Path) -> Iterator[Path]:
         print(log.read_text(errors="replace")[-3000:])
 
 
-def test_killed_engine_comes_back_with_its_assignment(served: Settings, engine_port: int,
-                                                      engine_log: Path) -> None:
+@pytest.mark.run_settings(engine_admin_token=TOKEN)
+def test_killed_engine_comes_back_with_its_assignment(served: Settings, engine_log: Path) -> None:
+    engine_port = free_port()
     url = f"http://127.0.0.1:{engine_port}"
     proc = _start_engine(served, engine_port, engine_log)
     try:
@@ -150,29 +131,25 @@ def test_killed_engine_comes_back_with_its_assignment(served: Settings, engine_p
                                             sampling_params={"max_new_tokens": 2})
         assert out.text is not None
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_child(proc)
 
 
-def test_pauses_and_resumes_survive_a_flush(settings: Settings, redis_client: redis.Redis,
-                                            tiny_model_dir: Path) -> None:
+def test_pauses_and_resumes_survive_a_flush(settings: Settings, run: Settings,
+                                            redis_client: redis.Redis) -> None:
     """A paused policy must stay paused when Redis is lost (its adapter diverged), and one an
     operator resumed must stay resumed: the rebuild replays both from `promotions`."""
-    ctx = StageContext.create(settings.model_copy(update={"base_model": tiny_model_dir}))
+    ctx = StageContext.create(run)
     for policy in ("a", "b"):
         paused = guards.pause(ctx, policy, "update", "non-finite loss")
         assert paused is not None
         ctx.catalog.announce(paused)  # what the guarded update agent sends
-    resumed = _cli(settings, "resume", "b")
+    resumed = lorastream(settings, "resume", "b")
     assert resumed.returncode == 0, resumed.stderr
     keys = list(redis_client.scan_iter(match=f"{settings.redis_prefix}*"))
     redis_client.delete(*keys)
     assert guards.paused_policies(ctx) == []
 
-    done = _cli(settings, "catalog", "rebuild", "--json")
+    done = lorastream(settings, "catalog", "rebuild", "--json")
     assert done.returncode == 0, done.stderr
     assert orjson.loads(done.stdout.splitlines()[-1])["paused"] == 1
     assert guards.paused_policies(ctx) == [

@@ -17,26 +17,29 @@ import asyncio
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from faust.types import AgentT
 
 from infra.settings import Settings
 from schemas import DeadLetter, InteractionLogged, RolloutGenerated, decode_event
 from schemas.codec import encode_event
 from streams.runner.runner import Received, StageRunner
-from tests.helpers import wait_for, wait_for_async
-from tests.integration.stage_support import in_process_stage
-from tests.integration.worker_support import produce_raw, read_topic, start_worker, stop_worker
-from tests.rollout_support import Calls, stored_revision
-from tests.serving_support import make_adapter
+from tests.support.adapters import make_adapter, stored_revision
 from tests.support.catalog import record
+from tests.support.kafka import produce_raw, read_topic
+from tests.support.processes import start_worker, stop_process
+from tests.support.serving import Calls
+from tests.support.stages import all_of, in_process_stage
+from tests.support.waiting import wait_for, wait_for_async
 from workers.artifacts.store import ArtifactStore
 from workers.catalog.writer import Catalog
 from workers.pipeline.context import StageContext
 from workers.pipeline.rollout import rollout
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
 from workers.serving.server import ServerThread
+
+pytestmark = pytest.mark.run_settings(group_size=2, max_new_tokens=4, max_in_flight=2)
 
 POLICIES = ["p0", "p1", "p2", "base"]
 """p0..p2 sample from exported revisions (adapters), `base` from the bare base."""
@@ -50,17 +53,15 @@ def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture
-def run(settings: Settings, tiny_model_dir: Path, adapter_dirs: list[Path],
-        catalog: Catalog) -> Settings:
-    """Small groups; p0..p2 have exported heads (r1..r3) in the catalog and the artifact store."""
-    s = settings.model_copy(update={"base_model": tiny_model_dir, "group_size": 2,
-                                    "max_new_tokens": 4, "max_in_flight": 2})
-    store = ArtifactStore(s.artifacts)
+def seeded(run: Settings, adapter_dirs: list[Path], catalog: Catalog) -> Settings:
+    """`run` (small groups) where p0..p2 have exported heads (r1..r3) in the catalog and the
+    artifact store."""
+    store = ArtifactStore(run.artifacts)
     for i, path in enumerate(adapter_dirs):
         sha = stored_revision(store, path, i + 1).sha256
         for step in range(1, i + 2):
             record(catalog, f"p{i}", str(sha), step)
-    return s
+    return run
 
 
 def _train(policy: str, i: int, task: str = "length") -> InteractionLogged:
@@ -69,20 +70,16 @@ def _train(policy: str, i: int, task: str = "length") -> InteractionLogged:
 
 
 @pytest.fixture
-def rollout_agent(run: Settings) -> Iterator[tuple[Any, StageRunner, Calls]]:
-    agent, runner = in_process_stage(run, "rollout")
-    calls = Calls(runner.ctx.engine.client)  # starts the embedded engine
+def rollout_agent(seeded: Settings, monkeypatch: pytest.MonkeyPatch
+                  ) -> Iterator[tuple[AgentT, StageRunner, Calls]]:
+    agent, runner = in_process_stage(seeded, "rollout")
+    calls = Calls(runner.ctx.engine.client, monkeypatch)  # starts the embedded engine
     yield agent, runner, calls
     runner.ctx.close()
 
 
-def _rollouts(outs: list[Any]) -> list[RolloutGenerated]:
-    assert all(isinstance(o, RolloutGenerated) for o in outs)
-    return outs
-
-
 async def test_a_batch_of_four_policies_is_one_engine_call_and_a_poison_fails_alone(
-        rollout_agent: tuple[Any, StageRunner, Calls]) -> None:
+        rollout_agent: tuple[AgentT, StageRunner, Calls]) -> None:
     agent, runner, calls = rollout_agent
     ctx: StageContext = runner.ctx
     train = [_train(p, i) for i in range(2) for p in POLICIES]  # 2 per policy: within room
@@ -91,7 +88,7 @@ async def test_a_batch_of_four_policies_is_one_engine_call_and_a_poison_fails_al
     batch = [Received(encode_event(e), "interactions", 0, k) for k, e in enumerate(events)]
     sink, dlq = runner.sink.__aiter__(), runner.dead_letters.__aiter__()
     async with agent.test_context():
-        sent = _rollouts(await asyncio.wait_for(runner.process_many(batch), 120))
+        sent = all_of(RolloutGenerated, await asyncio.wait_for(runner.process_many(batch), 120))
         got = [decode_event(RolloutGenerated, (await sink.get(timeout=10)).value) for _ in sent]
         letter = decode_event(DeadLetter, (await dlq.get(timeout=10)).value)
         assert await runner.process_many(batch) == []  # redelivered: seen, and poison again
@@ -115,7 +112,7 @@ async def test_a_batch_of_four_policies_is_one_engine_call_and_a_poison_fails_al
 
 
 async def test_a_policy_at_its_in_flight_limit_waits_for_its_trainer_in_a_later_unit(
-        rollout_agent: tuple[Any, StageRunner, Calls]) -> None:
+        rollout_agent: tuple[AgentT, StageRunner, Calls]) -> None:
     """max_in_flight=2: p0's third interaction is not sampled with the first unit; it goes in
     a unit of its own once the trainer has consumed one of p0's groups. The other policies are
     not held back by p0."""
@@ -131,7 +128,7 @@ async def test_a_policy_at_its_in_flight_limit_waits_for_its_trainer_in_a_later_
         assert not task.done() and calls.n == 1  # p0's third waits for its trainer
         assert (state.in_flight("p1"), state.in_flight("base")) == (1, 1)
         state.note_trained("p0")  # the trainer consumes one of p0's groups
-        sent = _rollouts(await asyncio.wait_for(task, 120))
+        sent = all_of(RolloutGenerated, await asyncio.wait_for(task, 120))
     assert calls.n == 2
     assert [r.interaction.event_id for r in sent] == [events[k].event_id for k in (0, 1, 2, 4, 3)]
     assert state.in_flight("p0") == 2
@@ -146,10 +143,10 @@ def engine(tiny_model_dir: Path) -> Iterator[ServerThread]:
 
 
 def test_a_worker_on_the_broker_answers_many_policies_in_few_engine_batches(
-        run: Settings, engine: ServerThread, tmp_path: Path) -> None:
+        seeded: Settings, engine: ServerThread, tmp_path: Path) -> None:
     """All interactions are on the topic before the worker starts (under one key, so in one
     partition and one fetch); each gets exactly one rollout, in far fewer engine batches."""
-    run = run.model_copy(update={"engine_url": engine.url, "engine_admin_token": TOKEN})
+    run = seeded.model_copy(update={"engine_url": engine.url, "engine_admin_token": TOKEN})
     train = [_train(p, i) for i in range(2) for p in POLICIES]
     poison = _train("p2", 9, task="no-such-reward")
     produce_raw(run, "interactions", [(b"k", encode_event(e)) for e in [poison, *train]])
@@ -160,7 +157,7 @@ def test_a_worker_on_the_broker_answers_many_policies_in_few_engine_batches(
                             240, interval=0.5, message="a rollout for every interaction")
         letters = wait_for(lambda: read_topic(run, "dead-letters"), 60, message="the poison")
     finally:
-        stop_worker(proc, log)
+        stop_process(proc, log)
     answered = Counter(r["interaction"]["event_id"] for r in rollouts)
     assert answered == Counter(e.event_id for e in train)  # exactly one each
     assert [(d["policy_id"], d["offset"]) for d in letters] == [("p2", 0)]

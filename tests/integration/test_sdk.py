@@ -22,8 +22,8 @@ from schemas.events import AdapterEvaluated
 from streams.sdk.consumer import EvaluationConsumer
 from streams.sdk.producer import InteractionProducer, InvalidInteraction, ProduceError
 from streams.sdk.watch import tail
-from tests.helpers import wait_for
-from tests.integration.ops_helpers import free_port, lorastream
+from tests.support.processes import free_port, lorastream
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

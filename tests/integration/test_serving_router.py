@@ -13,9 +13,9 @@ import safetensors.torch
 from prometheus_client import REGISTRY
 
 from infra.settings import Settings
-from tests.helpers import wait_for_async
-from tests.serving_support import base_dir, make_adapter
+from tests.support.adapters import make_adapter
 from tests.support.catalog import evaluate_and_promote, record
+from tests.support.waiting import wait_for_async
 from workers.artifacts.store import WEIGHTS_FILE, ArtifactStore, adapter_config
 from workers.catalog.writer import Catalog
 from workers.models.base import LoraSpec
@@ -26,14 +26,12 @@ from workers.serving.residency import ControllerConfig, Residency, ResidencyCont
 from workers.serving.router import AdapterLoadFailed, Router, UnknownPolicyError
 from workers.serving.server import ServerThread
 
-__all__ = ["base_dir"]
-
 PARAMS = {"max_new_tokens": 5, "temperature": 0.0}
 
 
 @pytest.fixture
-def engine_url(base_dir: Path) -> Iterator[str]:
-    config = EngineConfig(base_path=base_dir, max_loaded_loras=8, max_loras_per_batch=2,
+def engine_url(tiny_model_dir: Path) -> Iterator[str]:
+    config = EngineConfig(base_path=tiny_model_dir, max_loaded_loras=8, max_loras_per_batch=2,
                           max_lora_rank=4)
     with ServerThread(CpuEngine(config)) as server:
         yield server.url
@@ -51,9 +49,9 @@ def publish(catalog: Catalog, base: Path, tmp: Path, policy: str, revision: int,
 
 
 def test_promoted_revision_serves_through_router(settings: Settings, redis_client: redis.Redis,
-                                                 base_dir: Path, engine_url: str,
+                                                 tiny_model_dir: Path, engine_url: str,
                                                  tmp_path: Path, catalog: Catalog) -> None:
-    publish(catalog, base_dir, tmp_path, "alice", 1, seed=1)
+    publish(catalog, tiny_model_dir, tmp_path, "alice", 1, seed=1)
     evaluate_and_promote(catalog, "alice", 1)
     direct = SGLangClient(engine_url)
 
@@ -71,7 +69,7 @@ def test_promoted_revision_serves_through_router(settings: Settings, redis_clien
             (base,) = await asyncio.to_thread(direct.generate, "hello", sampling_params=PARAMS)
             assert gen.logprobs != base.logprobs  # the adapter, not the base, answered
 
-            publish(catalog, base_dir, tmp_path, "alice", 2, seed=2)
+            publish(catalog, tiny_model_dir, tmp_path, "alice", 2, seed=2)
             evaluate_and_promote(catalog, "alice", 2)  # promotion: alias + hot set move together
             await wait_for_async(lambda: _route_name(router, "alice"), 15.0, "alice@2 routed")
             await wait_for_async(lambda: _state(ctl, "alice@1", Residency.EVICTED), 15.0,
@@ -111,14 +109,14 @@ async def _state(ctl: ResidencyController, name: str, want: Residency) -> bool:
 
 
 def test_tampered_artifact_fails_cleanly_and_waves_are_bounded(
-        settings: Settings, redis_client: redis.Redis, base_dir: Path, engine_url: str,
-        tmp_path: Path, catalog: Catalog) -> None:
-    bad_sha = publish(catalog, base_dir, tmp_path, "eve", 1, seed=3)
+        settings: Settings, redis_client: redis.Redis, tiny_model_dir: Path, engine_url: str,
+        tmp_path: Path, catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad_sha = publish(catalog, tiny_model_dir, tmp_path, "eve", 1, seed=3)
     weights = ArtifactStore(settings.artifacts).adapter_path(bad_sha) / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # corrupt at rest
     evaluate_and_promote(catalog, "eve", 1)
     for i in range(6):
-        publish(catalog, base_dir, tmp_path, f"p{i}", 1, seed=10 + i)
+        publish(catalog, tiny_model_dir, tmp_path, f"p{i}", 1, seed=10 + i)
         evaluate_and_promote(catalog, f"p{i}", 1)
 
     async def scenario() -> None:
@@ -134,7 +132,7 @@ def test_tampered_artifact_fails_cleanly_and_waves_are_bounded(
             peak = max(peak, sum(t.state is Residency.LOADING for t in ctl.tracked.values()))
             return await original(*args, **kw)
 
-        ctl.engine.load_lora_adapter = counting  # type: ignore[method-assign]
+        monkeypatch.setattr(ctl.engine, "load_lora_adapter", counting)
         set_pinned(settings, redis_client, "e1", "p5@1", True)
         task = asyncio.create_task(ctl.run(stop))
         router = Router(settings, redis_client, cold_timeout_s=15.0)

@@ -13,8 +13,17 @@ import torch
 from peft import PeftModel
 
 from infra.settings import Settings
-from schemas import AdapterEvaluated, AdapterExported, InteractionLogged, PolicyUpdated
+from schemas import (
+    AdapterEvaluated,
+    AdapterExported,
+    InteractionLogged,
+    PolicyPromoted,
+    PolicyUpdated,
+    RolloutGenerated,
+    RolloutRewarded,
+)
 from schemas.errors import PoisonEventError
+from tests.support.stages import only
 from workers.models.base import load_base_model
 from workers.pipeline.context import StageContext
 from workers.pipeline.evaluate import evaluate
@@ -24,11 +33,11 @@ from workers.pipeline.reward import reward
 from workers.pipeline.rollout import rollout
 from workers.pipeline.update import update
 
+pytestmark = pytest.mark.run_settings(export_every=2, group_size=4, max_new_tokens=6)
+
 
 @pytest.fixture
-def ctx(settings: Settings, tiny_model_dir: Path) -> StageContext:
-    run = settings.model_copy(update={"base_model": tiny_model_dir, "export_every": 2,
-                                      "group_size": 4, "max_new_tokens": 6})
+def ctx(run: Settings) -> StageContext:
     return StageContext.create(run)
 
 
@@ -38,11 +47,9 @@ def _train(policy: str, i: int) -> InteractionLogged:
 
 
 def _through_update(ctx: StageContext, interaction: InteractionLogged) -> PolicyUpdated:
-    (ro,) = rollout(ctx, interaction)
-    (rw,) = reward(ctx, ro)
-    (up,) = update(ctx, [rw])
-    assert isinstance(up, PolicyUpdated)
-    return up
+    ro = only(RolloutGenerated, rollout(ctx, interaction))
+    rw = only(RolloutRewarded, reward(ctx, ro))
+    return only(PolicyUpdated, update(ctx, [rw]))
 
 
 def test_heldout_prompts_are_stored_not_sampled(ctx: StageContext) -> None:
@@ -60,8 +67,8 @@ def test_unknown_task_is_poison_before_any_sampling(ctx: StageContext) -> None:
 
 def test_rollout_is_reproducible_for_a_redelivered_interaction(ctx: StageContext) -> None:
     ev = _train("p", 0)
-    (a,) = rollout(ctx, ev)
-    (b,) = rollout(ctx, ev)
+    a = only(RolloutGenerated, rollout(ctx, ev))
+    b = only(RolloutGenerated, rollout(ctx, ev))
     assert a.event_id == b.event_id
     assert [c.token_ids for c in a.completions] == [c.token_ids for c in b.completions]
     assert len(a.completions) == 4 and a.revision == 0
@@ -78,7 +85,8 @@ def test_chain_exports_evaluates_and_promotes(ctx: StageContext, tiny_model_dir:
 
     (exp,) = export(ctx, second)
     assert isinstance(exp, AdapterExported) and exp.revision == 1
-    (again,) = export(ctx, second)  # redelivered update: same revision, same artifact
+    # A redelivered update: the same revision, the same artifact.
+    again = only(AdapterExported, export(ctx, second))
     assert (again.revision, again.sha256, again.event_id) == (1, exp.sha256, exp.event_id)
     assert ctx.index.head("p").revision == 1
     files = sorted(p.name for p in Path(exp.path).iterdir())
@@ -89,7 +97,7 @@ def test_chain_exports_evaluates_and_promotes(ctx: StageContext, tiny_model_dir:
     assert ev.baseline_revision == 0 and ev.prompts == 1
     # A passed verdict, consistent with its scores (the promote stage checks them again).
     forced = ev.model_copy(update={"passed": True, "score": ev.baseline_score + 1.0})
-    (promo,) = promote(ctx, forced)
+    promo = only(PolicyPromoted, promote(ctx, forced))
     assert promo.serve_name == "p@1"
     assert ctx.index.serving("p").revision == 1
     assert ctx.index.hot_set() == ["p@1"]

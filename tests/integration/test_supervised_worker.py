@@ -6,16 +6,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 
-from infra.settings import REPO_ROOT, Settings, settings_env
+from infra.settings import Settings
 from loadtests.faults import make_events
 from schemas.ids import derive_id
-from tests.helpers import wait_for
-from tests.integration.worker_support import produce_raw, read_topic
+from tests.support.kafka import produce_raw, read_topic
+from tests.support.processes import start_worker
+from tests.support.waiting import wait_for
 
 
 def _children(proc: subprocess.Popen[bytes]) -> list[int]:
@@ -34,11 +34,7 @@ def test_killed_worker_is_restarted_and_nothing_is_lost(settings: Settings,
     events = make_events(400)
     expected = sorted(derive_id("reward", event_id) for event_id, _, _ in events)
     log = tmp_path / "supervised.log"
-    with open(log, "wb") as out:
-        supervisor = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker", "--stages", "reward", "--supervise"],
-            env={**os.environ, **settings_env(settings)}, cwd=REPO_ROOT, stdout=out,
-            stderr=subprocess.STDOUT)
+    supervisor = start_worker(settings, "reward", log, "--supervise")
     try:
         produce_raw(settings, "rollouts", [(k, v) for _, k, v in events[:200]])
         wait_for(lambda: len(_outputs(settings)) >= 200, 120, interval=0.5,

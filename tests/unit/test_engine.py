@@ -22,7 +22,7 @@ def export_random_adapter(base_dir: Path, out: Path, seed: int) -> Path:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    model.save_pretrained(out)
+    model.save_pretrained(str(out))
     return out
 
 

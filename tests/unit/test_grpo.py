@@ -39,8 +39,8 @@ def groups(engine: LocalEngine) -> list[TrainGroup]:
     ]
 
 
-def make_trainer(tiny_model_dir: Path, **kw: float) -> PolicyTrainer:
-    return PolicyTrainer(tiny_model_dir, LoraSpec(), **kw)
+def make_trainer(tiny_model_dir: Path, kl_beta: float = 0.0) -> PolicyTrainer:
+    return PolicyTrainer(tiny_model_dir, LoraSpec(), kl_beta=kl_beta)
 
 
 def test_group_advantages() -> None:
@@ -73,11 +73,11 @@ def test_loss_on_policy_is_reinforce_and_clips() -> None:
     adv, mask = torch.tensor([1.0, -1.0]), torch.tensor([[1, 1, 0], [1, 1, 1]])
     grpo_loss(logp, logp.detach(), None, adv, mask).backward()
     expected = -(adv[:, None] * mask) / mask.sum()
-    assert torch.allclose(logp.grad, expected)
+    assert logp.grad is not None and torch.allclose(logp.grad, expected)
     # ratio e^1 > 1.2 with a positive advantage: clipped, no gradient
     high = torch.zeros(1, 2, requires_grad=True)
     grpo_loss(high, high.detach() - 1.0, None, torch.tensor([1.0]), torch.ones(1, 2)).backward()
-    assert high.grad.abs().max() == 0
+    assert high.grad is not None and high.grad.abs().max() == 0
 
 
 def test_k3_kl_term() -> None:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from infra.settings import REPO_ROOT
 from schemas.errors import PoisonEventError
 from schemas.events import InteractionLogged
-from tests.serving_support import base_dir, make_adapter  # noqa: F401  (fixture)
+from tests.support.adapters import make_adapter
 from workers.artifacts.store import ArtifactStore
 from workers.serving.client import SGLangClient, SGLangError
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
@@ -24,16 +24,16 @@ TOKEN = "adm1n-t0ken"
 
 
 @pytest.fixture(scope="module")
-def guarded(base_dir: Path) -> Iterator[ServerThread]:  # noqa: F811
-    config = EngineConfig(base_path=base_dir, max_lora_rank=4, served_model_name="tiny")
+def guarded(tiny_model_dir: Path) -> Iterator[ServerThread]:
+    config = EngineConfig(base_path=tiny_model_dir, max_lora_rank=4, served_model_name="tiny")
     server = ServerThread(CpuEngine(config), admin_token=TOKEN).start()
     yield server
     server.stop()
 
 
-def test_load_and_unload_require_the_admin_token(guarded: ServerThread, base_dir: Path,  # noqa: F811
+def test_load_and_unload_require_the_admin_token(guarded: ServerThread, tiny_model_dir: Path,
                                                  tmp_path: Path) -> None:
-    adapter = str(make_adapter(base_dir, tmp_path / "a"))
+    adapter = str(make_adapter(tiny_model_dir, tmp_path / "a"))
     for client in (SGLangClient(guarded.url), SGLangClient(guarded.url, api_key="wrong")):
         with pytest.raises(SGLangError) as refused:
             client.load_lora_adapter("a@1", adapter)
@@ -51,15 +51,15 @@ def test_load_and_unload_require_the_admin_token(guarded: ServerThread, base_dir
 
 
 def test_the_sampler_refuses_an_adapter_that_fails_its_sha256(guarded: ServerThread,
-                                                               base_dir: Path,  # noqa: F811
+                                                               tiny_model_dir: Path,
                                                                tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     from workers.serving.sampling import EngineSampler
 
-    adapter = make_adapter(base_dir, tmp_path / "b")
+    adapter = make_adapter(tiny_model_dir, tmp_path / "b")
     sampler = EngineSampler(SGLangClient(guarded.url, api_key=TOKEN),
-                            AutoTokenizer.from_pretrained(str(base_dir)))
+                            AutoTokenizer.from_pretrained(str(tiny_model_dir)))
     with pytest.raises(PoisonEventError, match="sha256"):
         sampler.ensure_adapter("b@1", adapter, verify=lambda: False)
     assert "b@1" not in {m["id"] for m in SGLangClient(guarded.url).models()}

@@ -1,4 +1,4 @@
-"""The code standard as a test: ruff and mypy clean on the shipped packages.
+"""The code standard as a test: ruff and mypy clean on the shipped packages and the tests.
 
 Run here so the README's one test command (and CI) enforces it, not a reviewer's memory.
 """
@@ -12,7 +12,7 @@ import pytest
 
 from infra.settings import REPO_ROOT
 
-PACKAGES = ["streams", "workers", "schemas", "infra", "loadtests"]
+PACKAGES = ["streams", "workers", "schemas", "infra", "loadtests", "tests"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -12,8 +12,8 @@ from peft import PeftModel, get_peft_model_state_dict
 from workers.artifacts.store import ArtifactStore
 from workers.models.base import LoraSpec, load_base_model
 from workers.models.moe import build_tiny_moe_model, multilora_adapter_config
-from workers.training.grpo import TrainGroup
-from workers.training.multilora import MultiLora
+from workers.training.grpo import StepResult, TrainGroup
+from workers.training.multilora import MultiLora, MultiLoraExperts, MultiLoraLinear
 from workers.training.multitrainer import MultiPolicyTrainer
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -80,7 +80,9 @@ def test_mixed_batch_matches_peft_on_experts(moe_dir: Path) -> None:
 
 def _grads_as_peft(multi: MultiLora, slot: int) -> dict[str, torch.Tensor]:
     """The slot's gradients laid out as its export (peft keys and shapes)."""
-    params = [p for layer in (*multi.linears.values(), *multi.experts.values())
+    layers: list[MultiLoraLinear | MultiLoraExperts] = [*multi.linears.values(),
+                                                        *multi.experts.values()]
+    params = [p for layer in layers
               for d in (layer.lora_A, layer.lora_B) for k, p in d.items() if k.endswith(f"s{slot}")]
     saved = [p.data for p in params]
     for p in params:
@@ -103,7 +105,7 @@ def test_moe_policies_train_export_and_reload(moe_dir: Path, tmp_path: Path) -> 
                              [float(len(c.token_ids)) + 0.1 * k for k, c in enumerate(g)])
                   for p, g in zip(prompts * 2, out, strict=True)]
         results = trainer.step_many({"a": groups[:2], "b": groups[2:]})
-        assert [r.step for r in results.values()] == [step + 1] * 2  # type: ignore[union-attr]
+        assert [r.step for r in results.values() if isinstance(r, StepResult)] == [step + 1] * 2
     state = trainer.adapter_state("a")
     expert_keys = [k for k in state if ".experts." in k and "lora_B" in k]
     assert len(expert_keys) == 4 and all(state[k].abs().max() > 0 for k in expert_keys)

@@ -1,4 +1,4 @@
-"""The batched multi-LoRA layer against peft as the oracle (float64, training.md 5.2).
+"""The batched multi-LoRA layer against peft as the oracle (float64).
 
 peft refuses mixed-adapter batches in training mode, so the oracle runs each adapter's rows in
 its own pass; the multi-LoRA model runs all rows (several policies and a base-only row) in one
@@ -21,6 +21,11 @@ TARGETS = LoraSpec().target_modules
 ROW_ADAPTERS: list[int | None] = [0, 1, 2, None, 1, 0, 2]
 
 
+def _grad(param: torch.Tensor) -> torch.Tensor:
+    assert param.grad is not None
+    return param.grad.clone()
+
+
 def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(4, vocab, (len(ROW_ADAPTERS), 9), generator=gen)
@@ -40,7 +45,7 @@ def _peft_oracle(
     torch.manual_seed(0)
     model: peft.PeftModel | None = None
     for i, r in enumerate(ranks):
-        config = peft.LoraConfig(r=r, lora_alpha=2.0 * r + 1, target_modules=list(TARGETS),
+        config = peft.LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=list(TARGETS),
                                  lora_dropout=0.0, init_lora_weights=False)
         if model is None:
             model = peft.get_peft_model(base, config, adapter_name=f"a{i}")
@@ -58,8 +63,7 @@ def _peft_oracle(
         logits[rows] = out.detach()
         named = dict(model.named_parameters())
         states[i] = get_peft_model_state_dict(model, adapter_name=f"a{i}")
-        grads[i] = {k: named[k.replace(".weight", f".a{i}.weight")].grad.clone()
-                    for k in states[i]}
+        grads[i] = {k: _grad(named[k.replace(".weight", f".a{i}.weight")]) for k in states[i]}
     rows = [j for j, a in enumerate(ROW_ADAPTERS) if a is None]
     with model.disable_adapter(), torch.no_grad():
         logits[rows] = model(input_ids=ids[rows], attention_mask=attention[rows]).logits

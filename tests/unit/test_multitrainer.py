@@ -3,6 +3,7 @@ and mixed-policy sampling from the live adapters."""
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from peft import PeftModel
 
 from schemas.errors import PoisonEventError, TrainingRejected
+from tests.support.float64 import llama_in_input_precision
 from workers.artifacts.store import ArtifactStore, adapter_config
 from workers.models.base import LoraSpec, load_base_model
 from workers.reference.trainer import PolicyTrainer
@@ -21,8 +23,7 @@ PROMPTS = {"a": ["What is 2+2?", "Say hi"], "b": ["Name a color"],
            "c": ["Count to three", "Why?", "ok"]}
 
 
-def _trainer(path: Path, **kw: object) -> MultiPolicyTrainer:
-    return MultiPolicyTrainer(path, LoraSpec(), **kw)  # type: ignore[arg-type]
+_trainer = functools.partial(MultiPolicyTrainer, lora=LoraSpec())
 
 
 def _groups(trainer: MultiPolicyTrainer, prompts: list[str], seed: int) -> list[TrainGroup]:
@@ -72,15 +73,27 @@ def test_joint_step_equals_separate_steps(tiny_model_dir: Path, checkpointing: b
     assert any(not torch.equal(a[k], b[k]) for k in a)  # policies really differ
 
 
-def test_matches_the_peft_policy_trainer(tiny_model_dir: Path) -> None:
-    """Same init as PolicyTrainer (same seed and layer order), and the same step through peft."""
-    multi, peft_trainer = _trainer(tiny_model_dir), PolicyTrainer(tiny_model_dir, LoraSpec())
+def _live_state(trainer: MultiPolicyTrainer | PolicyTrainer, policy: str
+                ) -> dict[str, torch.Tensor]:
+    """The policy's weights in the trainer's own dtype (`adapter_state` exports float32), by
+    their export keys (the same order: layer order, A then B)."""
+    params = trainer._policies[policy].params
+    return dict(zip(trainer.adapter_state(policy), params, strict=True))
+
+
+def test_matches_the_peft_policy_trainer(tiny_model_dir: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same init as PolicyTrainer (same seed and layer order), and the same step through peft,
+    in float64: measured 1.5e-14 apart at most (weights ~0.1; float32 was 3e-6)."""
+    llama_in_input_precision(monkeypatch)
+    multi = _trainer(tiny_model_dir, dtype=torch.float64)
+    peft_trainer = PolicyTrainer(tiny_model_dir, LoraSpec(), dtype=torch.float64)
     work = _work(multi)
     for policy in work:
         peft_trainer.step(policy, work[policy][:1])  # creates it; compare after one step each
     results = multi.step_many({p: w[:1] for p, w in work.items()})
     for policy in work:
-        _same_state(multi.adapter_state(policy), peft_trainer.adapter_state(policy), atol=2e-6)
+        _same_state(_live_state(multi, policy), _live_state(peft_trainer, policy), atol=1e-12)
         got = results[policy]
         assert isinstance(got, StepResult) and got.step == 1
 
@@ -123,8 +136,9 @@ def test_non_finite_policy_is_rejected_without_moving_others(tiny_model_dir: Pat
     assert isinstance(results["p"], PoisonEventError)
     assert (joint.steps_done("b"), joint.steps_done("c")) == (1, 1)
     _same_state(joint.adapter_state("b"), b_before, atol=0)
-    expected = alone.step("a", work["a"])
-    _close(results["a"], expected, rel=1e-9)  # type: ignore[arg-type]
+    expected, got = alone.step("a", work["a"]), results["a"]
+    assert isinstance(got, StepResult)
+    _close(got, expected, rel=1e-9)
     _same_state(joint.adapter_state("a"), alone.adapter_state("a"), atol=1e-12)
     with pytest.raises(TrainingRejected):
         joint.step("b", nan_old)

@@ -11,7 +11,7 @@ from workers.rewards.functions import score_completions
 
 
 def interaction(**kw: object) -> InteractionLogged:
-    return InteractionLogged(policy_id="p", prompt="q", **kw)
+    return InteractionLogged.model_validate({"policy_id": "p", "prompt": "q", **kw})
 
 
 def test_reference_graded() -> None:

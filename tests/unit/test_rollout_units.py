@@ -5,7 +5,7 @@ limit) when no policy has room."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 from schemas.events import InteractionLogged
 from workers.pipeline import units as rollout_units
@@ -19,7 +19,7 @@ def _items(*spec: str) -> list[Item]:
     reward function does not exist."""
     out: list[Item] = []
     for k, s in enumerate(spec):
-        split = "eval" if s.endswith("!") else "train"
+        split: Literal["train", "eval"] = "eval" if s.endswith("!") else "train"
         task = "no-such-reward" if s.endswith("?") else "length"
         out.append((k, InteractionLogged(policy_id=s.rstrip("!?"), prompt=f"p{k}?", split=split,
                                          task=task)))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from pydantic import BaseModel
 
 from schemas import (
     EVENT_TYPES,
@@ -27,12 +28,13 @@ SHA = "ab" * 32
 
 
 def _interaction(**kw: object) -> InteractionLogged:
-    data = {"policy_id": "alice", "prompt": "hi?", "task": "reference", "reference": "yes"}
+    data: dict[str, object] = {"policy_id": "alice", "prompt": "hi?", "task": "reference",
+                               "reference": "yes"}
     data.update(kw)
     return InteractionLogged.model_validate(data)
 
 
-def _samples() -> list:
+def _samples() -> list[BaseModel]:
     inter = _interaction()
     ro = RolloutGenerated(
         policy_id="alice", interaction=inter, revision=0, prompt_ids=[1, 2],
@@ -51,9 +53,9 @@ def _samples() -> list:
 
 
 @pytest.mark.parametrize("event", _samples(), ids=lambda e: type(e).__name__)
-def test_round_trip(event: object) -> None:
-    raw = encode_event(event)  # type: ignore[arg-type]
-    again = decode_event(type(event), raw)  # type: ignore[arg-type]
+def test_round_trip(event: BaseModel) -> None:
+    raw = encode_event(event)
+    again = decode_event(type(event), raw)
     assert again == event
     assert orjson.loads(raw)["schema_version"] == 1
 

@@ -17,6 +17,7 @@ import pytest
 import redis
 from faust.auth import SASLCredentials, SSLCredentials
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+from pydantic import SecretStr
 
 from infra import admin
 from infra.security import aiokafka_config, faust_credentials, kafka_python_config
@@ -41,7 +42,7 @@ def _sasl_ssl(certs: tuple[str, str, str]) -> Settings:
     ca, cert, key = certs
     return Settings(bootstrap_servers="b1:9093,b2:9093", kafka_security_protocol="SASL_SSL",
                     kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username="svc",
-                    kafka_sasl_password="s3cret", kafka_ssl_cafile=ca,
+                    kafka_sasl_password=SecretStr("s3cret"), kafka_ssl_cafile=ca,
                     kafka_ssl_certfile=cert, kafka_ssl_keyfile=key)
 
 

@@ -1,4 +1,5 @@
-"""The SGLang client against SGLang's documented requests and responses (serving.md §1.1-1.6).
+"""The SGLang client against SGLang's documented requests and responses (`http_server.py`,
+`io_struct.py`, `tokenizer_control_mixin.py` in `python/sglang/srt/`, and SGLang's LoRA docs).
 
 A stub HTTP server answers with the bodies SGLang's source produces and records what the client
 sent, so the client is checked against SGLang itself, not only against our CPU engine.
@@ -17,7 +18,7 @@ import pytest
 
 from workers.serving.client import AsyncSGLangClient, SGLangClient, SGLangError
 
-# Observed in SGLang's docs CI run (serving.md §1.1).
+# Observed in a CI run of SGLang's docs (`docs/advanced_features/lora.ipynb`, 2026-03-03).
 LOAD_OK = {"rid": None, "http_worker_ipc": None, "success": True, "error_message": "",
            "loaded_adapters": {"lora0": "Nutanix/a", "lora1": "algoprog/b"}}
 # tokenizer_control_mixin: ValueError -> LoRAUpdateOutput(success=False, error_message=str(e)).

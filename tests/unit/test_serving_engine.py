@@ -13,32 +13,30 @@ from typing import Any
 import pytest
 import torch
 
-from tests.serving_support import base_dir, make_adapter
+from tests.support.adapters import make_adapter
 from workers.serving.client import SGLangClient, SGLangError
 from workers.serving.cpu_engine import CpuEngine, EngineConfig
 from workers.serving.sampler import RowRequest, RowResult
 from workers.serving.server import ServerThread
 
-__all__ = ["base_dir"]
-
 SAMPLING = {"max_new_tokens": 6, "temperature": 1.0, "sampling_seed": 11}
 
 
 @pytest.fixture(scope="module")
-def adapters(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {f"p{i}@1": make_adapter(base_dir, root / f"p{i}", seed=i, scale=0.5)
+    return {f"p{i}@1": make_adapter(tiny_model_dir, root / f"p{i}", seed=i, scale=0.5)
             for i in range(5)}
 
 
-def _server(base_dir: Path, **kw: Any) -> ServerThread:
-    config = EngineConfig(base_path=base_dir, max_lora_rank=4, served_model_name="tiny", **kw)
+def _server(base: Path, **kw: Any) -> ServerThread:
+    config = EngineConfig(base_path=base, max_lora_rank=4, served_model_name="tiny", **kw)
     return ServerThread(CpuEngine(config)).start()
 
 
 @pytest.fixture
-def server(base_dir: Path) -> Iterator[ServerThread]:
-    srv = _server(base_dir, max_loaded_loras=3, max_loras_per_batch=3)
+def server(tiny_model_dir: Path) -> Iterator[ServerThread]:
+    srv = _server(tiny_model_dir, max_loaded_loras=3, max_loras_per_batch=3)
     yield srv
     srv.stop()
 
@@ -115,8 +113,9 @@ def test_mixed_adapter_batch_matches_solo_requests(server: ServerThread,
         assert [f.result()[0].token_ids for f in futures] == [g.token_ids for g in solo]
 
 
-def test_max_loras_per_batch_splits_batches(base_dir: Path, adapters: dict[str, Path]) -> None:
-    srv = _server(base_dir, max_loaded_loras=4, max_loras_per_batch=2)
+def test_max_loras_per_batch_splits_batches(tiny_model_dir: Path,
+                                            adapters: dict[str, Path]) -> None:
+    srv = _server(tiny_model_dir, max_loaded_loras=4, max_loras_per_batch=2)
     try:
         client = SGLangClient(srv.url)
         names = ["p0@1", "p1@1", "p2@1"]
@@ -170,14 +169,15 @@ def test_openai_routes_name_the_adapter_in_model(server: ServerThread,
     assert len(comp["choices"][0]["logprobs"]["token_logprobs"]) >= 1
 
 
-def test_num_threads_applies_to_the_engine_threads_only(base_dir: Path) -> None:
+def test_num_threads_applies_to_the_engine_threads_only(tiny_model_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """OpenMP's thread count is per thread: the engine's setting must not change the caller's.
     (`torch.get_num_threads()` reports torch's process-wide default, so the per-thread count
     is read from the OpenMP runtime torch itself loaded.)"""
     omp = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libgomp.so.1"))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    engine = CpuEngine(EngineConfig(base_path=base_dir, max_lora_rank=4, num_threads=1))
+    engine = CpuEngine(EngineConfig(base_path=tiny_model_dir, max_lora_rank=4, num_threads=1))
     sampler = engine.sampler
     seen: list[int] = []
     decode = sampler._decode
@@ -186,7 +186,7 @@ def test_num_threads_applies_to_the_engine_threads_only(base_dir: Path) -> None:
         seen.append(omp.omp_get_max_threads())
         return decode(rows)
 
-    sampler._decode = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(sampler, "_decode", spy)
     try:
         rows = [RowRequest(sampler.encode("hi"), None, max_new_tokens=1)]
         engine._executor.submit(sampler.generate, rows).result()
@@ -197,7 +197,7 @@ def test_num_threads_applies_to_the_engine_threads_only(base_dir: Path) -> None:
         torch.set_num_threads(before)
 
 
-def test_all_model_work_runs_on_one_model_thread(base_dir: Path, adapters: dict[str, Path],
+def test_all_model_work_runs_on_one_model_thread(tiny_model_dir: Path, adapters: dict[str, Path],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading the base, loading adapters and generating all happen on one thread that is not
     the caller's: a second thread running parallel torch work gives the process a second
@@ -222,7 +222,7 @@ def test_all_model_work_runs_on_one_model_thread(base_dir: Path, adapters: dict[
             return super().generate(rows)
 
     monkeypatch.setattr(cpu_engine, "SlotSampler", Spy)
-    srv = _server(base_dir)
+    srv = _server(tiny_model_dir)
     try:
         client = SGLangClient(srv.url)
         client.load_lora_adapter("p0@1", str(adapters["p0@1"]))

@@ -10,12 +10,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from tests.serving_support import base_dir, make_adapter
+from tests.support.adapters import make_adapter
 from workers.models.base import load_base_model
 from workers.serving.sampler import RowRequest, SlotSampler
 from workers.serving.slots import WEIGHTS_FILE, AdapterFormatError, SlotLora
-
-__all__ = ["base_dir"]
 
 PROMPTS = ["hello there", "a"]
 
@@ -45,16 +43,16 @@ def _slot_logits(sampler: SlotSampler, slots: list[int | None], ids: torch.Tenso
         sampler.slots.ctx.clear()
 
 
-def test_slot_logits_match_peft_single_and_mixed(base_dir: Path, tmp_path: Path) -> None:
-    a = make_adapter(base_dir, tmp_path / "a", rank=4, seed=1)
-    b = make_adapter(base_dir, tmp_path / "b", rank=2, seed=2, targets=("q_proj", "v_proj"))
-    sampler = SlotSampler(base_dir, num_slots=3, max_rank=8)
+def test_slot_logits_match_peft_single_and_mixed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    a = make_adapter(tiny_model_dir, tmp_path / "a", rank=4, seed=1)
+    b = make_adapter(tiny_model_dir, tmp_path / "b", rank=2, seed=2, targets=("q_proj", "v_proj"))
+    sampler = SlotSampler(tiny_model_dir, num_slots=3, max_rank=8)
     sampler.load(0, a)
     sampler.load(2, b)
     ids, mask = _batch(sampler)
-    want_a = _peft_logits(base_dir, a, ids, mask)
-    want_b = _peft_logits(base_dir, b, ids, mask)
-    want_base = _peft_logits(base_dir, None, ids, mask)
+    want_a = _peft_logits(tiny_model_dir, a, ids, mask)
+    want_b = _peft_logits(tiny_model_dir, b, ids, mask)
+    want_base = _peft_logits(tiny_model_dir, None, ids, mask)
     assert not torch.allclose(want_a, want_base, atol=1e-3)  # the adapter matters
     torch.testing.assert_close(_slot_logits(sampler, [0, 0], ids, mask), want_a,
                                atol=1e-5, rtol=1e-5)
@@ -63,23 +61,24 @@ def test_slot_logits_match_peft_single_and_mixed(base_dir: Path, tmp_path: Path)
     torch.testing.assert_close(mixed[1], want_base[1], atol=1e-5, rtol=1e-5)
 
 
-def test_reload_slot_overwrites_and_clear_restores_base(base_dir: Path, tmp_path: Path) -> None:
-    a = make_adapter(base_dir, tmp_path / "a", seed=1)
-    b = make_adapter(base_dir, tmp_path / "b", seed=3, targets=("o_proj",))
-    sampler = SlotSampler(base_dir, num_slots=1, max_rank=4)
+def test_reload_slot_overwrites_and_clear_restores_base(tiny_model_dir: Path,
+                                                        tmp_path: Path) -> None:
+    a = make_adapter(tiny_model_dir, tmp_path / "a", seed=1)
+    b = make_adapter(tiny_model_dir, tmp_path / "b", seed=3, targets=("o_proj",))
+    sampler = SlotSampler(tiny_model_dir, num_slots=1, max_rank=4)
     ids, mask = _batch(sampler)
     sampler.load(0, a)
     sampler.load(0, b)  # b targets fewer modules: a's other weights must be gone
     torch.testing.assert_close(_slot_logits(sampler, [0, 0], ids, mask),
-                               _peft_logits(base_dir, b, ids, mask), atol=1e-5, rtol=1e-5)
+                               _peft_logits(tiny_model_dir, b, ids, mask), atol=1e-5, rtol=1e-5)
     sampler.clear(0)
     torch.testing.assert_close(_slot_logits(sampler, [0, 0], ids, mask),
-                               _peft_logits(base_dir, None, ids, mask), atol=1e-6, rtol=1e-6)
+                               _peft_logits(tiny_model_dir, None, ids, mask), atol=1e-6, rtol=1e-6)
 
 
-def test_packed_load_equals_per_tensor_load(base_dir: Path, tmp_path: Path) -> None:
-    a = make_adapter(base_dir, tmp_path / "a", seed=4)
-    sampler = SlotSampler(base_dir, num_slots=2, max_rank=4)
+def test_packed_load_equals_per_tensor_load(tiny_model_dir: Path, tmp_path: Path) -> None:
+    a = make_adapter(tiny_model_dir, tmp_path / "a", seed=4)
+    sampler = SlotSampler(tiny_model_dir, num_slots=2, max_rank=4)
     sampler.load(0, a)
     sampler.slots.pack(a)
     sampler.load(1, a)  # now prefers the packed file
@@ -87,11 +86,11 @@ def test_packed_load_equals_per_tensor_load(base_dir: Path, tmp_path: Path) -> N
     assert sampler.slots.ctx.scales[0] == sampler.slots.ctx.scales[1] == 2.0
 
 
-def test_adapter_that_does_not_fit_is_refused_and_slot_untouched(base_dir: Path,
+def test_adapter_that_does_not_fit_is_refused_and_slot_untouched(tiny_model_dir: Path,
                                                                   tmp_path: Path) -> None:
-    big = make_adapter(base_dir, tmp_path / "big", rank=8, seed=5)
-    small = make_adapter(base_dir, tmp_path / "small", rank=2, seed=6)
-    slots_model, _ = load_base_model(base_dir)
+    big = make_adapter(tiny_model_dir, tmp_path / "big", rank=8, seed=5)
+    small = make_adapter(tiny_model_dir, tmp_path / "small", rank=2, seed=6)
+    slots_model, _ = load_base_model(tiny_model_dir)
     slots = SlotLora.install(slots_model, ("q_proj",), num_slots=1, max_rank=4)
     with pytest.raises(AdapterFormatError):
         slots.load_dir(0, big)  # rank 8 > max rank 4
@@ -100,10 +99,10 @@ def test_adapter_that_does_not_fit_is_refused_and_slot_untouched(base_dir: Path,
     assert not slots.storage.any()
 
 
-def test_generate_mixed_batch_is_seeded_and_reports_logprobs(base_dir: Path,
+def test_generate_mixed_batch_is_seeded_and_reports_logprobs(tiny_model_dir: Path,
                                                               tmp_path: Path) -> None:
-    a = make_adapter(base_dir, tmp_path / "a", seed=7)
-    sampler = SlotSampler(base_dir, num_slots=2, max_rank=4)
+    a = make_adapter(tiny_model_dir, tmp_path / "a", seed=7)
+    sampler = SlotSampler(tiny_model_dir, num_slots=2, max_rank=4)
     sampler.load(1, a)
     ids = sampler.encode("hi")
     rows = [RowRequest(ids, 1, max_new_tokens=5, seed=3), RowRequest(ids, None, 5, seed=3),
@@ -120,17 +119,17 @@ def test_generate_mixed_batch_is_seeded_and_reports_logprobs(base_dir: Path,
                                atol=1e-4, rtol=1e-4)
 
 
-def test_sampled_logprobs_equal_teacher_forced_peft_logprobs(base_dir: Path,
+def test_sampled_logprobs_equal_teacher_forced_peft_logprobs(tiny_model_dir: Path,
                                                              tmp_path: Path) -> None:
     """GRPO's `old` log-probs: the KV-cached, left-padded batch must match a plain forward."""
-    a = make_adapter(base_dir, tmp_path / "a", seed=8)
-    sampler = SlotSampler(base_dir, num_slots=1, max_rank=4)
+    a = make_adapter(tiny_model_dir, tmp_path / "a", seed=8)
+    sampler = SlotSampler(tiny_model_dir, num_slots=1, max_rank=4)
     sampler.load(0, a)
     prompts = [sampler.encode("a longer prompt"), sampler.encode("hi")]
     rows = [RowRequest(p, 0, max_new_tokens=6, temperature=0.7, seed=i)
             for i, p in enumerate(prompts)]
     results = sampler.generate(rows)
-    model, _ = load_base_model(base_dir)
+    model, _ = load_base_model(tiny_model_dir)
     peft_model = peft.PeftModel.from_pretrained(model, str(a))
     for prompt, res in zip(prompts, results, strict=True):
         ids = torch.tensor([prompt + res.output_ids])
@@ -141,29 +140,29 @@ def test_sampled_logprobs_equal_teacher_forced_peft_logprobs(base_dir: Path,
         torch.testing.assert_close(torch.tensor(res.logprobs), want, atol=1e-4, rtol=1e-4)
 
 
-def test_two_adapters_and_base_in_one_batch_match_peft(base_dir: Path, tmp_path: Path) -> None:
+def test_two_adapters_and_base_in_one_batch_match_peft(tiny_model_dir: Path,
+                                                       tmp_path: Path) -> None:
     """A mixed batch gathers only its distinct adapters; each row must still get its own."""
-    a = make_adapter(base_dir, tmp_path / "a", rank=4, seed=11)
-    b = make_adapter(base_dir, tmp_path / "b", rank=2, seed=12, targets=("q_proj", "v_proj"))
-    sampler = SlotSampler(base_dir, num_slots=4, max_rank=4)
+    a = make_adapter(tiny_model_dir, tmp_path / "a", rank=4, seed=11)
+    b = make_adapter(tiny_model_dir, tmp_path / "b", rank=2, seed=12, targets=("q_proj", "v_proj"))
+    sampler = SlotSampler(tiny_model_dir, num_slots=4, max_rank=4)
     sampler.load(3, a)
     sampler.load(1, b)
     prompts = ["hello there", "a", "hi you", "b"]
     enc = sampler.tokenizer(prompts, return_tensors="pt", padding=True)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     got = _slot_logits(sampler, [1, None, 3, 1], ids, mask)
-    wants = [_peft_logits(base_dir, b, ids, mask), _peft_logits(base_dir, None, ids, mask),
-             _peft_logits(base_dir, a, ids, mask), _peft_logits(base_dir, b, ids, mask)]
+    wants = [_peft_logits(tiny_model_dir, adapter, ids, mask) for adapter in (b, None, a, b)]
     for row, want in enumerate(wants):
         torch.testing.assert_close(got[row], want[row], atol=1e-5, rtol=1e-5)
 
 
 def test_full_rank_float32_file_is_read_straight_into_the_slot(
-        base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The direct read fills the same slot bytes as the per-tensor path, and never builds
     tensors (safetensors' loader is not called); a truncated file leaves the slot empty."""
-    full = make_adapter(base_dir, tmp_path / "full", rank=4, seed=13)
-    sampler = SlotSampler(base_dir, num_slots=2, max_rank=4)
+    full = make_adapter(tiny_model_dir, tmp_path / "full", rank=4, seed=13)
+    sampler = SlotSampler(tiny_model_dir, num_slots=2, max_rank=4)
     tensors = safetensors.torch.load_file(str(full / WEIGHTS_FILE))
     sampler.slots.load_tensors(0, tensors, 2.0)
 
@@ -184,13 +183,13 @@ def test_full_rank_float32_file_is_read_straight_into_the_slot(
 
 
 def test_lora_delta_runs_on_one_thread_and_restores_the_forwards_count(
-        base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank-R matmuls are too small to split: the delta runs on one intra-op thread while the
     base matmuls keep the forward's count, and the logits are the same either way."""
     from workers.serving.slot_linear import SlotLinear
 
-    sampler = SlotSampler(base_dir, num_slots=2, max_rank=4)
-    sampler.load(0, make_adapter(base_dir, tmp_path / "a", seed=5))
+    sampler = SlotSampler(tiny_model_dir, num_slots=2, max_rank=4)
+    sampler.load(0, make_adapter(tiny_model_dir, tmp_path / "a", seed=5))
     ids, mask = _batch(sampler)
     seen: list[int] = []
     add_delta = SlotLinear._add_delta

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from schemas.events import PolicyUpdated
+from schemas.events import InteractionLogged, PolicyUpdated
 from workers.models.base import LoraSpec
 from workers.pipeline.journal import JOURNAL_FILE, StepJournal
 from workers.training.grpo import TrainGroup
@@ -19,11 +19,9 @@ GROUP = TrainGroup(prompt_ids=[5, 6, 7], completions=[[8, 9], [10]],
                    old_logprobs=[[-1.0, -1.2], [-0.5]], rewards=[1.0, 0.0])
 
 
-class _Ev:
-    """Just what `replay` reads of an event."""
-
-    def __init__(self, event_id: str) -> None:
-        self.event_id = event_id
+def _ev(event_id: str) -> InteractionLogged:
+    """An event for `replay` (which reads only its id)."""
+    return InteractionLogged(event_id=event_id, policy_id="p", prompt="q?")
 
 
 def _output(step: int) -> PolicyUpdated:
@@ -54,12 +52,12 @@ def test_commit_restore_and_replay(tiny_model_dir: Path, tmp_path: Path) -> None
     # Both continue identically: the optimizer moments came back too.
     assert trainer.step("p", [GROUP]).loss == restarted.step("p", [GROUP]).loss
 
-    replayed, fresh = journal.replay("p", [_Ev("d"), _Ev("e")])  # type: ignore[type-var]
+    replayed, fresh = journal.replay("p", [_ev("d"), _ev("e")])
     assert replayed is not None and (replayed.event_id, replayed.step) == ("up-3", 3)
     assert [e.event_id for e in fresh] == ["e"]
-    replayed, fresh = journal.replay("p", [_Ev("e")])  # type: ignore[type-var]
+    replayed, fresh = journal.replay("p", [_ev("e")])
     assert replayed is None and len(fresh) == 1
-    assert journal.replay("q", [_Ev("x")])[0] is None  # type: ignore[type-var]
+    assert journal.replay("q", [_ev("x")])[0] is None
     assert journal.restore("q", restarted) is None
 
 

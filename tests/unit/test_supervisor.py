@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from streams.cli.supervisor import CrashHistory, RestartPolicy, Supervisor
-from tests.helpers import wait_for
+from tests.support.waiting import wait_for
 
 FAST = RestartPolicy(base_s=0.01, max_s=0.05, stable_s=60.0, max_crashes=50, window_s=600.0)
 

@@ -2,7 +2,7 @@
 
 transformers 5 stores a Mixtral layer's experts as two fused Parameters, `gate_up_proj`
 [E, 2I, H] and `down_proj` [E, H, I], not as per-expert nn.Linear, so LoRA on experts means
-peft's `target_parameters` (training.md 2.6); `workers.training.multilora` wraps these stacks and
+peft's `target_parameters` (peft >= 0.17); `workers.training.multilora` wraps these stacks and
 exports in exactly that format. Built from code like the tiny Llama, so tests never download.
 """
 

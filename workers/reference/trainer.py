@@ -63,9 +63,11 @@ class PolicyTrainer:
     def __init__(
         self, base_path: Path, lora: LoraSpec, *, lr: float = 2e-2, clip_eps: float = 0.2,
         kl_beta: float = 0.0, max_grad_norm: float = 1.0, temperature: float = 1.0,
-        seed: int = 0,
+        seed: int = 0, dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.base, self.tokenizer = load_base_model(Path(base_path))
+        # float64 makes it an oracle a float64 MultiPolicyTrainer must match to rounding.
+        base, self.tokenizer = load_base_model(Path(base_path))
+        self.base = base.to(dtype=dtype)  # type: ignore[call-arg]
         self.lora, self.lr, self.clip_eps, self.kl_beta = lora, lr, clip_eps, kl_beta
         self.max_grad_norm, self.temperature, self.seed = max_grad_norm, temperature, seed
         self.model: peft.PeftModel | None = None
@@ -119,15 +121,23 @@ class PolicyTrainer:
             p.requires_grad_(True)
         return self.model
 
+    def _logps(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """`token_logps`, kept in float64 for a float64 model: that function works in float32
+        (right for the half-precision models it serves), which would cap the oracle there."""
+        if logits.dtype != torch.float64:
+            return token_logps(logits, batch.ids, batch.cmask, self.temperature)
+        lp = torch.log_softmax(logits[:, :-1] / self.temperature, dim=-1)
+        return lp.gather(-1, batch.ids[:, 1:, None]).squeeze(-1) * batch.cmask[:, 1:]
+
     def _loss(self, policy: _Policy, batch: Batch) -> tuple[torch.Tensor, float]:
         model = self._activate(policy)
         ref = None
         if self.kl_beta > 0:
             with torch.no_grad(), model.disable_adapter():
                 ref_logits = model(input_ids=batch.ids, attention_mask=batch.attention).logits
-                ref = token_logps(ref_logits, batch.ids, batch.cmask, self.temperature)
+                ref = self._logps(ref_logits, batch)
         logits = model(input_ids=batch.ids, attention_mask=batch.attention).logits
-        logp = token_logps(logits, batch.ids, batch.cmask, self.temperature)
+        logp = self._logps(logits, batch)
         mask = batch.cmask[:, 1:]
         loss = grpo_loss(logp, batch.old, ref, batch.adv, mask, self.clip_eps, self.clip_eps,
                          self.kl_beta)

@@ -1,6 +1,7 @@
 """A client for SGLang's HTTP API (a real SGLang server or lorastream's CPU engine).
 
-Speaks exactly what SGLang implements (shared/reference/serving.md): `POST /load_lora_adapter`
+Speaks exactly what SGLang implements (`python/sglang/srt/entrypoints/http_server.py`,
+`managers/io_struct.py`): `POST /load_lora_adapter`
 `{lora_name, lora_path, pinned}` and `POST /unload_lora_adapter` `{lora_name}` answer
 `{success, error_message, loaded_adapters}` with 200, or 400 on failure; `/generate` names the
 adapter in `lora_path` (a name, not a path); the OpenAI routes use `model="<base>:<adapter>"`.

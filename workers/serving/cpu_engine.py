@@ -7,10 +7,10 @@ all model work runs in ONE thread, the model thread, from loading the base onwar
 Why one thread, loading included: OpenMP (libgomp, which torch's CPU wheels use) gives every
 thread that runs parallel torch ops its own team of worker threads, and once the process holds
 more of those than it has CPUs, libgomp throttles every barrier's spin-wait to ~100 spins and
-sleeps on a futex instead. A forward of a few tokens runs ~600 parallel regions, so it then pays
-~600 futex wake-ups: measured on a 2-core CPU, SmolLM2-135M bfloat16, 7-token prompt, one token:
-38-41 ms when one thread does everything, 46-50 ms when the model was loaded (or anything
-parallel ran) in another thread, as `asyncio.to_thread` or a two-worker pool did before.
+sleeps on a futex instead. A forward of a few tokens runs hundreds of parallel regions, so it
+then pays a futex wake-up for each: a forward is measurably slower once the model was loaded (or
+anything parallel ran) in another thread, as `asyncio.to_thread` or a two-worker pool did before
+(docs/performance.md, "Inside the CPU engine").
 
 Batching: requests queue up while a batch runs; the next batch takes, in arrival order, every
 waiting row whose adapter fits within `max_loras_per_batch` distinct adapters (the base model

@@ -1,6 +1,7 @@
 """The CPU engine's adapter registry: SGLang's capacity semantics, without any torch.
 
-What it mirrors (see shared/reference/serving.md §1.3, §1.5, §1.6):
+What it mirrors (SGLang's `--max-loaded-loras` / `--max-loras-per-batch` flags,
+`srt/lora/lora_registry.py`, and `TokenizerManager._resolve_lora_path`):
 - `max_loaded_loras` caps registered adapters; a load registers first, then evicts the least
   recently used unpinned adapters until the registry is back under the cap (so one spare slot
   exists for the incoming adapter), failing when nothing can be evicted;

@@ -1,10 +1,11 @@
 """The CPU engine's HTTP app: SGLang's native and OpenAI-compatible endpoints over aiohttp.
 
-Shapes follow shared/reference/serving.md and SGLang's source: load/unload answer
-LoRAUpdateOutput with 200 on success and 400 otherwise; `/generate` answers one object for a
-single prompt and a list for a batch, and a bad request gets 400 `{"error": {"message"}}`;
-the OpenAI routes name the adapter as `model="<base>:<adapter>"` (split on the first colon) and
-answer errors as `{"object": "error", "message", "type", "param", "code"}`.
+Shapes follow SGLang's source (`srt/entrypoints/http_server.py`,
+`srt/entrypoints/openai/serving_base.py`): load/unload answer LoRAUpdateOutput with 200 on
+success and 400 otherwise; `/generate` answers one object for a single prompt and a list for a
+batch, and a bad request gets 400 `{"error": {"message"}}`; the OpenAI routes name the adapter
+as `model="<base>:<adapter>"` (split on the first colon) and answer errors as
+`{"object": "error", "message", "type", "param", "code"}`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The per-forward LoRA math of the slot engine: which slots a batch uses, and how each wrapped
 linear adds their deltas.
 
-Why it looks like this (measured on a 2-core AVX512-BF16 CPU, SmolLM2-135M, 7-token prompt):
-- the LoRA factors stay float32 even when the base serves bfloat16: a rank-8 matmul costs
-  ~6 us in float32 but ~20 us through oneDNN's bfloat16 path, and float32 keeps the trainer's
+Why it looks like this (the timings are in docs/performance.md, "Inside the CPU engine"):
+- the LoRA factors stay float32 even when the base serves bfloat16: a small-rank matmul is
+  cheaper in float32 than through oneDNN's bfloat16 path on CPU, and float32 keeps the trainer's
   exported weights exact; the delta is added into the bfloat16 output in one rounding;
 - the base linear is called as `F.linear` (no second module call), the slot's A/B are per-slot
   views made once, and peft's scale rides on `add_(alpha=...)`: three kernels per linear for a
@@ -12,13 +12,11 @@ Why it looks like this (measured on a 2-core AVX512-BF16 CPU, SmolLM2-135M, 7-to
   `[D*R, in]` / `[out, D*R]` once per batch, and a row mask (the row's scale on its adapter's
   rank block, zero elsewhere and for base rows) selects each row's delta: two matmuls per
   linear whatever the row count, like SGMV's segments;
-- the delta's matmuls run on one intra-op thread whatever the forward's count: split over two
-  threads a rank-8 matmul takes 20-40 us instead of 5 (the fork/join barrier costs more than
-  the math, and much more when a sibling thread is descheduled on a shared CPU). Measured on a
-  7-token SmolLM2 forward in an engine thread with 2 threads: 85 ms with the delta threaded,
-  73 ms on one thread, 81 ms with no adapter at all. `torch.set_num_threads` is thread-local
-  for OpenMP and MKL and costs ~0.1 us (torch's process-wide default flips with it, which only
-  threads that never set their own count read).
+- the delta's matmuls run on one intra-op thread whatever the forward's count: for a rank-8
+  matmul the fork/join barrier of two threads costs more than the math, and much more when a
+  sibling thread is descheduled on a shared CPU. `torch.set_num_threads` is thread-local for
+  OpenMP and MKL and cheap (torch's process-wide default flips with it, which only threads that
+  never set their own count read).
 """
 
 from __future__ import annotations
@@ -92,7 +90,7 @@ class SlotLinear(nn.Module):
             return y
         if ctx.threads == 1:
             return self._add_delta(x, y)
-        torch.set_num_threads(1)  # thread-local (OpenMP and MKL), ~0.1 us
+        torch.set_num_threads(1)  # thread-local (OpenMP and MKL), and cheap
         try:
             return self._add_delta(x, y)
         finally:

@@ -2,14 +2,14 @@
 
 A Llama-style MLP computes down(silu(gate(x)) * up(x)). Plain autograd keeps four MLP-wide
 tensors a token for backward: gate(x) (silu's input), silu's output and up(x) (the product's
-inputs), and the product (the down projection's LoRA A needs it for its gradient). On
-SmolLM2-135M those are 54% of a decoder layer's saved activations. Here one autograd function
+inputs), and the product (the down projection's LoRA A needs it for its gradient): most of a
+decoder layer's saved activations. Here one autograd function
 computes the product *and* its LoRA A projection, and keeps gate(x) and up(x) only: backward
 recomputes silu and the product, elementwise work that is small beside the layer's matmuls.
 
 Why it matters: a joint step's passes are sized by activation memory (`workers.training.multipass`),
-and this is what lets two SmolLM2 policies share a pass while the K=8 benchmark's peak RSS stays
-within ~5% of training one policy after another (pairs with plain MLPs: 9-12% over).
+and this is what lets two SmolLM2 policies share a pass within the multi-policy benchmark's
+memory target (figures: docs/performance.md, "Inside the trainer").
 The forward is bit-identical to the plain module's (the same ops in the same order); gradients
 agree to rounding (tests compare against peft in float64).
 

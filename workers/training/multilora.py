@@ -1,14 +1,17 @@
 """Batched multi-LoRA for training: rows of one batch belong to different policies.
 
-peft refuses mixed-adapter batches in training mode and its mixed path loops per adapter and
-breaks gradient checkpointing (training.md 2.3, 5.2). Here every targeted linear (and every
+peft refuses mixed-adapter batches in training mode (`adapter_names=`, peft's
+`tuners/lora/model.py`), and its mixed path loops per adapter in Python
+(`Linear._mixed_batch_forward`) and breaks gradient checkpointing (the recompute runs after peft
+removed the hooks that pass `adapter_names`). Here every targeted linear (and every
 fused MoE expert stack) is wrapped once; each policy slot owns its own A/B Parameters, so
 optimizers stay per policy. A forward runs the frozen base matmul once for all rows and adds
 every row's own LoRA delta with the "masked concatenated rank" trick: the A's of the slots
 present in the batch are concatenated, `x @ A_cat^T` is masked so each row keeps only its own
 slot's rank columns (times that slot's scaling), and one more matmul with B_cat adds the delta.
 Only present slots enter the graph, so an absent policy's parameters get `grad=None`, never a
-zero gradient its optimizer would act on (training.md 5.2).
+zero gradient its optimizer would still act on through momentum (what a stacked parameter would
+give it).
 
 The routing (row -> slot) lives in one `Routing` object shared by all wrapped layers; it is set
 before a forward and left in place until the backward has finished, so gradient checkpointing
@@ -47,8 +50,8 @@ class Routing:
     mask: torch.Tensor | None = None  # [rows, sum of present ranks]
     concat: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """No-grad forwards' concatenated A/B per layer, made once per routing: a sampling pass
-    runs one forward per token, and re-concatenating ~200 layers' factors each time cost ~7%
-    of a mixed 48-row SmolLM2 decode."""
+    runs one forward per token, and re-concatenating every layer's factors each time was a
+    measurable share of a mixed decode (docs/performance.md)."""
 
     def set(self, row_slots: Sequence[int | None], dtype: torch.dtype) -> None:
         """None rows use the bare base model (their mask row is all zero)."""
@@ -140,7 +143,8 @@ class MultiLoraExperts(nn.Module):
     """Fused MoE experts (eager loop over hit experts) with per-token, per-expert LoRA deltas.
 
     Per slot and parameter: A [E, r, in] and B [E, out, r], i.e. rank r on every expert, which
-    is what peft's `target_parameters` LoRA does for a 3-D parameter (training.md 2.6).
+    is what peft's `target_parameters` LoRA (`ParamWrapper`, peft >= 0.17) does for a 3-D
+    parameter.
     """
 
     def __init__(self, experts: nn.Module, routing: Routing) -> None:

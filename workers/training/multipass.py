@@ -3,21 +3,15 @@
 A joint step packs whole policies, in order, into passes whose estimated activation memory stays
 under a budget, and accumulates their gradients pass by pass. Parameters are disjoint and each
 policy's loss is normalised by its own token count, so every policy's update is exactly its
-separate step's however the policies are packed. Why a budget rather than one pass over all K:
-a pass's activations grow with its tokens (~2.5 MiB of peak RSS a token on SmolLM2-135M,
-measured with plain MLPs; `token_activation_mb` estimates ~1.2 and only guides packing) and
-recomputing them costs more than a bigger pass wins back on CPU. Measured there (two threads,
-old row layout, eight policies' step, best of 5): one policy a pass 4.18 s, pairs 3.90, fours
-3.88; pairs with each layer's MLP checkpointed 4.69, fours 4.30; fours/eight with whole layers
-checkpointed 5.2.
-With shared prompts (`workers.training.sharedprefix`) a SmolLM2 policy at the pipeline defaults
-(G=6, 8 new tokens) is one ~55-token sequence and bigger passes do pay (3.39 s alone, 2.86 pairs,
-2.48 fours, 2.25 all eight). With plain MLPs, pairs raised the K=8 benchmark's peak RSS 9-12% over
-one policy after another (fours: 25%); the lean MLP (`workers.training.leanmlp`: backward keeps gate
-and up, not silu and the product) cut a policy's kept activations from 77 to 58 MiB, and the default
-budget now packs pairs: peak RSS 1.05x one policy after another, a pair's pass 0.64 s against
-2 x 0.43 s alone. Tiny models pack many policies per pass; accelerators, or a process with
-memory to spare, can raise the budget.
+separate step's however the policies are packed.
+
+Why a budget rather than one pass over all K: a pass's activations grow with its tokens, and on
+CPU recomputing them (checkpointing) costs more than a bigger pass wins back, so the budget is
+what trades speed against peak memory. With shared prompts (`workers.training.sharedprefix`) and
+the lean MLP (`workers.training.leanmlp`) the default packs two SmolLM2-135M policies a pass,
+which keeps the multi-policy benchmark's peak RSS near training one policy after another; the
+measurements behind it are in docs/performance.md ("Inside the trainer"). Tiny models pack many
+policies per pass; accelerators, or a process with memory to spare, can raise the budget.
 """
 
 from __future__ import annotations

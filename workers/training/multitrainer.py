@@ -4,7 +4,7 @@ Same public API as `PolicyTrainer` (step, steps_done, has_policy, adapter_state,
 plus `step_many`, which trains several policies in one step: their rows go through batched
 passes over the resident base (`workers.training.multilora`), packed under an activation-memory
 budget (`workers.training.multipass`), with each group's prompt computed once for its G completions
-(`workers.training.sharedprefix`), and each policy steps once. Isolation follows training.md 5.2:
+(`workers.training.sharedprefix`), and each policy steps once. Policies stay isolated:
 each policy's loss is normalised by its own token count and the losses are summed (parameters are
 disjoint, so each adapter gets exactly its own gradient); gradient norms are clipped per policy;
 each policy has its own AdamW, stepped only when that policy was in the step. A policy whose
@@ -138,8 +138,8 @@ class MultiPolicyTrainer:
 
     def _new_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
         # No weight decay: a zero-advantage step must not shrink the adapter. Fused: one kernel
-        # for all ~400 LoRA tensors of a policy (3 ms a SmolLM2 rank-4 step against 9-11 ms
-        # for foreach, measured on 2 cores); the same update up to rounding.
+        # for all of a policy's LoRA tensors, several times faster than foreach on CPU
+        # (docs/performance.md); the same update up to rounding.
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0, fused=True)
 
     def _require(self, policy_id: str) -> _Policy:

@@ -3,11 +3,12 @@
 Per warm request: the key's lookup (cached for `key_cache_s`); one Redis round trip that
 resolves the model (`CatalogIndex.lookup_in`) and fetches the residency states of the serve name
 it resolved to last time (`Router.states_in`; a fresh promotion costs one more); then the
-engine call, and one pipelined write of the answer (for feedback). Resolution happens per request, so a request that starts after a promotion or a
-rollback gets the new revision, while requests already routed finish on the old one (an
-engine's unload waits for its in-flight requests). A request whose adapter the engine turns
-out not to have (restart, eviction behind the controller's back) is reported to the
-controller and placed again once; it is never answered by the base model in its place.
+engine call, and one pipelined write of the answer (for feedback). Resolution happens per
+request, so a request that starts after a promotion or a rollback gets the new revision, while
+requests already routed finish on the old one (an engine's unload waits for its in-flight
+requests). A request whose adapter the engine turns out not to have (restart, eviction behind
+the controller's back) is reported to the controller and placed again once; it is never
+answered by the base model in its place.
 """
 
 from __future__ import annotations

@@ -6,15 +6,17 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
 
 def wait_for(
-    predicate: Callable[[], T], timeout: float, interval: float = 0.05, message: str = ""
+    predicate: Callable[[], T | Literal[False] | None], timeout: float, interval: float = 0.05,
+    message: str = "",
 ) -> T:
-    """Poll `predicate` until it returns something truthy, and return that.
+    """Poll `predicate` until it returns something truthy, and return that (so never the
+    False or None of `cond and value` / `value or None` predicates).
 
     Tests synchronise on observable conditions, never on fixed sleeps: this returns as soon as
     the condition holds and fails with a clear message (plus the last value seen) otherwise.

@@ -4,9 +4,14 @@ and a stage's agent run in-process with channels for its outputs."""
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from collections.abc import Sequence
+from typing import TypeVar, cast
 
+import faust
 import torch
+from faust.types import AgentT
+from pydantic import BaseModel
 
 from infra.settings import Settings
 from schemas.events import AdapterEvaluated, AdapterExported, PolicyUpdated
@@ -17,6 +22,21 @@ from workers.pipeline.evaluate import evaluate
 from workers.pipeline.export import export
 from workers.pipeline.promote import promote
 from workers.pipeline.state import score_key
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def only(kind: type[M], outputs: Sequence[object]) -> M:
+    """The one output of a stage call, checked to be a `kind` (stages return `list[BaseModel]`)."""
+    (out,) = outputs
+    assert isinstance(out, kind), out
+    return out
+
+
+def all_of(kind: type[M], outputs: Sequence[object]) -> list[M]:
+    """A stage call's outputs, each checked to be a `kind`."""
+    assert all(isinstance(o, kind) for o in outputs), outputs
+    return [o for o in outputs if isinstance(o, kind)]
 
 
 def export_step(ctx: StageContext, policy: str, step: int) -> AdapterExported:
@@ -39,19 +59,24 @@ def evaluate_with(ctx: StageContext, exported: AdapterExported,
     return ev
 
 
-def promote_guarded(ctx: StageContext, ev: AdapterEvaluated) -> list[Any]:
+def promote_guarded(ctx: StageContext, ev: AdapterEvaluated) -> list[BaseModel]:
     """What the promote agent does: the stage checks the promotion still beats what serves."""
     return promote(ctx, ev)
 
 
-def in_process_stage(settings: Settings, stage: str) -> tuple[Any, StageRunner]:
+def in_process_stage(settings: Settings, stage: str) -> tuple[AgentT, StageRunner]:
     """A stage's Faust agent and its runner, model work on the calling loop, outputs and dead
     letters to in-memory channels (a channel delivers only to subscribers: subscribe before
     anything is sent)."""
     app = create_app(settings, [stage])
     app.finalize()
     agent = app.agents[f"stage.{stage}"]
-    runner: StageRunner = agent.fun.__self__
+    fun = agent.fun  # the runner's bound `run` (streams/agents.py)
+    assert inspect.ismethod(fun) and isinstance(fun.__self__, StageRunner)
+    runner = fun.__self__
     runner.executor = None
-    runner.sink, runner.dead_letters = app.channel(), app.channel()  # type: ignore[assignment]
+    # The runner only sends to its sink and dead letters: an in-memory channel stands in for
+    # each topic.
+    runner.sink = cast(faust.TopicT, app.channel())
+    runner.dead_letters = cast(faust.TopicT, app.channel())
     return agent, runner

@@ -1,23 +1,18 @@
-"""Shared helpers for the serving tests: a tiny base model and random, non-zero LoRA adapters."""
+"""LoRA adapters for tests: random, non-zero PEFT adapter dirs, and one put in the artifact
+store as a policy's exported revision."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import peft
-import pytest
 import torch
+from safetensors.torch import load_file
 
-from workers.models.base import LoraSpec, build_tiny_model, load_base_model
-
-
-@pytest.fixture(scope="module")
-def base_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session `tiny_model_dir` when the suite provides it, else a module-local tiny model."""
-    try:
-        return Path(request.getfixturevalue("tiny_model_dir"))
-    except pytest.FixtureLookupError:
-        return build_tiny_model(tmp_path_factory.mktemp("serving-base") / "tiny")
+from workers.artifacts.store import ArtifactStore
+from workers.catalog.index import RevisionPointer
+from workers.models.base import LoraSpec, load_base_model
 
 
 def make_adapter(base: Path, out: Path, *, rank: int = 4, seed: int = 0,
@@ -35,3 +30,10 @@ def make_adapter(base: Path, out: Path, *, rank: int = 4, seed: int = 0,
                 param.copy_(torch.randn(param.shape, generator=gen) * scale)
     peft_model.save_pretrained(str(out))
     return out
+
+
+def stored_revision(store: ArtifactStore, adapter_dir: Path, revision: int) -> RevisionPointer:
+    """Put a PEFT adapter dir into the artifact store as a policy's `revision`."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    ref = store.put_adapter(load_file(str(adapter_dir / "adapter_model.safetensors")), config)
+    return RevisionPointer(revision, sha256=ref.sha256, path=str(ref.path))
