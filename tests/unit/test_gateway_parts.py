@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from workers.serving.adapter_metrics import OTHER, REQUESTS, AdapterMetrics, TopN, split_serve_name
+from workers.serving.client import as_chunks
 from workers.serving.gateway.answers import (
     Answer,
     FeedbackError,
@@ -12,7 +13,7 @@ from workers.serving.gateway.answers import (
     parse_feedback,
     prompt_text,
 )
-from workers.serving.gateway.upstream import Outcome, as_chunks, observe_chunk
+from workers.serving.gateway.outcome import Outcome, observe_chunk
 
 
 def test_top_n_labels_only_the_busiest_policies() -> None:
@@ -98,7 +99,7 @@ async def test_streamed_engine_answers_pass_through_as_chunks() -> None:
     import orjson
     from aiohttp import web
 
-    from workers.serving.gateway.upstream import Upstream, UpstreamError
+    from workers.serving.client import AsyncSGLangClient, SGLangError
 
     async def sse(request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -122,14 +123,14 @@ async def test_streamed_engine_answers_pass_through_as_chunks() -> None:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    upstream = Upstream()
+    upstream = AsyncSGLangClient(url)
     try:
         outcome = Outcome()
-        async for chunk in upstream.stream(url, "/v1/chat/completions", {"model": "m"}):
+        async for chunk in upstream.openai_stream("/v1/chat/completions", {"model": "m"}):
             observe_chunk(outcome, chunk)
         assert outcome.text == "hello" and outcome.chunks == 2
-        with pytest.raises(UpstreamError, match="boom"):
-            async for _ in upstream.stream(url, "/v1/chat/completions", {"model": "broken"}):
+        with pytest.raises(SGLangError, match="boom"):
+            async for _ in upstream.openai_stream("/v1/chat/completions", {"model": "broken"}):
                 pass
     finally:
         await upstream.close()

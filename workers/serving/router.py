@@ -231,10 +231,11 @@ class Router:
             await asyncio.sleep(interval)
             interval = min(interval * 1.5, MAX_POLL_S)  # many waiters must not flood Redis
 
-    def _client(self, route: Route) -> AsyncSGLangClient:
-        if route.url not in self._clients:
-            self._clients[route.url] = AsyncSGLangClient(route.url)
-        return self._clients[route.url]
+    def client(self, url: str) -> AsyncSGLangClient:
+        """The one pooled client of an engine URL (closed by `close`)."""
+        if url not in self._clients:
+            self._clients[url] = AsyncSGLangClient(url)
+        return self._clients[url]
 
     async def generate(self, policy_id: str, prompts: str | Sequence[str], *,
                        sampling_params: dict[str, Any] | None = None,
@@ -243,7 +244,7 @@ class Router:
         for attempt in range(2):
             route = await self.route(policy_id)
             try:
-                return await self._client(route).generate(
+                return await self.client(route.url).generate(
                     prompts, lora_path=route.serve_name, sampling_params=sampling_params,
                     return_logprob=return_logprob)
             except SGLangError as exc:

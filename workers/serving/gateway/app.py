@@ -20,9 +20,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from workers.serving.client import SGLangError
 from workers.serving.gateway.apikeys import ApiKey
 from workers.serving.gateway.service import Call, Gateway, GatewayError
-from workers.serving.gateway.upstream import UpstreamError
 
 log = logging.getLogger(__name__)
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
@@ -95,7 +95,7 @@ async def _stream(request: web.Request, gateway: Gateway, kind: str,
                 elif not usage:
                     chunk.pop("usage", None)
                 await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        except (UpstreamError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (SGLangError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
             # The headers are out: the error goes in the stream, as OpenAI does.
             log.warning("stream of %s failed: %s", call.answer_id, exc)
             err = {"error": {"message": str(exc), "type": "server_error", "param": None,

@@ -36,6 +36,7 @@ from workers.catalog.online import observe_feedback
 from workers.catalog.writer import Catalog
 from workers.serving import adapter_metrics as am
 from workers.serving.assignment import live_engines
+from workers.serving.client import SGLangError
 from workers.serving.gateway.answers import (
     Answer,
     AnswerStore,
@@ -46,14 +47,8 @@ from workers.serving.gateway.answers import (
     prompt_text,
 )
 from workers.serving.gateway.apikeys import ApiKey, ApiKeys, digest
+from workers.serving.gateway.outcome import Outcome, observe_answer, observe_chunk
 from workers.serving.gateway.resolve import ModelNotFound, Target, check, parse_model
-from workers.serving.gateway.upstream import (
-    Outcome,
-    Upstream,
-    UpstreamError,
-    observe_answer,
-    observe_chunk,
-)
 from workers.serving.router import (
     AdapterLoadFailed,
     ColdLoadTimeout,
@@ -107,7 +102,8 @@ class Gateway:
                              engines_ttl_s=0.5, touch_interval_s=1.0)
         self.keys = ApiKeys(settings, self.r)
         self.answers = AnswerStore(settings, self.r, settings.gateway_answer_ttl_s)
-        self.upstream = Upstream()
+        self.base_ids: dict[str, str] = {}
+        """Engine URL -> its served model id (what `model` names the base model as there)."""
         self.metrics = am.AdapterMetrics("gateway")
         self.key_cache_s, self.retry_failed_s = key_cache_s, retry_failed_s
         self._key_cache: dict[str, tuple[float, ApiKey | None]] = {}
@@ -125,14 +121,18 @@ class Gateway:
         """Ask live engines for their served model id (the name the base model answers to);
         best effort: an engine that is not up yet is asked on its first request."""
         for url in live_engines(self.settings, self.r).values():
-            with contextlib.suppress(UpstreamError, OSError, aiohttp.ClientError, TimeoutError):
-                await self.upstream.base_id(url)
+            with contextlib.suppress(SGLangError, OSError, aiohttp.ClientError, TimeoutError):
+                await self._base_id(url)
+
+    async def _base_id(self, url: str) -> str:
+        if url not in self.base_ids:
+            self.base_ids[url] = await self.router.client(url).served_model()
+        return self.base_ids[url]
 
     async def close(self) -> None:
         if self._producer is not None:
             await self._producer.stop()
         await self.router.close()
-        await self.upstream.close()
         if self._catalog is not None:
             self._catalog.close()
 
@@ -156,11 +156,11 @@ class Gateway:
 
     async def models(self, key: ApiKey) -> dict[str, Any]:
         """The key's namespace's policies, each with the revision it serves."""
-        if not self.upstream.base_ids:
+        if not self.base_ids:
             await self.learn_base_ids()
         policies = self.index.namespace_policies(key.namespace)
         serving = self.index.serving_names(policies)
-        base = next(iter(self.upstream.base_ids.values()), "base")
+        base = next(iter(self.base_ids.values()), "base")
         data = [{"id": base, "object": "model", "created": 0, "owned_by": "lorastream",
                  "root": base, "parent": None}]
         data += [{"id": p, "object": "model", "created": 0, "owned_by": key.namespace,
@@ -178,7 +178,7 @@ class Gateway:
             raise GatewayError(400, "'model' must name a policy, policy@revision or the base "
                                "model", param="model")
         try:
-            parsed = parse_model(model, set(self.upstream.base_ids.values()))
+            parsed = parse_model(model, set(self.base_ids.values()))
             if parsed is None:
                 return Target(None, key.namespace, 0, None), None
             guess = self._guesses.get(model)
@@ -224,7 +224,8 @@ class Gateway:
         # Only the gateway names adapters: a client's `lora_path` could bypass namespaces.
         body = {k: v for k, v in call.body.items()
                 if "lora" not in k and k not in ("stream", "stream_options")}
-        body["model"] = await self.upstream.model(call.route.url, call.target.serve_name)
+        base, name = await self._base_id(call.route.url), call.target.serve_name
+        body["model"] = f"{base}:{name}" if name else base  # SGLang's way to name an adapter
         return body
 
     async def answer(self, kind: str, body: dict[str, Any], key: ApiKey
@@ -233,9 +234,9 @@ class Gateway:
         for attempt in (0, 1):
             call = await self._place(kind, body, key)
             try:
-                out = await self.upstream.complete(call.route.url, PATHS[kind],
-                                                   await self._engine_body(call))
-            except UpstreamError as exc:
+                out = await self.router.client(call.route.url).openai(
+                    PATHS[kind], await self._engine_body(call))
+            except SGLangError as exc:
                 if not self._lost(call, exc, attempt):
                     raise self._upstream_error(call, exc) from exc
                 continue
@@ -255,14 +256,14 @@ class Gateway:
         so nothing has been sent to the client before an error is known."""
         for attempt in (0, 1):
             call = await self._place(kind, body, key)
-            chunks = self.upstream.stream(call.route.url, PATHS[kind],
-                                          await self._engine_body(call))
+            chunks = self.router.client(call.route.url).openai_stream(
+                PATHS[kind], await self._engine_body(call))
             try:
                 first = await anext(chunks)
-            except (UpstreamError, *UNREACHABLE) as exc:
+            except (SGLangError, *UNREACHABLE) as exc:
                 self.router.release(call.route)
                 await chunks.aclose()
-                if not isinstance(exc, UpstreamError):
+                if not isinstance(exc, SGLangError):
                     self._unreachable(call, exc, attempt)
                 elif not self._lost(call, exc, attempt):
                     raise self._upstream_error(call, exc) from exc
@@ -284,7 +285,7 @@ class Gateway:
             await chunks.aclose()  # the engine's response, also when the client went away
         await self.finish(call)
 
-    def _lost(self, call: Call, exc: UpstreamError, attempt: int) -> bool:
+    def _lost(self, call: Call, exc: SGLangError, attempt: int) -> bool:
         """The engine does not have the adapter: tell its controller; retry once."""
         if call.target.serve_name is None or "never been loaded" not in exc.message:
             return False
@@ -307,7 +308,7 @@ class Gateway:
                                type_="server_error", code="engine_unreachable",
                                retry_after=1.0) from exc
 
-    def _upstream_error(self, call: Call, exc: UpstreamError) -> GatewayError:
+    def _upstream_error(self, call: Call, exc: SGLangError) -> GatewayError:
         self.metrics.failed(call.metric_name, exc.status)
         status = exc.status if 400 <= exc.status < 500 else 502
         return GatewayError(status, exc.message, type_="invalid_request_error" if status < 500
