@@ -279,3 +279,35 @@ def test_in_flight_requests_finish_on_the_revision_they_started_on(
         (old,) = result
         assert old.model == "alice@1"
         assert old.choices[0].message.content == want.choices[0].message.content
+
+
+def test_a_cold_load_that_does_not_finish_in_time_is_503_never_the_base(
+        settings: Settings, catalog: Catalog, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """An engine is live but its controller never loads the adapter: the request schedules the
+    load (demand on its home engine), waits `gateway_cold_timeout_s`, then gets a 503 with
+    Retry-After; nothing answers it from the base model."""
+    import redis
+
+    from workers.serving.assignment import engine_key, register_engine
+
+    run = settings.model_copy(update={"gateway_cold_timeout_s": 0.5})
+    publish(catalog, tiny_model_dir, tmp_path, "alice", 1, seed=1)
+    secret, _ = ApiKeys(run).create("default")
+    r = redis.Redis.from_url(run.redis_url)
+    register_engine(run, r, "stalled", "http://127.0.0.1:9")  # alive, but nothing loads there
+    before = REGISTRY.get_sample_value("lorastream_gateway_cold_waits_total",
+                                       {"outcome": "timeout"}) or 0
+    try:
+        with ServingStack(run, []) as stack:
+            with pytest.raises(openai.APIStatusError) as waited:
+                client(stack, secret).chat.completions.create(model="alice", messages=ASK,
+                                                              max_tokens=2)
+            assert waited.value.status_code == 503
+            assert waited.value.response.headers["Retry-After"] == "2"
+            assert "alice@1 is loading" in waited.value.message
+            assert r.zscore(engine_key(run, "stalled", "demand"), "alice@1") is not None
+            assert not r.zcard(engine_key(run, "stalled", "waiting"))  # its ticket withdrawn
+        assert REGISTRY.get_sample_value("lorastream_gateway_cold_waits_total",
+                                         {"outcome": "timeout"}) == before + 1
+    finally:
+        r.close()
