@@ -183,12 +183,16 @@ def test_production_feedback_rolls_back_a_worse_revision(
         assert refused.value.status == 404
 
 
+@pytest.mark.parametrize("probe_s", [0.2, 3600.0], ids=["probed", "reported-by-a-request"])
 def test_engine_restart_is_noticed_and_adapters_reloaded(
         settings: Settings, catalog: Catalog, tiny_model_dir: Path, tmp_path: Path,
-        engines: list[ServerThread]) -> None:
+        engines: list[ServerThread], probe_s: float) -> None:
+    """The controller notices a restart by probing the engine or, for an engine that lists no
+    adapters (older SGLang) or a restart between probes, because a request through the gateway
+    found the adapter missing (with probing off, that report is the only way it can know)."""
     publish(catalog, tiny_model_dir, tmp_path, "alice", 1, seed=1)
     secret, _ = ApiKeys(settings).create("default")
-    with ServingStack(settings, engines) as stack:
+    with ServingStack(settings, engines, probe_interval_s=probe_s) as stack:
         oa = client(stack, secret)
         want = oa.chat.completions.create(model="alice", messages=ASK, max_tokens=5,
                                           temperature=0.0)

@@ -32,8 +32,10 @@ def engine(base: Path, port: int = 0, slots: int = 8) -> ServerThread:
 class ServingStack:
     """Engines (given), their controllers and a gateway at `url` (`.../v1` for OpenAI)."""
 
-    def __init__(self, settings: Settings, engines: list[ServerThread]) -> None:
+    def __init__(self, settings: Settings, engines: list[ServerThread], *,
+                 probe_interval_s: float = 0.2) -> None:
         self.settings, self.engines = settings, engines
+        self.probe_interval_s = probe_interval_s
         self.r = redis.Redis.from_url(settings.redis_url)
         self.loop = asyncio.new_event_loop()
         self.url = ""
@@ -62,7 +64,8 @@ class ServingStack:
         self._stop = asyncio.Event()
         for i, server in enumerate(self.engines):
             ctl = ResidencyController(self.settings, ControllerConfig(
-                f"e{i}", server.url, capacity=8, interval_s=0.05, probe_interval_s=0.2),
+                f"e{i}", server.url, capacity=8, interval_s=0.05,
+                probe_interval_s=self.probe_interval_s),
                 self.r)
             self.controllers.append(ctl)
             self._tasks.append(asyncio.create_task(ctl.run(self._stop)))
