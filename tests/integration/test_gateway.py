@@ -95,8 +95,18 @@ def test_openai_client_streaming_keys_and_feedback(
         completion = oa.completions.create(model="alice@1", prompt="hi", max_tokens=3,
                                            temperature=0.0)
         assert completion.model == "alice@1" and completion.choices[0].text is not None
-        assert {m.id for m in oa.models.list()} >= {"alice"}
-        assert "carol" not in {m.id for m in oa.models.list()}
+        listed = {m.id for m in oa.models.list()}
+        assert "alice" in listed and "carol" not in listed
+        # The base model by name (`base`, or the id the engines report): no adapter at all.
+        base_id = SGLangClient(engines[0].url).models()[0]["id"]
+        assert base_id in listed
+        for name in ("base", base_id):
+            bare = oa.chat.completions.create(model=name, messages=ASK, max_tokens=6,
+                                              temperature=0.0)
+            assert bare.model == "base"
+            assert bare.choices[0].message.content == direct["choices"][0]["message"]["content"]
+        with pytest.raises(openai.BadRequestError, match="no policy to train"):
+            oa.post("/feedback", cast_to=dict, body={"id": bare.id, "score": 1.0})
 
         with pytest.raises(openai.NotFoundError, match="does not exist"):
             oa.chat.completions.create(model="mallory", messages=ASK, max_tokens=2)
