@@ -54,7 +54,7 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _serve(args: argparse.Namespace, settings: Settings) -> None:
     from workers.serving.gateway.app import build_app
-    from workers.serving.gateway.service import Gateway
+    from workers.serving.gateway.service import Gateway, GatewayStartError
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -62,7 +62,11 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(build_app(Gateway(settings)), access_log=None)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except GatewayStartError as exc:
+        await runner.cleanup()
+        raise SystemExit(f"lorastream gateway: {exc}") from None
     await web.TCPSite(runner, args.host, args.port).start()
     log.info("gateway on http://%s:%d/v1", args.host, args.port)
     try:

@@ -1,4 +1,5 @@
-"""Pure parts of the gateway: label cardinality, feedback parsing, chunking, model names."""
+"""Parts of the gateway without a broker: label cardinality, feedback parsing, chunking, model
+names, and a start-up without Redis."""
 
 from __future__ import annotations
 
@@ -135,3 +136,14 @@ async def test_streamed_engine_answers_pass_through_as_chunks() -> None:
     finally:
         await upstream.close()
         await runner.cleanup()
+
+
+def test_a_gateway_without_redis_stops_at_start_with_one_message(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from streams.cli.main import main
+
+    monkeypatch.setenv("LORASTREAM_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens
+    with pytest.raises(SystemExit) as stopped:
+        main(["gateway", "--port", "0"])
+    assert str(stopped.value.code).startswith("lorastream gateway: Redis (LORASTREAM_REDIS_URL) "
+                                              "does not answer")

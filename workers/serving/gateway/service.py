@@ -26,6 +26,7 @@ import aiohttp
 import orjson
 import redis
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from infra.security import aiokafka_config
 from infra.settings import Settings
@@ -60,6 +61,10 @@ from workers.serving.router import (
 log = logging.getLogger(__name__)
 PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 UNREACHABLE = (aiohttp.ClientConnectionError, OSError, TimeoutError)
+
+
+class GatewayStartError(RuntimeError):
+    """The gateway cannot start (Redis or Kafka does not answer): one message, no traceback."""
 
 
 class GatewayError(Exception):
@@ -112,9 +117,22 @@ class Gateway:
         self._guesses: dict[str, str | None] = {}
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(**aiokafka_config(self.settings), acks="all",
-                                          linger_ms=5)
-        await self._producer.start()
+        """Connect, or fail with one clear GatewayStartError when Redis or Kafka is not there
+        (a misconfigured gateway must not come up and answer every request with a 500)."""
+        try:
+            await asyncio.to_thread(self.r.ping)
+        except redis.RedisError as exc:
+            raise GatewayStartError(f"Redis (LORASTREAM_REDIS_URL) does not answer: {exc}"
+                                    ) from exc
+        producer = AIOKafkaProducer(**aiokafka_config(self.settings), acks="all", linger_ms=5)
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            raise GatewayStartError(f"Kafka at {self.settings.bootstrap_servers} "
+                                    f"(LORASTREAM_BOOTSTRAP_SERVERS) does not answer: {exc}"
+                                    ) from exc
+        self._producer = producer
         await self.learn_base_ids()
 
     async def learn_base_ids(self) -> None:
