@@ -154,6 +154,23 @@ class Settings(BaseSettings):
     """Roll serving back when the mean reward of rollouts sampled from it falls below this."""
     online_rollback_window: int = Field(default=8, ge=1)
     """How many of the serving revision's latest rollout groups that mean is taken over."""
+    feedback_rollback: bool = True
+    """Roll serving back when production feedback (the gateway's `/v1/feedback`) on it is worse
+    than on the revision that served before (`workers/catalog/online.py`)."""
+    feedback_rollback_window: int = Field(default=50, ge=1)
+    """How many of a revision's latest feedback scores its mean is taken over."""
+    feedback_rollback_min_count: int = Field(default=10, ge=1)
+    """Feedback scores both revisions need before production feedback decides anything."""
+    feedback_rollback_margin: float = Field(default=0.2, ge=0.0)
+    """Roll back when the serving mean is below the previous revision's by more than this."""
+
+    # The gateway (`lorastream gateway`).
+    gateway_cold_timeout_s: float = Field(default=30.0, gt=0.0)
+    """How long a request waits for a cold load before a 503 with Retry-After."""
+    gateway_served_sample: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Fraction of answers logged to the `served` topic."""
+    gateway_answer_ttl_s: int = Field(default=86400, ge=1)
+    """How long an answer can receive feedback (its prompt and text are kept that long)."""
     fault_point: str | None = None
     """Test-only crash hook (`workers/pipeline/faults.py`): `os._exit(137)` at the named point."""
 

@@ -42,6 +42,8 @@ PIPELINE_TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("evaluations", retention_ms=WEEK_MS),
     TopicSpec("promotions", retention_ms=WEEK_MS),
     TopicSpec("dead-letters", retention_ms=4 * WEEK_MS),
+    # What the gateway served (a sample): revision, latency and tokens per answer.
+    TopicSpec("served", retention_ms=WEEK_MS),
     # Keyed state (latest record per key wins): the durable catalog of revisions and aliases.
     TopicSpec(
         "catalog",

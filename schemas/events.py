@@ -103,6 +103,10 @@ class InteractionLogged(Event):
     task_params: dict[str, float | int | str | bool] = Field(default_factory=dict)
     split: Literal["train", "eval"] = "train"
     user_id: str | None = Field(default=None, max_length=128)
+    served_revision: int | None = Field(default=None, ge=0)
+    """Set on feedback from production (the gateway): the revision that gave `response`."""
+    answer_id: str | None = Field(default=None, max_length=128)
+    """The gateway's id of the answer this feedback is about."""
     objective: Objective | None = None
     """`grpo`: sampled and rewarded; `sft`: the `reference`, `chosen`, or a `response` with
     positive feedback is the target; `dpo`: `chosen` over `rejected`, or two logged responses
@@ -294,6 +298,30 @@ class PolicyResumed(Event):
     paused_reason: str | None = None
 
 
+class AnswerServed(Event):
+    """One answer the gateway served (a configurable sample of them), on the `served` topic.
+
+    What operators and offline analysis need to tie production traffic to revisions: who
+    answered (`revision`, `engine`), how fast (`latency_ms`, `ttft_ms`, `cold_wait_ms`) and how
+    much (`prompt_tokens`, `completion_tokens`). Texts stay in the gateway's answer store (for
+    feedback), not on this topic.
+    """
+
+    kind: Literal["answer_served"] = "answer_served"
+    answer_id: str = Field(min_length=1, max_length=128)
+    namespace: str = Field(default="default", max_length=128)
+    revision: int = Field(ge=0)
+    engine: str = Field(max_length=256)
+    route: Literal["chat", "completion"]
+    stream: bool = False
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    latency_ms: float = Field(ge=0.0)
+    ttft_ms: float = Field(ge=0.0)
+    cold_wait_ms: float = Field(default=0.0, ge=0.0)
+    finish_reason: str = ""
+
+
 class DeadLetter(BaseModel):
     """An event a stage could not process: why, where, and the original bytes.
 
@@ -329,6 +357,7 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
     "policy_rolled_back": PolicyRolledBack,
     "policy_paused": PolicyPaused,
     "policy_resumed": PolicyResumed,
+    "answer_served": AnswerServed,
     "dead_letter": DeadLetter,
 }
 

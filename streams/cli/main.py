@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     from streams.cli import commands
     from streams.cli import deadletters as dead_letter_cli
     from streams.cli import engine as serving_cli
+    from streams.cli import gateway as gateway_cli
     from streams.cli import guards as guard_cli
     from streams.cli import infra as infra_cli
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     guard_cli.register(sub)
     serving_cli.register(sub)
     dead_letter_cli.register(sub)
+    gateway_cli.register(sub)
     return parser
 
 

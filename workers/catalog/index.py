@@ -54,6 +54,19 @@ return {tonumber(s), redis.call('HGET', KEYS[1], 'r' .. s)}
 """
 
 
+# KEYS[1] = policy hash, ARGV[1] = a pinned revision or "" for the serving one. Returns nil
+# (unknown) or {ident, revision, packed r<n> | false, state code | false, collected 0/1}.
+_LOOKUP = """
+local ident = redis.call('HGET', KEYS[1], 'i')
+if not ident then return nil end
+local n = ARGV[1]
+if n == '' then n = redis.call('HGET', KEYS[1], 's') or '0' end
+if n == '0' then return {ident, 0} end
+local got = redis.call('HMGET', KEYS[1], 'r' .. n, 'x' .. n, 'g' .. n)
+return {ident, tonumber(n), got[1], got[2], got[3] and 1 or 0}
+"""
+
+
 def intern_ref(value: dict[str, Any]) -> str:
     """Short content id of an interned table value (same value, same ref)."""
     return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()[:8]
@@ -93,6 +106,29 @@ class Resolution:
     @property
     def serve_name(self) -> str:
         return serve_name(self.policy_id, self.revision)
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What serving a request needs about a policy, from one round trip (`CatalogIndex.lookup`):
+    its namespace (who may use it) and the revision asked for, serving unless pinned."""
+
+    policy_id: str
+    namespace: str
+    revision: int
+    sha256: str | None
+    state: RevisionState | None
+    collected: bool = False
+
+    @property
+    def recorded(self) -> bool:
+        """The revision exists (the base, revision 0, always does)."""
+        return self.revision == 0 or self.sha256 is not None
+
+    @property
+    def serve_name(self) -> str | None:
+        """The engines' name for the revision; None = the bare base model."""
+        return serve_name(self.policy_id, self.revision) if self.revision else None
 
 
 @dataclass(frozen=True)
@@ -137,6 +173,7 @@ class CatalogIndex:
         self.settings = settings
         self.r = client or redis.Redis.from_url(settings.redis_url)
         self._resolve = self.r.register_script(_RESOLVE)
+        self._lookup = self.r.register_script(_LOOKUP)
         self._interned: set[tuple[str, str]] = set()
         self.keys = RedisKeys(settings)
         self.bases_key = self.keys.catalog_table("bases")
@@ -178,7 +215,9 @@ class CatalogIndex:
             base = {"name": data["base_model"], "hash": data["base_model_hash"]}
             ref_b, ref_l = self._intern(pipe, self.bases_key, base), self._intern(
                 pipe, self.loras_key, data["lora"])
-            ident = f"{data.get('namespace', 'default')}\0{ref_b}\0{ref_l}"
+            namespace = data.get("namespace", "default")
+            ident = f"{namespace}\0{ref_b}\0{ref_l}"
+            pipe.sadd(self.keys.catalog_namespace(namespace), data["policy_id"])
             training = {k: v for k, v in (data.get("training") or {}).items()
                         if v is not None and (k, v) != ("objective", "grpo")}
             ref_t = self._intern(pipe, self.trainings_key, training) if training else ""
@@ -221,6 +260,37 @@ class CatalogIndex:
             return Resolution(policy_id, 0, None, None)
         sha = _REV.unpack(got[1])[0].hex()
         return Resolution(policy_id, int(got[0]), sha, self.adapters_dir / sha)
+
+    def lookup(self, policy_id: str, revision: int | None = None) -> Lookup | None:
+        """Namespace and the serving (or the pinned `revision`) revision, in one round trip;
+        None for a policy the catalog does not know."""
+        return self.parse_lookup(policy_id, self._lookup(
+            keys=[self.key(policy_id)], args=["" if revision is None else str(revision)]))
+
+    def lookup_in(self, pipe: Any, policy_id: str, revision: int | None = None) -> None:
+        """Queue `lookup` on a pipeline (so a caller can fetch more in the same round trip);
+        parse its result with `parse_lookup`."""
+        self._lookup(keys=[self.key(policy_id)],
+                     args=["" if revision is None else str(revision)], client=pipe)
+
+    @staticmethod
+    def parse_lookup(policy_id: str, got: Any) -> Lookup | None:
+        if got is None:
+            return None
+        namespace = got[0].decode().split("\0")[0]
+        n = int(got[1])
+        if n == 0:
+            return Lookup(policy_id, namespace, 0, None, None)
+        packed, code, collected = got[2], got[3], bool(got[4])
+        state = RevisionState.from_code(code.decode()) if code else (
+            RevisionState.EXPORTED if packed else None)
+        sha = _REV.unpack(packed)[0].hex() if packed else None
+        return Lookup(policy_id, namespace, n, sha, state, collected)
+
+    def namespace_policies(self, namespace: str) -> list[str]:
+        """Every policy id registered in `namespace`, sorted."""
+        members = cast("set[bytes]", self.r.smembers(self.keys.catalog_namespace(namespace)))
+        return sorted(m.decode() for m in members)
 
     def serving(self, policy_id: str) -> RevisionPointer:
         """The serving revision's pointer (BASE for an unknown policy or the base alias)."""

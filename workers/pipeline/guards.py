@@ -12,7 +12,9 @@
   rollout groups sampled from the serving revision is kept per revision in Redis; when it falls
   below `online_rollback_threshold`, the catalog rolls serving back (once per revision). The
   rollout stage samples from the training head, so this sees the serving revision's rewards
-  whenever the head serves.
+  whenever the head serves. Production feedback is the other signal of the same design
+  (`workers/catalog/online.py`, fed by the gateway): same windows, same once-per-revision
+  rollback.
 
 Whether a revision may be promoted is decided in one place, `workers/pipeline/promote.py`. All
 state is in Redis under the pipeline's prefix, so every worker process sees the same pause.
@@ -31,6 +33,7 @@ from pydantic import BaseModel
 from schemas.errors import PoisonEventError
 from schemas.events import PolicyPaused, PolicyResumed, PolicyRolledBack, RolloutRewarded
 from schemas.ids import derive_id
+from workers.catalog.online import push_window, rollback_once
 from workers.pipeline.context import StageContext
 from workers.pipeline.state import PolicyState
 
@@ -151,21 +154,13 @@ def _observe_one(ctx: StageContext, event: RolloutRewarded,
     if revision == 0 or ctx.index.serving(policy).revision != revision:
         return None  # only the serving revision's online reward decides about serving
     key = ctx.state.keys.online_rewards(policy, revision)
-    window = ctx.settings.online_rollback_window
+    size = ctx.settings.online_rollback_window
     # The reward stage's seen-marks drop redelivered rollouts before they get here, so a
     # redelivery is not counted twice.
-    pipe = ctx.state.r.pipeline(transaction=True)
-    pipe.lpush(key, sum(event.rewards) / len(event.rewards))
-    pipe.ltrim(key, 0, window - 1)
-    pipe.lrange(key, 0, -1)
-    recent = [float(x) for x in pipe.execute()[-1]]
+    recent = push_window(ctx.state.r, key, sum(event.rewards) / len(event.rewards), size)
     mean = sum(recent) / len(recent)
-    if len(recent) < window or mean >= threshold:
+    if len(recent) < size or mean >= threshold:
         return None
-    if not ctx.state.r.set(ctx.state.keys.online_rolled_back(policy, revision), 1, nx=True):
-        return None  # another worker already rolled this revision back
-    n = len(recent)
-    reason = (f"online reward {mean:.4f} over the last {n} groups below "
+    reason = (f"online reward {mean:.4f} over the last {len(recent)} groups below "
               f"{threshold} for r{revision}")
-    log.warning("rolling back %s: %s", policy, reason)
-    return ctx.catalog.rollback(policy, reason=f"automatic: {reason}")
+    return rollback_once(ctx.state.r, ctx.state.keys, ctx.catalog, policy, revision, reason)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable
+from enum import StrEnum
 from typing import cast
 
 import redis
@@ -31,6 +32,18 @@ from infra.settings import Settings
 from workers.keys import RedisKeys
 
 ALIVE_TTL_S = 10
+
+
+class Residency(StrEnum):
+    """An adapter's state on one engine, as its controller publishes it in `states` (the
+    machine itself lives in `workers/serving/residency.py`)."""
+
+    QUEUED = "queued"
+    LOADING = "loading"
+    ACTIVE = "active"
+    DRAINING = "draining"
+    EVICTED = "evicted"
+    FAILED = "failed"
 
 
 def engine_key(settings: Settings, engine_id: str, what: str) -> str:

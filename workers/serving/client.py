@@ -7,7 +7,9 @@ Speaks exactly what SGLang implements (`python/sglang/srt/entrypoints/http_serve
 adapter in `lora_path` (a name, not a path); the OpenAI routes use `model="<base>:<adapter>"`.
 
 `SGLangClient` is synchronous (stdlib only) so pipeline stages can call it from any thread;
-`AsyncSGLangClient` (aiohttp) serves the residency controller and the router.
+`AsyncSGLangClient` (aiohttp) serves the residency controller, the router and the gateway
+(OpenAI routes, streamed as server-sent events; an engine that answers a streamed request with
+one JSON completion, as the CPU engine does, is re-cut into OpenAI's chunks).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import aiohttp
+import orjson
 
 Prompts = str | Sequence[str] | Sequence[Sequence[int]]
 """Text prompt(s), or token-id prompts (sent as `input_ids`: what was rendered is sampled)."""
@@ -281,3 +284,73 @@ class AsyncSGLangClient:
         if status != 200:
             raise SGLangError(status, _error_text(out), out)
         return list(out["data"])
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        return self._session
+
+    async def served_model(self) -> str:
+        """The engine's served model id: the `/v1/models` entry without a parent."""
+        data = await self.models()
+        base = next((m for m in data if m.get("parent") is None), data[0] if data else None)
+        return str(base["id"]) if base else "default"
+
+    async def openai(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One non-streamed answer of an OpenAI route (`/v1/chat/completions`, ...)."""
+        async with self._ensure_session().post(self.base_url + path, json=body) as resp:
+            status, raw = resp.status, await resp.read()
+        try:
+            out = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            out = raw.decode(errors="replace")
+        if status != 200 or not isinstance(out, dict):
+            raise SGLangError(status, _error_text(out), out)
+        return out
+
+    async def openai_stream(self, path: str, body: dict[str, Any]
+                            ) -> AsyncGenerator[dict[str, Any], None]:
+        """An OpenAI route's answer as chunk objects (usage included, without `[DONE]`); an
+        error before or inside the stream raises SGLangError."""
+        payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        async with self._ensure_session().post(self.base_url + path, json=payload) as resp:
+            if resp.status != 200:
+                out = await resp.json(content_type=None)
+                raise SGLangError(resp.status, _error_text(out), out)
+            if not resp.content_type.startswith("text/event-stream"):
+                for chunk in as_chunks(await resp.json(content_type=None)):
+                    yield chunk
+                return
+            async for line in resp.content:
+                data = line.strip()
+                if not data.startswith(b"data:"):
+                    continue
+                data = data[5:].strip()
+                if data == b"[DONE]":
+                    return
+                chunk = orjson.loads(data)
+                if isinstance(chunk, dict) and "error" in chunk:
+                    raise SGLangError(502, _error_text(chunk), chunk)
+                yield chunk
+
+
+def as_chunks(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """A whole OpenAI completion as the chunks streaming it would have sent: role, content,
+    finish, usage."""
+    chat = out.get("object") == "chat.completion"
+    head = {"id": out.get("id", ""), "object": "chat.completion.chunk" if chat else
+            "text_completion", "created": out.get("created", 0), "model": out.get("model", "")}
+    chunks: list[dict[str, Any]] = []
+    for choice in out.get("choices", []):
+        i, finish = choice.get("index", 0), choice.get("finish_reason")
+        if chat:
+            text = (choice.get("message") or {}).get("content") or ""
+            deltas = [{"role": "assistant", "content": ""}, {"content": text}, {}]
+            chunks += [{**head, "choices": [{"index": i, "delta": d, "finish_reason":
+                                             finish if not d else None}]} for d in deltas]
+        else:
+            chunks += [{**head, "choices": [{"index": i, "text": t, "logprobs": None,
+                                             "finish_reason": f}]}
+                       for t, f in ((choice.get("text", ""), None), ("", finish))]
+    chunks.append({**head, "choices": [], "usage": out.get("usage") or {}})
+    return chunks

@@ -10,6 +10,14 @@ run at once, so a wave of activations is queued, not stampeded onto the engine. 
 the artifact's sha256 is checked against its content address. The engine's `loaded_adapters`
 (in every load/unload answer) is authoritative: an adapter the engine evicted by LRU becomes
 `evicted` here. States are published to Redis for the router.
+
+An engine that restarts (SGLang after a crash, an upgrade) comes back with no adapters, and
+SGLang answers a name it has not loaded since with a 400, never with the base model. The
+controller notices three ways and reloads what is still wanted: `/health` failing (every active
+adapter becomes evicted and the engine leaves the live set until it answers again), the
+engine's `/v1/models` no longer listing an active adapter (checked every `probe_interval_s`,
+once the engine has shown that it lists adapters), and a router reporting that a request found
+an adapter missing (`engine:<id>:lost`).
 """
 
 from __future__ import annotations
@@ -23,28 +31,19 @@ import time
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
+import aiohttp
 import redis
 
 from infra.settings import Settings
 from workers.artifacts.store import ArtifactStore
 from workers.catalog.index import CatalogIndex
 from workers.serving import metrics
-from workers.serving.assignment import assign_hot_set, engine_key, register_engine
+from workers.serving.assignment import Residency, assign_hot_set, engine_key, register_engine
 from workers.serving.client import AsyncSGLangClient, SGLangError
 
 log = logging.getLogger(__name__)
-
-
-class Residency(StrEnum):
-    QUEUED = "queued"
-    LOADING = "loading"
-    ACTIVE = "active"
-    DRAINING = "draining"
-    EVICTED = "evicted"
-    FAILED = "failed"
 
 
 ALLOWED: dict[Residency | None, frozenset[Residency]] = {
@@ -83,6 +82,7 @@ class ControllerConfig:
     interval_s: float = 0.1
     demand_ttl_s: float = 300.0
     retry_failed_after_s: float = 30.0
+    probe_interval_s: float = 1.0
 
 
 class ResidencyController:
@@ -104,6 +104,9 @@ class ResidencyController:
         self._tasks: set[asyncio.Task[None]] = set()
         self._dirty: set[str] = set()
         self.loads_done = 0
+        self.engine_up = True
+        self.lists_adapters = False
+        self._probed_at = 0.0
 
     def _key(self, what: str) -> str:
         return engine_key(self.settings, self.config.engine_id, what)
@@ -164,7 +167,15 @@ class ResidencyController:
 
     # -- reconcile ---------------------------------------------------------------------------
     async def reconcile(self) -> None:
-        """One pass: register, assign, queue wanted loads, drain unwanted adapters, publish."""
+        """One pass: check the engine, register, assign, queue wanted loads, drain unwanted
+        adapters, publish."""
+        if time.monotonic() - self._probed_at >= self.config.probe_interval_s:
+            self._probed_at = time.monotonic()
+            await self.probe()
+        if not self.engine_up:
+            self.publish()
+            return
+        self._take_lost()
         register_engine(self.settings, self.r, self.config.engine_id, self.config.engine_url)
         assign_hot_set(self.settings, self.r, self.config.capacity)
         want = self.desired()
@@ -188,6 +199,49 @@ class ResidencyController:
                 self._drain(name)
         self._start_loads()
         self.publish()
+
+    # -- engine restarts ---------------------------------------------------------------------
+    async def probe(self) -> None:
+        """Is the engine up, and does it still hold every adapter we think is active?"""
+        before = {n for n, t in self.tracked.items() if t.state is Residency.ACTIVE}
+        listing: list[dict[str, Any]] | None
+        try:
+            listing = await self.engine.models()
+        except SGLangError:  # it answers, but not with a model list: only /health tells
+            listing = [] if await self.engine.health() else None
+        except (OSError, TimeoutError, aiohttp.ClientError):
+            listing = None
+        if listing is None:
+            if self.engine_up:
+                log.warning("engine %s is down: its adapters count as lost",
+                            self.config.engine_id)
+                self.engine_up = False
+                self.r.delete(self._key("alive"))  # routers stop sending it work now
+            self._lose(before, "engine down")
+            return
+        if not self.engine_up:
+            log.info("engine %s answers again: reloading its assignment", self.config.engine_id)
+        self.engine_up = True
+        listed = {str(m.get("id")) for m in listing if m.get("parent") is not None}
+        self.lists_adapters = self.lists_adapters or bool(listed)
+        if self.lists_adapters:
+            still = {n for n, t in self.tracked.items() if t.state is Residency.ACTIVE}
+            self._lose((before & still) - listed, "no longer listed by the engine")
+
+    def _take_lost(self) -> None:
+        """Names routers found missing on the engine (`Router.report_lost`)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.smembers(self._key("lost"))
+        pipe.delete(self._key("lost"))
+        lost = {m.decode() for m in pipe.execute()[0]}
+        self._lose(lost, "a request found it missing")
+
+    def _lose(self, names: set[str], why: str) -> None:
+        for name in sorted(names):
+            item = self.tracked.get(name)
+            if item is not None and item.state is Residency.ACTIVE:
+                log.warning("%s lost on %s (%s): reloading", name, self.config.engine_id, why)
+                self.transition(name, Residency.EVICTED)
 
     def _retry_due(self, item: Tracked) -> bool:
         return time.monotonic() - item.failed_at >= self.config.retry_failed_after_s
@@ -225,7 +279,7 @@ class ResidencyController:
             if "already loaded" in exc.message:  # e.g. after a controller restart
                 return Residency.ACTIVE, ""
             return Residency.FAILED, exc.message
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TimeoutError, aiohttp.ClientError) as exc:
             return Residency.FAILED, f"{type(exc).__name__}: {exc}"
         self.loads_done += 1
         metrics.note_cold_load(self.config.engine_id)
@@ -253,6 +307,8 @@ class ResidencyController:
             self._observe(update.loaded_adapters)
         except SGLangError as exc:  # already gone from the engine (e.g. LRU): still evicted
             log.info("unload of %s: %s", name, exc.message)
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:  # engine down: gone too
+            log.info("unload of %s: engine unreachable (%s)", name, exc)
         if self.tracked[name].state is Residency.DRAINING:
             self.transition(name, Residency.EVICTED)
         self.publish()

@@ -21,8 +21,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import generate_latest
 
+from workers.serving.adapter_metrics import AdapterMetrics
 from workers.serving.cpu_engine import CpuEngine
-from workers.serving.openai_api import chat_completions, completions, openai_error
+from workers.serving.openai_api import chat_completions, completions, openai_error, resolve_adapter
 from workers.serving.protocol import BadRequest, format_output, parse_generate
 from workers.serving.registry import RegistryError
 
@@ -31,6 +32,8 @@ ENGINE_KEY: web.AppKey[CpuEngine] = web.AppKey("engine", CpuEngine)
 ADMIN_PATHS = frozenset({"/load_lora_adapter", "/unload_lora_adapter"})
 """What changes the engine's adapters: only holders of the admin token may call these."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+METRICS = AdapterMetrics("engine")
+"""Per-adapter requests, errors, tokens and latency of every engine in this process."""
 
 
 def admin_auth(token: str) -> Any:
@@ -66,12 +69,21 @@ async def _json(request: web.Request) -> dict[str, Any]:
 async def handle_generate(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     started = time.perf_counter()
+    adapters: list[str | None] = []
     try:
         body = await _json(request)
         rows, adapters, batch = parse_generate(engine, body)
         results = await engine.generate(rows, adapters)
     except (BadRequest, RegistryError, TypeError, ValueError) as exc:
+        for adapter in adapters:
+            METRICS.failed(adapter, 400)
+        if not adapters:
+            METRICS.failed_unresolved(400)
         return generate_error(str(exc))
+    elapsed = time.perf_counter() - started
+    for row, adapter, res in zip(rows, adapters, results, strict=True):
+        METRICS.answered(adapter, prompt_tokens=len(row.input_ids),
+                         completion_tokens=len(res.output_ids), latency_s=elapsed)
     flags = {"logprobs": bool(body.get("return_logprob")),
              "text_in_logprobs": bool(body.get("return_text_in_logprobs"))}
     outs = [format_output(engine, r, res, started=started, **flags)
@@ -106,11 +118,22 @@ async def handle_unload(request: web.Request) -> web.Response:
 async def handle_openai(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     handler = chat_completions if request.path.endswith("chat/completions") else completions
+    started = time.perf_counter()
+    body: dict[str, Any] = {}
     try:
         body = await _json(request)
-        return web.json_response(await handler(engine, body))
+        out = await handler(engine, body)
     except (BadRequest, RegistryError, TypeError, ValueError) as exc:
+        if body:
+            METRICS.failed(resolve_adapter(body), 400)
+        else:
+            METRICS.failed_unresolved(400)
         return openai_error(str(exc))
+    usage = out.get("usage") or {}
+    METRICS.answered(resolve_adapter(body), prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                     completion_tokens=int(usage.get("completion_tokens", 0)),
+                     latency_s=time.perf_counter() - started)
+    return web.json_response(out)
 
 
 async def handle_models(request: web.Request) -> web.Response:
