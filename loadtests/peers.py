@@ -329,11 +329,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--peer-modes", default="bfloat16/adapter_names,float32/adapter_names",
-                    help="peft modes tried (dtype/mode; mode adapter_names or set_adapter); "
-                         "set_adapter per adapter's requests measured 8x slower than one mixed "
-                         "adapter_names batch (docs/performance.md)")
-    ap.add_argument("--engine-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--peer-modes", default="float32/adapter_names",
+                    help="peft modes tried, the fastest is the peer (dtype/mode, mode "
+                         "adapter_names or set_adapter); on a CPU without AVX512-BF16 bfloat16 "
+                         "and set_adapter measured 3-8x slower (docs/performance.md)")
+    ap.add_argument("--engine-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the engine's dtype (bfloat16 pays only on CPUs with AVX512-BF16/AMX)")
     for hidden in ("child", "model", "adapter-root", "dtype", "peft-mode"):
         ap.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
     ap.add_argument("--policies", type=int, default=1, help=argparse.SUPPRESS)
