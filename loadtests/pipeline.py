@@ -40,6 +40,7 @@ from infra import admin
 from infra.settings import REPO_ROOT, Settings, settings_env
 from streams.app import group_id
 from streams.sdk.producer import InteractionProducer
+from workers.models.base import build_tiny_model
 
 
 def log(msg: str) -> None:
@@ -64,7 +65,8 @@ def _produce(settings: Settings, n: int, done: dict[str, float]) -> None:
     done["sent"] = time.monotonic()
 
 
-def _measure(settings: Settings, n: int, timeout_s: float) -> dict[str, float | int]:
+def _measure(settings: Settings, n: int, timeout_s: float,
+             worker: subprocess.Popen[bytes], log_path: Path) -> dict[str, float | int]:
     group = group_id(settings, ["rollout"])
     done: dict[str, float] = {}
     start = time.monotonic()
@@ -72,6 +74,9 @@ def _measure(settings: Settings, n: int, timeout_s: float) -> dict[str, float | 
     producer.start()
     max_lag, last_log = 0, start
     while time.monotonic() - start < timeout_s:
+        if worker.poll() is not None:  # e.g. refused at start-up: say so instead of waiting
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"worker exited with {worker.returncode}: {' | '.join(tail)}")
         lag = _lag(settings, group)
         if lag is not None:
             max_lag = max(max_lag, lag)
@@ -99,8 +104,12 @@ def _cleanup(settings: Settings) -> None:
 def _phase(n: int, partitions: int, timeout_s: float, bare: bool) -> dict[str, float | int]:
     """One measured run in a fresh namespace: the rollout stage, or the bare Faust floor."""
     tag = f"bench{uuid.uuid4().hex[:8]}"
+    # The rollout worker refuses to start without a base model (preflight); held-out prompts
+    # never reach it, so the tiny one costs only its load at start-up.
+    base = build_tiny_model(Settings().data_dir / "bench" / "tiny")
     settings = Settings(**{**Settings().model_dump(), "topic_prefix": f"{tag}.", "app_id": tag,
-                           "redis_prefix": f"{tag}:", "partitions": partitions})
+                           "redis_prefix": f"{tag}:", "partitions": partitions,
+                           "base_model": base})
     admin.create_topics(settings)
     command = (["-m", "loadtests.pipeline", "--bare-worker"] if bare
                else ["-m", "streams.cli", "worker", "--stages", "rollout"])
@@ -112,7 +121,7 @@ def _phase(n: int, partitions: int, timeout_s: float, bare: bool) -> dict[str, f
     try:
         log(f"{'bare Faust agent' if bare else 'rollout stage'}: {n} events, {partitions} "
             f"partitions, worker pid {worker.pid}")
-        return _measure(settings, n, timeout_s)
+        return _measure(settings, n, timeout_s, worker, log_path)
     finally:
         worker.terminate()
         worker.wait(60)

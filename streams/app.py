@@ -18,7 +18,6 @@ from infra.settings import Settings
 from streams.agents import STAGES, add_agents
 from workers.pipeline import faults, preflight
 from workers.pipeline.context import StageContext
-from workers.pipeline.startup import check_base
 
 
 def group_id(settings: Settings, stages: Sequence[str]) -> str:
@@ -35,7 +34,7 @@ def create_app(
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
-    check_base(settings, stages)  # StartupRefused before any consumer exists
+    preflight.check_base(settings, [STAGES[s] for s in stages])  # before any consumer
     app = faust_app(settings, group_id(settings, stages))
     # One thread for all model work in this process: torch already uses every core for one
     # op, and the event loop must stay free to heartbeat and commit.

@@ -76,14 +76,7 @@ def parse_stages(value: str) -> list[str]:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from streams.app import group_id, run_worker
-    from workers.pipeline.startup import StartupRefused, check_base
-
     stages = parse_stages(args.stages)
-    try:
-        check_base(settings, stages)
-    except StartupRefused as exc:
-        print(f"lorastream worker: refusing to start: {exc}", file=sys.stderr)
-        return 2
     if getattr(args, "supervise", False):
         from streams.cli.supervisor import supervise
 

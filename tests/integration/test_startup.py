@@ -21,7 +21,7 @@ from streams.app import create_app, group_id
 from tests.support.kafka import produce_raw, read_topic
 from tests.support.processes import lorastream
 from workers.models.base import _char_tokenizer, build_model_dir
-from workers.pipeline.startup import StartupRefused
+from workers.pipeline.preflight import EX_CONFIG, Misconfigured
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +42,12 @@ def test_unsupported_base_is_refused_at_startup_and_nothing_is_dead_lettered(
     run = settings.model_copy(update={"base_model": gpt2_dir})
     produce_raw(run, "interactions", [(b"alice", orjson.dumps(
         {"policy_id": "alice", "prompt": "hi?", "task": "length"}))])
-    with pytest.raises(StartupRefused, match=r"'gpt2'.*supported model types: llama"):
+    with pytest.raises(Misconfigured, match=r"'gpt2'.*supported model types: llama"):
         create_app(run, ["rollout", "reward", "update"])
     proc = lorastream(run, "worker", "--stages", "all")
-    assert proc.returncode == 2
+    assert proc.returncode == EX_CONFIG
     message = proc.stderr
-    assert "refusing to start" in message and "'gpt2' (GPT2LMHeadModel)" in message
+    assert "cannot start" in message and "'gpt2' (GPT2LMHeadModel)" in message
     assert "deepseek_v3" in message and "Traceback" not in message
     assert read_topic(run, "dead-letters") == []
     group = group_id(run, ["rollout", "reward", "update", "export", "evaluate", "promote"])
@@ -57,9 +57,9 @@ def test_unsupported_base_is_refused_at_startup_and_nothing_is_dead_lettered(
 def test_targets_that_select_nothing_are_refused_at_startup(settings: Settings,
                                                              tiny_model_dir: Path) -> None:
     run = settings.model_copy(update={"base_model": tiny_model_dir, "lora_targets": "experts"})
-    with pytest.raises(StartupRefused, match="select nothing"):
+    with pytest.raises(Misconfigured, match="select nothing"):
         create_app(run, ["update"])
     frozen = run.model_copy(update={"lora_targets": "attn,no_such_proj"})
-    with pytest.raises(StartupRefused, match="no_such_proj"):
+    with pytest.raises(Misconfigured, match="no_such_proj"):
         create_app(frozen, ["rollout"])
     create_app(run.model_copy(update={"lora_targets": "attn"}), ["reward"])  # no model stage

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -37,7 +36,7 @@ def check(settings: Settings, stages: Sequence[Stage[Any]]) -> list[str]:
     needs = {n for s in stages for n in s.requires}
     problems = _redis(settings) + _topics(settings, stages)
     if BASE_MODEL in needs or (ENGINE in needs and settings.engine_url is None):
-        problems += _base_model(settings.base_model)
+        problems += _base_model(settings)
     if ENGINE in needs and settings.engine_url is not None:
         problems += _engine(settings.engine_url)
     problems += _artifacts(settings)
@@ -81,17 +80,41 @@ def _topics(settings: Settings, stages: Sequence[Stage[Any]]) -> list[str]:
     return problems
 
 
-def _base_model(path: Path | None) -> list[str]:
-    if path is None:
-        return ["no base model configured: set LORASTREAM_BASE_MODEL"]
-    try:
-        from transformers import AutoConfig, AutoTokenizer
+def check_base(settings: Settings, stages: Sequence[Stage[Any]]) -> None:
+    """`create_app`'s own check (tests and embedders build apps without `run_worker`): a
+    configured base that these stages cannot train or serve refuses before any consumer
+    exists. No base configured passes: the caller then brings its own context."""
+    if settings.base_model is None or not any(BASE_MODEL in s.requires for s in stages):
+        return
+    problems = _base_model(settings)
+    if problems:
+        names = ",".join(s.name for s in stages)
+        raise Misconfigured(f"worker for {names} cannot start:\n  - " + "\n  - ".join(problems))
 
-        AutoConfig.from_pretrained(str(path))
+
+def _base_model(settings: Settings) -> list[str]:
+    """The base resolves (a directory, or a hub id in the local cache), its architecture is in
+    the registry and its LoRA targets select something, its tokenizer loads, and it has
+    safetensors weights: otherwise every event would fail later, one dead letter at a time."""
+    if settings.base_model is None:
+        return ["no base model configured: set LORASTREAM_BASE_MODEL"]
+    from workers.models import registry
+    from workers.models.base import resolve_base
+
+    try:
+        path = resolve_base(settings.base_model)
+        registry.check_base(path, settings.lora_targets)
+    except (registry.UnsupportedArchitecture, registry.BadTargets) as exc:
+        return [str(exc)]
+    except (OSError, ValueError) as exc:
+        return [f"cannot read base model {settings.base_model}: {exc}"[:500]]
+    try:
+        from transformers import AutoTokenizer
+
         AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
-        return [f"base model {path} cannot be loaded: {type(exc).__name__}: {exc}"[:500]]
-    if not any(Path(path).glob("*.safetensors")):
+        return [f"base model {path} has no usable tokenizer: {type(exc).__name__}: {exc}"[:500]]
+    if not any(path.glob("*.safetensors")):
         return [f"base model {path} has no safetensors weights"]
     return []
 
