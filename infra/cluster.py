@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from infra.process import (
     host_port,
     port_open,
     read_pid,
+    read_pid_state,
     stderr,
     stop_pid,
     tail,
@@ -201,14 +203,22 @@ def ensure_cluster(settings: Settings, brokers: int = 3, timeout: float = 180.0,
                                f"{node.node_id} of this cluster: choose another "
                                "LORASTREAM_BOOTSTRAP_SERVERS")
     echo(f"kafka: starting a {brokers}-node KRaft cluster on {clustered.bootstrap_servers} ...")
-    for node in members:
-        start_node(settings, node, members)
+    pids = {n.node_id: start_node(settings, n, members) for n in members}
+
+    def exited() -> list[int]:
+        """Nodes whose process is gone: judged by the pids just started, not by re-reading
+        pid files and command lines, so a JVM still starting never counts as dead."""
+        return [i for i, pid in pids.items() if read_pid_state(pid) in ("", "Z")]
+
+    started = time.monotonic()
     if not wait_until(lambda: brokers_answering(clustered) >= brokers, timeout,
-                      lambda: all(node_pid(n) is not None for n in members)):
+                      lambda: not exited()):
         logs = "\n".join(f"node {n.node_id} ({n.paths.logs_dir}):\n"
                          f"{tail(n.paths.logs_dir / 'broker' / 'server.log', 8)}"
                          for n in members)
-        raise ServiceError(f"the cluster did not come up within {timeout:.0f} s:\n{logs}")
+        why = (f"node(s) {exited()} exited" if exited()
+               else f"not all {brokers} brokers answered within {time.monotonic() - started:.0f} s")
+        raise ServiceError(f"the cluster did not come up: {why}:\n{logs}")
     return clustered
 
 
