@@ -60,6 +60,12 @@ ensure_packages() {
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     log "pip install -e '.[dev]' (pyproject.toml changed; the first time downloads torch, ~5 GB) ..."
     "$VENV/bin/pip" install -e '.[dev]'
+    # TRL is the float64 oracle of the SFT/DPO losses (and the peer of loadtests.peers). Its
+    # datasets pins fsspec<=2026.6.0 while s3fs pins its own fsspec version: install the extra,
+    # then put back the fsspec that s3fs was released with (datasets runs on it).
+    "$VENV/bin/pip" install -q -e '.[bench]'  # warns that s3fs wants another fsspec: next line
+    "$VENV/bin/pip" install -q --no-deps "fsspec==$("$VENV/bin/python" -c \
+      'import importlib.metadata as m; print(m.version("s3fs"))')"
     echo "$want" >"$stamp"
   fi
   if ! "$VENV/bin/python" - "$SMOLLM2" <<'PY' 2>/dev/null; then
