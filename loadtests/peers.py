@@ -32,16 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.settings import REPO_ROOT
-
-PROMPTS = ["What is 2+2?", "Say hi", "Name a color", "Count to three", "Spell cat",
-           "Pick a fruit", "One word for sky", "Say yes or no", "Name a city", "Add 3 and 4",
-           "Give me a verb", "Which is bigger, 5 or 9?", "A rhyme for hat", "Name a tool",
-           "Say hello", "Name an animal"]
-
-
-def _reward(token_ids: list[int]) -> float:
-    """Cheap, deterministic, learnable: the share of even token ids."""
-    return sum(1 for t in token_ids if t % 2 == 0) / max(1, len(token_ids))
+from loadtests.multipolicy import PROMPTS, _reward  # the same prompts and reward
 
 
 def _policy_prompts(policy: int, step: int, per_step: int) -> list[str]:

@@ -92,7 +92,8 @@ def _measure(settings: Settings, n: int, timeout_s: float,
     raise TimeoutError(f"not drained within {timeout_s} s (max lag {max_lag})")
 
 
-def _cleanup(settings: Settings) -> None:
+def cleanup(settings: Settings) -> None:
+    """Delete a benchmark namespace: its topics, its group and its Redis keys."""
     admin.delete_topics(settings, admin.list_topics(settings, settings.topic_prefix))
     admin.delete_groups(settings, settings.app_id)
     r = redis.Redis.from_url(settings.redis_url)
@@ -125,7 +126,7 @@ def _phase(n: int, partitions: int, timeout_s: float, bare: bool) -> dict[str, f
     finally:
         worker.terminate()
         worker.wait(60)
-        _cleanup(settings)
+        cleanup(settings)
 
 
 def bare_worker() -> None:

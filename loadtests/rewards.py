@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis
 from kafka import KafkaProducer
 
 from infra import admin
 from infra.settings import REPO_ROOT, RewardEndpoint, Settings, settings_env
+from loadtests.pipeline import cleanup
 from schemas.codec import encode_event
 from schemas.events import Completion, InteractionLogged, RolloutGenerated
 from streams.app import group_id
@@ -166,16 +166,9 @@ def _phase(values: list[bytes], reward: str, endpoint: RewardEndpoint | None,
     finally:
         worker.terminate()
         worker.wait(60)
-        _cleanup(settings)
+        cleanup(settings)
 
 
-def _cleanup(settings: Settings) -> None:
-    admin.delete_topics(settings, admin.list_topics(settings, settings.topic_prefix))
-    admin.delete_groups(settings, settings.app_id)
-    r = redis.Redis.from_url(settings.redis_url)
-    keys = list(r.scan_iter(match=f"{settings.redis_prefix}*", count=5000))
-    for i in range(0, len(keys), 5000):
-        r.delete(*keys[i:i + 5000])
 
 
 def main(argv: list[str] | None = None) -> int:
