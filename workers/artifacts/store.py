@@ -73,20 +73,7 @@ def adapter_config(lora: LoraSpec, base_model: str) -> dict[str, Any]:
     leaves = {"attn": registry.GQA, "mlp": registry.SWIGLU}
     modules = [m for t in registry.parse_targets(lora.target_modules)
                for m in leaves.get(t, () if t in registry.GROUPS else (t,))]
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": lora.rank,
-        "lora_alpha": lora.alpha,
-        "target_modules": modules,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "base_model_name_or_path": base_model,
-        "use_rslora": False,
-        "use_dora": False,
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-    }
+    return registry.lora_config(lora.rank, lora.alpha, base_model, {"target_modules": modules})
 
 
 def safetensors_parts(tensors: dict[str, torch.Tensor]) -> list[memoryview]:

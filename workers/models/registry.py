@@ -254,12 +254,19 @@ def adapter_config(rank: int, alpha: float, base_model: str,
                    targets: LoraTargets) -> dict[str, Any]:
     """The adapter_config.json that makes `PeftModel.from_pretrained` load an export exactly
     (peft#3711-safe `target_parameters` for MoE families' 2-D MLP linears)."""
+    return lora_config(rank, alpha, base_model, targets.peft_fields())
+
+
+def lora_config(rank: int, alpha: float, base_model: str,
+                target_fields: dict[str, Any]) -> dict[str, Any]:
+    """peft's adapter_config.json around the given target fields (`target_modules`, and
+    `target_parameters` where the registry needs them)."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": rank,
         "lora_alpha": alpha,
-        **targets.peft_fields(),
+        **target_fields,
         "lora_dropout": 0.0,
         "bias": "none",
         "base_model_name_or_path": base_model,
