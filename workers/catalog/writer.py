@@ -127,9 +127,7 @@ class Catalog:
         with self.lock(policy_id):
             entry = self.index.get(policy_id)
             if entry is not None:
-                if entry.base.get("hash") != base_model_hash:
-                    raise CatalogError(f"policy {policy_id!r} is registered on base "
-                                       f"{entry.base.get('hash')}, not {base_model_hash}")
+                _require_base(policy_id, entry, base_model_hash)
                 return False
             self.publish([PolicyRegistered(
                 event_id=derive_id("catalog-register", policy_id), policy_id=policy_id,
@@ -148,9 +146,7 @@ class Catalog:
         with self.lock(policy_id):
             entry = self.index.get(policy_id)
             if entry is not None:
-                if entry.base.get("hash") != base_model_hash:
-                    raise CatalogError(f"policy {policy_id!r} is registered on base "
-                                       f"{entry.base.get('hash')}, not {base_model_hash}")
+                _require_base(policy_id, entry, base_model_hash)
                 current = LoraConfig(**entry.lora)
                 if entry.revisions and current != lora:
                     raise CatalogError(
@@ -314,3 +310,10 @@ def default_rollback_target(entry: PolicyEntry) -> int:
     served = [r.revision for r in older
               if r.state == RevisionState.RETIRED and not r.collected]
     return max(served, default=0)
+
+
+def _require_base(policy_id: str, entry: PolicyEntry, base_model_hash: str) -> None:
+    """A policy's base is part of its identity: nothing re-registers it on another base."""
+    if entry.base.get("hash") != base_model_hash:
+        raise CatalogError(f"policy {policy_id!r} is registered on base "
+                           f"{entry.base.get('hash')}, not {base_model_hash}")
