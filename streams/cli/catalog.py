@@ -15,7 +15,8 @@ from typing import Any
 import orjson
 
 from infra.settings import Settings
-from workers.catalog.index import CatalogIndex, PolicyEntry
+from workers.catalog.entries import PolicyEntry
+from workers.catalog.index import CatalogIndex
 
 
 def register(sub: argparse._SubParsersAction) -> None:

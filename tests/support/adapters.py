@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from workers.artifacts.store import ArtifactStore
-from workers.catalog.index import RevisionPointer
+from workers.catalog.entries import RevisionPointer
 from workers.models.base import LoraSpec, load_base_model
 
 

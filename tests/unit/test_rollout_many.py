@@ -22,7 +22,8 @@ from tests.support.adapters import make_adapter, stored_revision
 from tests.support.serving import Calls
 from tests.support.stages import all_of, only
 from workers.artifacts.store import ArtifactStore
-from workers.catalog.index import BASE, CatalogIndex, RevisionPointer
+from workers.catalog.entries import BASE, RevisionPointer
+from workers.catalog.index import CatalogIndex
 from workers.pipeline.context import StageContext
 from workers.pipeline.rollout import rollout, rollout_many
 from workers.pipeline.state import PolicyState

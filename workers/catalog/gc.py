@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.catalog import ArtifactCollected
-from workers.catalog.index import PolicyEntry
+from workers.catalog.entries import PolicyEntry
 from workers.catalog.lifecycle import RetentionPolicy, retained
 from workers.catalog.writer import Catalog
 

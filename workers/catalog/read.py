@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from infra.settings import Settings
-from workers.catalog.index import PolicyEntry
+from workers.catalog.entries import PolicyEntry
 from workers.catalog.log import fetch_at
 
 

@@ -36,7 +36,8 @@ from schemas.catalog import (
 from schemas.codec import encode_event
 from schemas.events import Event, PolicyRolledBack
 from schemas.ids import derive_id
-from workers.catalog.index import CatalogIndex, PolicyEntry
+from workers.catalog.entries import PolicyEntry
+from workers.catalog.index import CatalogIndex
 from workers.catalog.lifecycle import (
     IllegalTransitionError,
     RevisionState,

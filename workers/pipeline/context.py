@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from infra.settings import Settings
 from schemas.events import SourcePosition
-from workers.catalog.index import CatalogIndex, RevisionPointer, serve_name
+from workers.catalog.entries import RevisionPointer, serve_name
+from workers.catalog.index import CatalogIndex
 from workers.pipeline.configs import PolicyConfigs
 from workers.pipeline.state import PolicyState
 from workers.rewards.registry import Rewards

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from schemas.catalog import RevisionEvaluated
 from schemas.events import AdapterEvaluated, AdapterExported, InteractionLogged
 from schemas.ids import derive_id
-from workers.catalog.index import RevisionPointer
+from workers.catalog.entries import RevisionPointer
 from workers.pipeline.context import StageContext
 from workers.pipeline.promote import verdict
 from workers.pipeline.stage import Stage, single

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from schemas.errors import PoisonEventError
 from schemas.events import AdapterEvaluated, PolicyPromoted
 from schemas.ids import derive_id
-from workers.catalog.index import serve_name
+from workers.catalog.entries import serve_name
 from workers.catalog.lifecycle import IllegalTransitionError, RevisionState
 from workers.pipeline.context import StageContext
 from workers.pipeline.stage import Stage, single

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from workers.catalog.index import Lookup
+from workers.catalog.entries import Lookup
 
 POLICY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 BASE_ALIASES = frozenset({"base"})
