@@ -15,6 +15,7 @@ With a shared copy (`LORASTREAM_ARTIFACT_URL`: an object store or a shared files
 `workers/artifacts/remote.py`) the local root is a cache: what is written here is also put
 there (weights first, the config last: its presence marks a complete revision), and a revision
 missing here is fetched, hashed, and enters the cache only if it hashes to its address.
+torch and safetensors are imported where tensors are handled, so naming the store stays cheap.
 """
 
 from __future__ import annotations
@@ -29,16 +30,16 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import safetensors.torch
-import torch
+from typing import TYPE_CHECKING, Any
 
 from infra.settings import Settings
 from schemas.errors import PoisonEventError
 from workers.artifacts.remote import RemoteFiles
 from workers.models.base import LoraSpec
 from workers.pipeline import faults
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -81,6 +82,9 @@ def safetensors_parts(tensors: dict[str, torch.Tensor]) -> list[memoryview]:
     sorted keys, fixed metadata). Joined, byte for byte what `safetensors.torch.save` writes (a
     test holds it to that), without building the joined copy: the export hashes and `writev`s
     the parts."""
+    import safetensors.torch
+    import torch
+
     ordered = [(k, tensors[k].detach().to("cpu", torch.float32).contiguous())
                for k in sorted(tensors)]
     if not ordered or not all(_PLAIN_KEY.fullmatch(k) for k, _ in ordered):
@@ -304,6 +308,8 @@ class ArtifactStore:
             self.remote.delete(key)
 
     def load_tensors(self, path: Path) -> dict[str, torch.Tensor]:
+        import safetensors.torch
+
         return safetensors.torch.load_file(str(path), device="cpu")
 
     def load_staged(self, location: str) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
 """The shared frozen base: a tiny local Llama for tests and demos, loading, identity, LoRA spec.
 
 Nothing here downloads: the tiny model and its character-level tokenizer are built from code,
-so the whole pipeline runs offline and every test sees the same base.
+so the whole pipeline runs offline and every test sees the same base. torch, transformers and
+peft are imported by the functions that use them, so naming a `LoraSpec` (the CLI, the stages'
+configs) stays cheap.
 """
 
 from __future__ import annotations
@@ -14,19 +16,17 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import peft
-import torch
-from tokenizers import Tokenizer, decoders, models, processors
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
+if TYPE_CHECKING:
+    import peft
+    import torch
+    from transformers import (
+        LlamaForCausalLM,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        PreTrainedTokenizerFast,
+    )
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -42,6 +42,9 @@ _LM_HEAD_STD = 0.15
 
 def _char_tokenizer() -> PreTrainedTokenizerFast:
     """One token per printable ASCII char, so any text round-trips and lengths are char counts."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in string.printable:
         vocab.setdefault(ch, len(vocab))
@@ -65,6 +68,9 @@ def _char_tokenizer() -> PreTrainedTokenizerFast:
 
 def _tiny_model(vocab_size: int, tokenizer: PreTrainedTokenizerFast, seed: int,
                 hidden_size: int, num_layers: int) -> LlamaForCausalLM:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -151,12 +157,16 @@ def resolve_base(name: Path | str) -> Path:
 
 
 def load_base_model(path: Path | str, *, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32
+                    dtype: torch.dtype | None = None
                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load through the real from_pretrained path, frozen, so tests see what prod sees (a local
-    directory or a cached hub id, `resolve_base`)."""
+    directory or a cached hub id, `resolve_base`); `dtype` None means float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = resolve_base(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32 if dtype is None else dtype)
     model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
@@ -198,6 +208,8 @@ class LoraSpec:
     def peft_config(self, model: torch.nn.Module) -> peft.LoraConfig:
         """peft's config for `model` (targets resolved by the registry; dropout 0, so sampler
         and trainer compute the same log-probs)."""
+        import peft
+
         from workers.models.registry import resolve
 
         fields = resolve(model, self.target_modules).peft_fields()
