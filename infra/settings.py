@@ -185,7 +185,7 @@ class Settings(BaseSettings):
 
     def key(self, *parts: str | int) -> str:
         """Full Redis key for a logical key path."""
-        return self.redis_prefix + ":".join(str(p) for p in parts)
+        return self.redis_prefix + ":".join(map(str, parts))
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -46,7 +46,7 @@ class StageContext:
     _trainer: MultiPolicyTrainer | None = field(default=None, repr=False)
     _store: ArtifactStore | None = field(default=None, repr=False)
     _catalog: Catalog | None = field(default=None, repr=False)
-    _sources: dict[str, SourcePosition] = field(default_factory=dict, repr=False)
+    _sources: dict[str, tuple[str, int, int]] = field(default_factory=dict, repr=False)
     _base: Path | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)
@@ -103,13 +103,17 @@ class StageContext:
 
     def note_source(self, event_id: str, topic: str | None, partition: int | None,
                     offset: int | None) -> None:
-        """The agent notes where an input came from, so a stage can record provenance."""
+        """The agent notes where an input came from, so a stage can record provenance. Kept as
+        a tuple: every ingested event is noted, few are ever asked for (a model per event was a
+        measurable share of the ingest path)."""
         if topic is not None and partition is not None and offset is not None:
-            self._sources[event_id] = SourcePosition(topic=topic, partition=partition,
-                                                     offset=offset)
+            self._sources[event_id] = (topic, partition, offset)
 
     def source_of(self, event_id: str) -> SourcePosition | None:
-        return self._sources.get(event_id)
+        where = self._sources.get(event_id)
+        if where is None:
+            return None
+        return SourcePosition(topic=where[0], partition=where[1], offset=where[2])
 
     def forget_sources(self, event_ids: Iterable[str]) -> None:
         for event_id in event_ids:

@@ -70,12 +70,9 @@ class Admission:
 
 
 def refuse_paused(ctx: StageContext, policies: list[str]) -> dict[str, PoisonEventError]:
-    pipe = ctx.state.r.pipeline(transaction=False)
-    for policy in policies:
-        pipe.hget(ctx.state.keys.paused(policy), "reason")
+    reasons = ctx.state.paused_reasons(policies)
     return {policy: PolicyPausedError(f"policy paused: {policy!r} ({reason.decode()})")
-            for policy, reason in zip(policies, pipe.execute(), strict=True)
-            if reason is not None}
+            for policy, reason in zip(policies, reasons, strict=True) if reason is not None}
 
 
 def refuse_unregistered(ctx: StageContext, policies: list[str]) -> dict[str, PoisonEventError]:

@@ -23,6 +23,27 @@ return #KEYS
 """
 """One command for a batch's seen-marks: MSET takes no TTL, and a pipeline of SETs costs a
 client-side encode and parse per key, which at ingest rates is the stage's main cost."""
+_HSET_MANY = """
+local at = 1
+for _, key in ipairs(KEYS) do
+  local first, last = at + 1, at + 2 * tonumber(ARGV[at])
+  while first <= last do  -- in chunks: unpack's results are bounded by Lua's C stack
+    local stop = math.min(first + 399, last)
+    redis.call('HSET', key, unpack(ARGV, first, stop))
+    first = stop + 1
+  end
+  at = last + 1
+end
+return #KEYS
+"""
+"""Several hashes' fields in one command (ARGV: per key a field count, then field, value...):
+for the same reason as `_MARK_MANY`; a batch of held-out prompts spans many policies."""
+_HGET_MANY = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HGET', key, ARGV[1]) end
+return out
+"""
+"""One field of many hashes in one command (a missing one is nil): HMGET reads one hash."""
 
 
 MIN_SPLIT = 4
@@ -61,6 +82,8 @@ class PolicyState:
         self.r = client or redis.Redis.from_url(settings.redis_url)
         self.keys = RedisKeys(settings)
         self._mark_many = self.r.register_script(_MARK_MANY)
+        self._hset_many = self.r.register_script(_HSET_MANY)
+        self._hget_many = self.r.register_script(_HGET_MANY)
 
     # -- idempotence ---------------------------------------------------------------------
     def seen(self, stage: str, event_id: str) -> bool:
@@ -90,10 +113,21 @@ class PolicyState:
         by_policy: dict[str, dict[str, str]] = {}
         for i in interactions:
             by_policy.setdefault(i.policy_id, {})[i.event_id] = i.model_dump_json()
-        pipe = self.r.pipeline(transaction=False)
-        for policy_id, fields in by_policy.items():
-            pipe.hset(self.keys.heldout(policy_id), mapping=fields)  # type: ignore[arg-type]
-        pipe.execute()
+        if not by_policy:
+            return
+        args: list[str | int] = []
+        for fields in by_policy.values():
+            args.append(len(fields))
+            for pair in fields.items():
+                args.extend(pair)
+        self._hset_many(keys=[self.keys.heldout(p) for p in by_policy], args=args)
+
+    def paused_reasons(self, policy_ids: Sequence[str]) -> list[bytes | None]:
+        """Each policy's pause reason (None: not paused), in one command."""
+        if not policy_ids:
+            return []
+        return list(self._hget_many(keys=[self.keys.paused(p) for p in policy_ids],
+                                    args=["reason"]))
 
     def heldout(self, policy_id: str) -> list[InteractionLogged]:
         raw = self.r.hgetall(self.keys.heldout(policy_id))
