@@ -25,6 +25,7 @@ from workers.models.base import LoraSpec, load_base_model
 from workers.models.chat import end_ids
 from workers.models.dsa import new_cache
 from workers.models.registry import prepare
+from workers.serving.prefill import merge_left_padded, plain_layers, prefill_buckets
 from workers.serving.slots import SlotLora
 
 
@@ -91,14 +92,23 @@ class SlotSampler:
         """Left-padded batched decoding with a KV cache; rows stop independently."""
         if not rows:
             return []
+        # Rows grouped by adapter: each adapter's delta is then one slice of the batch
+        # (`SlotContext.segments`), rather than every adapter's rank over every row.
+        order = sorted(range(len(rows)), key=lambda i: (rows[i].slot is not None,
+                                                        rows[i].slot or 0))
+        grouped = [rows[i] for i in order]
         with self.lock:
             torch.set_num_threads(self.num_threads)
-            self.slots.ctx.set_rows([r.slot for r in rows])
+            self.slots.ctx.set_rows([r.slot for r in grouped])
             self.slots.ctx.threads = self.num_threads
             try:
-                return self._decode(rows)
+                results = self._decode(grouped)
             finally:
                 self.slots.ctx.clear()
+        out: list[RowResult] = [RowResult()] * len(rows)
+        for i, result in zip(order, results, strict=True):
+            out[i] = result
+        return out
 
     def _decode(self, rows: list[RowRequest]) -> list[RowResult]:
         width = max(len(r.input_ids) for r in rows)
@@ -114,7 +124,7 @@ class SlotSampler:
         gens = [_generator(r.seed) for r in rows]
         results = [RowResult() for _ in rows]
         done = [False] * len(rows)
-        logits = self._forward(ids, mask, pos, cache)
+        logits = self._prefill(ids, mask, pos, cache, [len(r.input_ids) for r in rows])
         for step in range(steps):
             tokens = self._sample_step(logits, rows, gens, results, done, step)
             if all(done):
@@ -124,6 +134,34 @@ class SlotSampler:
             assert cache is not None
             logits = self._forward(tokens[:, None], mask, pos, cache)
         return results
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                 cache: DynamicCache | None, lengths: list[int]) -> torch.Tensor:
+        """The prompts' forward, in length buckets when that saves padding: a left-padded
+        batch runs every row at the longest prompt's width, and on a CPU a padded token costs
+        what a real one does. Each bucket runs at its own width; its KV is then placed at the
+        right end of the batch's cache, where the batch's mask already expects it."""
+        buckets = prefill_buckets(lengths)
+        if len(buckets) == 1 or cache is None or not plain_layers(cache):
+            return self._forward(ids, mask, pos, cache)
+        width = ids.shape[1]
+        logits: list[torch.Tensor | None] = [None] * len(lengths)
+        parts = []
+        ctx = self.slots.ctx
+        slots = ctx.row_slots
+        for rows in buckets:
+            w = max(lengths[i] for i in rows)
+            part = new_cache(self.model.config)
+            ctx.set_rows([slots[i] for i in rows])
+            index = torch.tensor(rows)
+            out = self._forward(ids[index, width - w:], mask[index, width - w:],
+                                pos[index, width - w:], part)
+            for i, row in enumerate(rows):
+                logits[row] = out[i]
+            parts.append((index, w, part))
+        ctx.set_rows(slots)
+        merge_left_padded(cache, parts, len(lengths), width)
+        return torch.stack([t for t in logits if t is not None])
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                  cache: DynamicCache | None) -> torch.Tensor:

@@ -32,6 +32,12 @@ if TYPE_CHECKING:
     from workers.serving.slot_experts import SlotExperts
 
 
+SEGMENT_MIN_TOKENS = 32
+"""A grouped batch takes one delta per adapter (its rank only, on its rows) from this many tokens
+an adapter on average (a prefill); below it (decode steps) two matmuls over all rows with the
+masked concatenated ranks cost less than a pair of calls per adapter."""
+
+
 class SlotContext:
     """Which slot each batch row uses; shared by every SlotLinear of one model."""
 
@@ -44,13 +50,18 @@ class SlotContext:
         self.single_scale = 0.0
         self.distinct: torch.Tensor | None = None  # mixed batch: its distinct slots [D]
         self.mask: torch.Tensor | None = None  # [rows, D*R]
+        self.segments: list[tuple[int, int, int, float]] | None = None
+        """Mixed batch whose rows come grouped by adapter: (slot, first row, end, scale) per
+        group, base rows left out. Set only when every adapter's rows are contiguous."""
         self.threads = 1  # the forward's intra-op threads, restored after each LoRA delta
+        self.row_slots: list[int | None] = []  # what `set_rows` was given
         self._gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._experts: dict[int, dict[str, ExpertFactors]] = {}
 
     def set_rows(self, slots: list[int | None]) -> None:
         """Rows with None use the bare base model (their LoRA delta is masked to 0)."""
         self.clear()
+        self.row_slots = list(slots)
         distinct = sorted({s for s in slots if s is not None})
         if not distinct:
             return
@@ -65,10 +76,13 @@ class SlotContext:
                 mask[row, where[slot]] = self.scales[slot]
         self.distinct = torch.tensor(distinct, dtype=torch.long, device=self.device)
         self.mask = mask.reshape(len(slots), -1).to(self.device)
+        self.segments = _segments(slots, self.scales)
 
     def clear(self) -> None:
         self.single, self.single_scale = None, 0.0
+        self.row_slots = []
         self.distinct = self.mask = None
+        self.segments = None
         self._gathered.clear()
         self._experts.clear()
 
@@ -120,8 +134,30 @@ class SlotLinear(nn.Module):
             s = ctx.single
             xa = F.linear(x.to(self.a.dtype), self._a_of[s])
             return y.add_(F.linear(xa, self._b_of[s]), alpha=ctx.single_scale)
+        segments = ctx.segments
+        if segments is not None and x.numel() >= SEGMENT_MIN_TOKENS * len(segments) * x.shape[-1]:
+            for slot, start, end, scale in segments:
+                xa = F.linear(x[start:end].to(self.a.dtype), self._a_of[slot])
+                y[start:end].add_(F.linear(xa, self._b_of[slot]), alpha=scale)
+            return y
         a, b = ctx.gathered(self)
         xa = F.linear(x.to(a.dtype), a)  # [rows, ..., D*R]
         assert ctx.mask is not None
         mask = ctx.mask.view(x.shape[0], *([1] * (x.dim() - 2)), -1)
         return y.add_(F.linear(xa.mul_(mask), b))
+
+
+def _segments(slots: list[int | None], scales: torch.Tensor
+              ) -> list[tuple[int, int, int, float]] | None:
+    """The adapter groups of rows that come grouped (None otherwise)."""
+    out: list[tuple[int, int, int, float]] = []
+    start = 0
+    for row in range(1, len(slots) + 1):
+        if row == len(slots) or slots[row] != slots[start]:
+            slot = slots[start]
+            if slot is not None:
+                if any(slot == seen for seen, _, _, _ in out):
+                    return None
+                out.append((slot, start, row, float(scales[slot])))
+            start = row
+    return out
