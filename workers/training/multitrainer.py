@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from schemas.errors import PoisonEventError, TrainingRejected
 from workers.models.base import LoraSpec, load_base_model
@@ -43,12 +42,10 @@ from workers.training.multilora import MultiLora
 from workers.training.multipass import PASS_ACTIVATION_MB, concat, pack, token_activation_mb
 from workers.training.multisample import Completion, SampleRequest, sample_many
 from workers.training.objectives import Part, needs_reference, order_groups, policy_loss
+from workers.training.packedpass import packed_logps, sliding_window
 from workers.training.perpolicy import PolicyTraining, complete, export_targeted, trainable
 from workers.training.sharedprefix import Packed, packed_shape, share_prefixes
 
-HEAD_CHUNK = 256
-"""Completion positions per LM-head chunk: a [chunk, vocab] logits is the most the head holds at
-once beyond what backward keeps (each chunk's log-softmax, unless the pass recomputes)."""
 CHECKPOINT_ABOVE_TOKENS = 512
 """A pass over more (padded) tokens than this recomputes each decoder layer in backward instead
 of keeping its activations: a K-policy pass then holds little more than one policy's activation
@@ -102,7 +99,7 @@ class MultiPolicyTrainer:
         self.family = prepare(self.base)
         self.device = torch.device(device)
         self.multi = MultiLora.install(self.base, lora.target_modules)
-        self._sliding = _sliding_window(self.base.config)
+        self._sliding = sliding_window(self.base.config)
         self.lora, self.lr, self.clip_eps, self.kl_beta = lora, lr, clip_eps, kl_beta
         self.max_grad_norm, self.temperature, self.seed = max_grad_norm, temperature, seed
         self.gradient_checkpointing = gradient_checkpointing  # True: every pass
@@ -199,41 +196,8 @@ class MultiPolicyTrainer:
 
     # -- the batched GRPO pass ----------------------------------------------------------------
     def _logps(self, packed: Packed, shape: tuple[int, int], keep_head: bool) -> torch.Tensor:
-        """Token log-probs in the batch's [B, L-1] layout (as `token_logps`) from one decoder
-        pass over the shared-prefix sequences; the LM head runs only on the hidden states that
-        predict completion tokens, in chunks. `keep_head` keeps each chunk's log-softmax for
-        backward (~4 bytes x vocab a token: small beside a decoder token's activations); else
-        the chunk is recomputed in backward, so a big pass never holds more than one chunk."""
-        decoder = getattr(self.base, self.base.base_model_prefix)
-        hidden = decoder(input_ids=packed.ids, position_ids=packed.positions,
-                         attention_mask=self._mask(packed), use_cache=False).last_hidden_state
-        picked = hidden[packed.seq, packed.pos]
-        head = self.base.get_output_embeddings()
-        dtype = torch.promote_types(hidden.dtype, torch.float32)
-
-        def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            logits = head(h).to(dtype)
-            if self.temperature != 1.0:
-                logits = logits / self.temperature
-            return torch.log_softmax(logits, dim=-1).gather(-1, t[:, None]).squeeze(-1)
-
-        targets = packed.targets
-        parts = [chunk_logps(picked[i:i + HEAD_CHUNK], targets[i:i + HEAD_CHUNK]) if keep_head
-                 else checkpoint(chunk_logps, picked[i:i + HEAD_CHUNK],
-                                 targets[i:i + HEAD_CHUNK], use_reentrant=False)
-                 for i in range(0, len(targets), HEAD_CHUNK)]
-        flat = torch.cat(parts) if parts else picked.new_zeros(0, dtype=dtype)
-        out = torch.zeros(shape, dtype=dtype, device=flat.device)
-        return out.index_put((packed.rows, packed.cols), flat)
-
-    def _mask(self, packed: Packed) -> torch.Tensor | dict[str, torch.Tensor]:
-        """The packed block mask; models with sliding-window layers (GPT-OSS) get the mapping
-        transformers takes per layer type, so those layers keep their window here too."""
-        full = packed.attention_mask(self._dtype)
-        if self._sliding is None:
-            return full
-        return {"full_attention": full,
-                "sliding_attention": packed.attention_mask(self._dtype, window=self._sliding)}
+        return packed_logps(self.base, packed, shape, temperature=self.temperature,
+                            dtype=self._dtype, sliding=self._sliding, keep_head=keep_head)
 
     def _ref_logps(self, packed: Packed, shape: tuple[int, int],
                    needed: bool) -> torch.Tensor | None:
@@ -432,13 +396,6 @@ class MultiPolicyTrainer:
         policy.optimizer = self._new_optimizer(policy.params, policy.training.lr)
         ckpt.restore_optimizer(policy.optimizer, len(policy.params))
         policy.steps = ckpt.step
-
-
-def _sliding_window(config: Any) -> int | None:
-    """The window of a model whose layers mix full and sliding-window attention, else None."""
-    types = getattr(config, "layer_types", None) or ()
-    window = getattr(config, "sliding_window", None)
-    return int(window) if window and "sliding_attention" in types else None
 
 
 def _batch_to(batch: Batch, device: torch.device) -> Batch:
