@@ -105,10 +105,8 @@ class SlotSampler:
                 results = self._decode(grouped)
             finally:
                 self.slots.ctx.clear()
-        out: list[RowResult] = [RowResult()] * len(rows)
-        for i, result in zip(order, results, strict=True):
-            out[i] = result
-        return out
+        by_row = dict(zip(order, results, strict=True))
+        return [by_row[i] for i in range(len(rows))]
 
     def _decode(self, rows: list[RowRequest]) -> list[RowResult]:
         width = max(len(r.input_ids) for r in rows)
