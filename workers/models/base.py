@@ -164,10 +164,13 @@ def load_base_model(path: Path | str, *, device: str | torch.device = "cpu",
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from workers.models.attention import use_gqa_attention
+
     path = resolve_base(path)
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch.float32 if dtype is None else dtype)
     model.to(device)  # type: ignore[arg-type]
+    use_gqa_attention(model)
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
