@@ -5,7 +5,8 @@ Why it looks like this (the timings are in docs/performance.md, "Inside the CPU 
 - the LoRA factors stay float32 even when the base serves bfloat16: a small-rank matmul is
   cheaper in float32 than through oneDNN's bfloat16 path on CPU, and float32 keeps the trainer's
   exported weights exact; the delta is added into the bfloat16 output in one rounding;
-- the base linear is called as `F.linear` (no second module call), the slot's A/B are per-slot
+- the base linear is called as `F.linear` (no second module call), or through its oneDNN-packed
+  weight on a float32 CPU model (`workers.serving.packed`), the slot's A/B are per-slot
   views made once, and peft's scale rides on `add_(alpha=...)`: three kernels per linear for a
   single-adapter batch instead of eight;
 - a mixed batch gathers only the D distinct adapters it names (not one copy per row) into
@@ -21,11 +22,13 @@ Why it looks like this (the timings are in docs/performance.md, "Inside the CPU 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from workers.models.packed import PackedLinear, pack_linear
 
 if TYPE_CHECKING:
     from workers.models.experts import ExpertFactors
@@ -111,12 +114,17 @@ class SlotLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, ctx: SlotContext):
         super().__init__()
-        self.base = base
+        self.base: nn.Module = pack_linear(base)
+        self._packed = isinstance(self.base, PackedLinear)
         self.a, self.b, self.ctx = a, b, ctx  # views into the slot storage, not parameters
         self._a_of, self._b_of = a.unbind(0), b.unbind(0)  # per-slot views, made once
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.base.weight, self.base.bias)
+        if self._packed:
+            y = self.base(x)
+        else:
+            base = cast(nn.Linear, self.base)
+            y = F.linear(x, base.weight, base.bias)
         ctx = self.ctx
         if ctx.single is None and ctx.mask is None:
             return y

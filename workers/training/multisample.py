@@ -14,9 +14,11 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
+from workers.models.packed import using_head
 from workers.training.multilora import MultiLora
 
 
@@ -115,10 +117,11 @@ def _decode(model: PreTrainedModel, state: _State, *, max_new_tokens: int, tempe
 def sample_many(
     model: PreTrainedModel, multi: MultiLora, requests: Sequence[SampleRequest], *,
     max_new_tokens: int, temperature: float = 1.0, eos_ids: Collection[int], pad_id: int,
-    seed: int | None = None,
+    seed: int | None = None, head: nn.Module | None = None,
 ) -> list[list[Completion]]:
     """All requests' completions in one generation pass; result[i] holds request i's `n`.
-    A row ends at the first of `eos_ids` (every end id the model declares; empty: never)."""
+    A row ends at the first of `eos_ids` (every end id the model declares; empty: never).
+    `head` (a packed copy of the LM head, `workers.models.packed`) stands in for the model's."""
     if max_new_tokens < 1 or temperature <= 0.0 or any(r.n < 1 for r in requests):
         raise ValueError("need n >= 1, max_new_tokens >= 1, temperature > 0")
     if any(not r.prompt_ids for r in requests):
@@ -129,13 +132,13 @@ def sample_many(
     was_training = model.training
     model.eval()
     try:
-        state = _prefill(model, multi, requests, pad_id)
-        with multi.route([r.slot for r in requests for _ in range(r.n)]):
-            tokens, logps = _decode(model, state, max_new_tokens=max_new_tokens,
-                                    temperature=temperature,
-                                    eos_ids=torch.tensor(sorted(eos_ids), dtype=torch.long),
-                                    pad_id=pad_id,
-                                    generator=generator)
+        with using_head(model, head):
+            state = _prefill(model, multi, requests, pad_id)
+            with multi.route([r.slot for r in requests for _ in range(r.n)]):
+                tokens, logps = _decode(
+                    model, state, max_new_tokens=max_new_tokens, temperature=temperature,
+                    eos_ids=torch.tensor(sorted(eos_ids), dtype=torch.long), pad_id=pad_id,
+                    generator=generator)
     finally:
         model.train(was_training)
     rows = []

@@ -28,6 +28,7 @@ import torch
 from schemas.errors import PoisonEventError, TrainingRejected
 from workers.models.base import LoraSpec, load_base_model
 from workers.models.chat import end_ids
+from workers.models.packed import packed_head
 from workers.models.registry import prepare
 from workers.training import checkpoint as ckpt_io
 from workers.training.grpo import (
@@ -120,6 +121,7 @@ class MultiPolicyTrainer:
         self._vocab = int(self.base.get_output_embeddings().weight.shape[0])
         self._token_mb = token_activation_mb(self.base.config, dtype)
         self._dtype = dtype
+        self._sampling_head = packed_head(self.base)  # sampling's head (workers.models.packed)
 
     def has_policy(self, policy_id: str) -> bool:
         return policy_id in self._policies
@@ -349,7 +351,7 @@ class MultiPolicyTrainer:
         eos = end_ids(self.tokenizer, self.base) if stop_at_eos else frozenset()
         return sample_many(self.base, self.multi, reqs, max_new_tokens=max_new_tokens,
                            temperature=self.temperature, eos_ids=eos, pad_id=self._pad_id,
-                           seed=seed)
+                           seed=seed, head=self._sampling_head)
 
     @_locked
     def adapter_state(self, policy_id: str) -> dict[str, torch.Tensor]:
