@@ -17,6 +17,7 @@ from tests.support.adapters import make_adapter
 from workers.serving import slot_linear
 from workers.serving.prefill import prefill_buckets
 from workers.serving.sampler import RowRequest, SlotSampler
+from workers.serving.slot_linear import RowGroups
 
 
 def test_buckets_cover_every_row_once_and_keep_batch_order() -> None:
@@ -51,3 +52,15 @@ def test_bucketed_mixed_batch_equals_each_row_alone(
         assert got.output_ids == alone.output_ids
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(alone.logprobs),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_row_groups_pad_short_groups_and_leave_base_rows_out() -> None:
+    cpu = torch.device("cpu")
+    groups = RowGroups.of([2, 0, None, 2, 0, 0], [0, 2], cpu)
+    assert groups.size == 3
+    assert groups.gather is not None and groups.real is not None and groups.rows is not None
+    assert groups.gather.tolist() == [1, 4, 5, 0, 3, 0]  # adapter 2's short group repeats row 0
+    assert groups.real.tolist() == [0, 1, 2, 3, 4]
+    assert groups.rows.tolist() == [1, 4, 5, 0, 3]
+    plain = RowGroups.of([0, 0, 1, 1], [0, 1], cpu)  # already D equal contiguous groups
+    assert (plain.size, plain.gather, plain.real, plain.rows) == (2, None, None, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any, cast
 
 import peft
 import pytest
@@ -184,30 +185,40 @@ def test_full_rank_float32_file_is_read_straight_into_the_slot(
 
 def test_lora_delta_runs_on_one_thread_and_restores_the_forwards_count(
         tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rank-R matmuls are too small to split: the delta runs on one intra-op thread while the
-    base matmuls keep the forward's count, and the logits are the same either way."""
+    """Rank-R matmuls are too small to split: one adapter's delta runs on one intra-op thread
+    while the base matmuls keep the forward's count; a mixed batch's grouped deltas (batched
+    matmuls, one group per adapter) keep it too. The logits are the same either way."""
     from workers.serving.slot_linear import SlotLinear
 
     sampler = SlotSampler(tiny_model_dir, num_slots=2, max_rank=4)
     sampler.load(0, make_adapter(tiny_model_dir, tmp_path / "a", seed=5))
     ids, mask = _batch(sampler)
-    seen: list[int] = []
-    add_delta = SlotLinear._add_delta
+    seen: dict[str, list[int]] = {"_add_delta": [], "_add_grouped": []}
+    def spying(name: str) -> Any:
+        real = getattr(SlotLinear, name)
 
-    def spy(self: SlotLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        seen.append(torch.get_num_threads())
-        return add_delta(self, x, y)
+        def spy(self: SlotLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            seen[name].append(torch.get_num_threads())
+            return cast(torch.Tensor, real(self, x, y))
+        return spy
 
+    for name in seen:
+        monkeypatch.setattr(SlotLinear, name, spying(name))
+
+    batches: list[list[int | None]] = [[0, 0], [0, None]]  # one adapter; a mixed batch
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one_thread = _slot_logits(sampler, [0, None], ids, mask)
+        one_thread = [_slot_logits(sampler, rows, ids, mask) for rows in batches]
         torch.set_num_threads(2)
         sampler.slots.ctx.threads = 2
-        monkeypatch.setattr(SlotLinear, "_add_delta", spy)
-        two_threads = _slot_logits(sampler, [0, None], ids, mask)
+        for found in seen.values():
+            found.clear()
+        two_threads = [_slot_logits(sampler, rows, ids, mask) for rows in batches]
         assert torch.get_num_threads() == 2  # restored after every delta
     finally:
         torch.set_num_threads(before)
-    assert seen and set(seen) == {1}
-    torch.testing.assert_close(two_threads, one_thread, atol=1e-5, rtol=1e-5)
+    assert seen["_add_delta"] and set(seen["_add_delta"]) == {1}
+    assert seen["_add_grouped"] and set(seen["_add_grouped"]) == {2}
+    for two, one in zip(two_threads, one_thread, strict=True):
+        torch.testing.assert_close(two, one, atol=1e-5, rtol=1e-5)

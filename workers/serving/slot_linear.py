@@ -10,9 +10,10 @@ Why it looks like this (the timings are in docs/performance.md, "Inside the CPU 
   views made once, and peft's scale rides on `add_(alpha=...)`: three kernels per linear for a
   single-adapter batch instead of eight;
 - a mixed batch gathers only the D distinct adapters it names (not one copy per row) into
-  `[D*R, in]` / `[out, D*R]` once per batch, and a row mask (the row's scale on its adapter's
-  rank block, zero elsewhere and for base rows) selects each row's delta: two matmuls per
-  linear whatever the row count, like SGMV's segments;
+  `[D, in, R]` / `[D, R, out]` once per batch (B scaled by the adapter's peft scale), and its
+  rows, padded into D equal groups of one adapter each, take their deltas in two batched
+  matmuls per linear whatever the row count, like SGMV's segments; base rows take none. A
+  64-row decode step's deltas cost about half what a row mask over all D*R ranks did;
 - the delta's matmuls run on one intra-op thread whatever the forward's count: for a rank-8
   matmul the fork/join barrier of two threads costs more than the math, and much more when a
   sibling thread is descheduled on a shared CPU. `torch.set_num_threads` is thread-local for
@@ -22,6 +23,7 @@ Why it looks like this (the timings are in docs/performance.md, "Inside the CPU 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -36,9 +38,9 @@ if TYPE_CHECKING:
 
 
 SEGMENT_MIN_TOKENS = 32
-"""A grouped batch takes one delta per adapter (its rank only, on its rows) from this many tokens
-an adapter on average (a prefill); below it (decode steps) two matmuls over all rows with the
-masked concatenated ranks cost less than a pair of calls per adapter."""
+"""A batch whose rows come grouped takes one delta per adapter (its rank only, on its rows, on
+one thread) from this many tokens an adapter on average (a prefill: 3% faster there); below it
+(decode steps) the padded groups' two batched matmuls on the forward's threads cost less."""
 
 
 class SlotContext:
@@ -52,7 +54,8 @@ class SlotContext:
         self.single: int | None = None  # every row uses this slot
         self.single_scale = 0.0
         self.distinct: torch.Tensor | None = None  # mixed batch: its distinct slots [D]
-        self.mask: torch.Tensor | None = None  # [rows, D*R]
+        self.mask: torch.Tensor | None = None  # [rows, D*R] row scales (expert banks)
+        self.groups: RowGroups | None = None  # mixed batch: its rows by adapter
         self.segments: list[tuple[int, int, int, float]] | None = None
         """Mixed batch whose rows come grouped by adapter: (slot, first row, end, scale) per
         group, base rows left out. Set only when every adapter's rows are contiguous."""
@@ -79,12 +82,13 @@ class SlotContext:
                 mask[row, where[slot]] = self.scales[slot]
         self.distinct = torch.tensor(distinct, dtype=torch.long, device=self.device)
         self.mask = mask.reshape(len(slots), -1).to(self.device)
+        self.groups = RowGroups.of(slots, distinct, self.device)
         self.segments = _segments(slots, self.scales)
 
     def clear(self) -> None:
         self.single, self.single_scale = None, 0.0
         self.row_slots = []
-        self.distinct = self.mask = None
+        self.distinct = self.mask = self.groups = None
         self.segments = None
         self._gathered.clear()
         self._experts.clear()
@@ -98,15 +102,45 @@ class SlotContext:
         return hit
 
     def gathered(self, module: SlotLinear) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's adapters of `module` side by side: A as [D*R, in], B as [out, D*R]
+        """The batch's adapters of `module`: A as [D, in, R], B times its scale as [D, R, out]
         (cached for the batch: every decode step of it reuses them)."""
         hit = self._gathered.get(id(module))
         if hit is None:
             assert self.distinct is not None
             a, b = module.a[self.distinct], module.b[self.distinct]  # [D,R,in], [D,out,R]
-            hit = (a.reshape(-1, a.shape[-1]), b.permute(1, 0, 2).reshape(b.shape[1], -1))
+            b = b * self.scales[self.distinct].to(b.device, b.dtype)[:, None, None]
+            hit = (a.transpose(1, 2).contiguous(), b.transpose(1, 2).contiguous())
             self._gathered[id(module)] = hit
         return hit
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    """A mixed batch's adapter rows as D groups of `size` places, in `distinct` order.
+    `gather` names each place's batch row (a short group repeats its first row), `real` the
+    places holding the group's own rows and `rows` those rows; all three are None when the
+    batch already is D equal, contiguous groups with no base rows (then views suffice)."""
+
+    size: int
+    gather: torch.Tensor | None
+    real: torch.Tensor | None
+    rows: torch.Tensor | None
+
+    @classmethod
+    def of(cls, slots: list[int | None], distinct: list[int],
+           device: torch.device) -> RowGroups:
+        members = [[r for r, s in enumerate(slots) if s == slot] for slot in distinct]
+        size = max(len(m) for m in members)
+        if [r for m in members for r in m] == list(range(len(slots))) and all(
+                len(m) == size for m in members):
+            return cls(size, None, None, None)
+        gather = [m[i] if i < len(m) else m[0] for m in members for i in range(size)]
+        real = [d * size + i for d, m in enumerate(members) for i in range(len(m))]
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(size, tensor(gather), tensor(real), tensor([r for m in members for r in m]))
 
 
 class SlotLinear(nn.Module):
@@ -126,8 +160,11 @@ class SlotLinear(nn.Module):
             base = cast(nn.Linear, self.base)
             y = F.linear(x, base.weight, base.bias)
         ctx = self.ctx
-        if ctx.single is None and ctx.mask is None:
-            return y
+        if ctx.single is None:
+            if ctx.groups is None:
+                return y
+            if not self._segmented(x):  # batched matmuls: the forward's threads share groups
+                return self._add_grouped(x, y)
         if ctx.threads == 1:
             return self._add_delta(x, y)
         torch.set_num_threads(1)  # thread-local (OpenMP and MKL), and cheap
@@ -136,23 +173,36 @@ class SlotLinear(nn.Module):
         finally:
             torch.set_num_threads(ctx.threads)
 
+    def _segmented(self, x: torch.Tensor) -> bool:
+        segments = self.ctx.segments
+        return segments is not None and (
+            x.numel() >= SEGMENT_MIN_TOKENS * len(segments) * x.shape[-1])
+
     def _add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One adapter's delta for the whole batch, or one per adapter's contiguous rows."""
         ctx = self.ctx
         if ctx.single is not None:
             s = ctx.single
             xa = F.linear(x.to(self.a.dtype), self._a_of[s])
             return y.add_(F.linear(xa, self._b_of[s]), alpha=ctx.single_scale)
-        segments = ctx.segments
-        if segments is not None and x.numel() >= SEGMENT_MIN_TOKENS * len(segments) * x.shape[-1]:
-            for slot, start, end, scale in segments:
-                xa = F.linear(x[start:end].to(self.a.dtype), self._a_of[slot])
-                y[start:end].add_(F.linear(xa, self._b_of[slot]), alpha=scale)
-            return y
-        a, b = ctx.gathered(self)
-        xa = F.linear(x.to(a.dtype), a)  # [rows, ..., D*R]
-        assert ctx.mask is not None
-        mask = ctx.mask.view(x.shape[0], *([1] * (x.dim() - 2)), -1)
-        return y.add_(F.linear(xa.mul_(mask), b))
+        assert ctx.segments is not None
+        for slot, start, end, scale in ctx.segments:
+            xa = F.linear(x[start:end].to(self.a.dtype), self._a_of[slot])
+            y[start:end].add_(F.linear(xa, self._b_of[slot]), alpha=scale)
+        return y
+
+    def _add_grouped(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each adapter's delta on its own rows, all adapters in one batched matmul pair."""
+        groups = self.ctx.groups
+        assert groups is not None
+        a, b = self.ctx.gathered(self)  # [D, in, R], [D, R, out]
+        xs = x if groups.gather is None else x.index_select(0, groups.gather)
+        delta = torch.bmm(torch.bmm(xs.to(a.dtype).reshape(a.shape[0], -1, a.shape[1]), a), b)
+        if groups.gather is None:
+            return y.add_(delta.view(y.shape))
+        assert groups.real is not None and groups.rows is not None
+        delta = delta.view(-1, *y.shape[1:]).index_select(0, groups.real)
+        return y.index_add_(0, groups.rows, delta.to(y.dtype))
 
 
 def _segments(slots: list[int | None], scales: torch.Tensor
