@@ -16,7 +16,13 @@ from torch import nn
 
 from tests.support.adapters import make_adapter
 from workers.models.base import LoraSpec
-from workers.models.packed import PackedLinear, pack_linear, packed_head, using_head
+from workers.models.packed import (
+    PackedLinear,
+    own_memory,
+    pack_linear,
+    packed_head,
+    using_head,
+)
 from workers.serving import sampler as sampler_module
 from workers.serving import slot_linear
 from workers.serving.sampler import RowRequest, SlotSampler
@@ -98,3 +104,17 @@ def test_using_head_restores_the_model_head_after_an_error() -> None:
         assert isinstance(model.lm_head, nn.Identity)
         raise RuntimeError("boom")
     assert model.lm_head is original
+
+
+def test_own_memory_copies_what_is_left_and_keeps_ties() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight  # tied, as a causal LM's head and embedding
+    model.register_buffer("scale", torch.arange(3.0))
+    before = {n: (t.data_ptr(), t.clone()) for n, t in [*model.named_parameters(),
+                                                        *model.named_buffers()]}
+    own_memory(model)
+    assert model[1].weight is model[0].weight
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        ptr, value = before[name]
+        assert tensor.data_ptr() != ptr
+        assert torch.equal(tensor, value)

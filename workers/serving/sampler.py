@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from workers.models.base import LoraSpec, load_base_model
 from workers.models.chat import end_ids
 from workers.models.dsa import new_cache
-from workers.models.packed import pack_head
+from workers.models.packed import PackedLinear, own_memory, pack_head
 from workers.models.registry import prepare
 from workers.serving.prefill import merge_left_padded, plain_layers, prefill_buckets
 from workers.serving.slots import SlotLora
@@ -69,7 +69,9 @@ class SlotSampler:
         prepare(self.model)
         self.slots = SlotLora.install(self.model, target_modules, num_slots=num_slots,
                                       max_rank=max_rank)
-        pack_head(self.model)  # the engine never trains: the packed head replaces the module
+        pack_head(self.model)  # the engine never trains: packed weights replace the modules,
+        if any(isinstance(m, PackedLinear) for m in self.model.modules()):
+            own_memory(self.model)  # and the loaded file's mapping can go
         self.eos_ids = end_ids(self.tokenizer, self.model)
         self.pad_id: int = self.tokenizer.pad_token_id or 0
         self.lock = threading.Lock()
