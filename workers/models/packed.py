@@ -29,6 +29,7 @@ from torch import nn
 
 
 def packable(model: nn.Module) -> bool:
+    """Whether `model` is float32 on a CPU whose torch has oneDNN (its head tells)."""
     head = _head(model)
     return (torch.backends.mkldnn.is_available() and head is not None
             and head.weight.device.type == "cpu" and head.weight.dtype == torch.float32)
@@ -42,7 +43,8 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         with torch.no_grad():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        # a copy: the original may view a mapped weight file that should be let go
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

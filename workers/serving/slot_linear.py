@@ -6,7 +6,7 @@ Why it looks like this (the timings are in docs/performance.md, "Inside the CPU 
   cheaper in float32 than through oneDNN's bfloat16 path on CPU, and float32 keeps the trainer's
   exported weights exact; the delta is added into the bfloat16 output in one rounding;
 - the base linear is called as `F.linear` (no second module call), or through its oneDNN-packed
-  weight on a float32 CPU model (`workers.serving.packed`), the slot's A/B are per-slot
+  weight on a float32 CPU model (`workers.models.packed`), the slot's A/B are per-slot
   views made once, and peft's scale rides on `add_(alpha=...)`: three kernels per linear for a
   single-adapter batch instead of eight;
 - a mixed batch gathers only the D distinct adapters it names (not one copy per row) into
@@ -14,11 +14,12 @@ Why it looks like this (the timings are in docs/performance.md, "Inside the CPU 
   rows, padded into D equal groups of one adapter each, take their deltas in two batched
   matmuls per linear whatever the row count, like SGMV's segments; base rows take none. A
   64-row decode step's deltas cost about half what a row mask over all D*R ranks did;
-- the delta's matmuls run on one intra-op thread whatever the forward's count: for a rank-8
-  matmul the fork/join barrier of two threads costs more than the math, and much more when a
-  sibling thread is descheduled on a shared CPU. `torch.set_num_threads` is thread-local for
-  OpenMP and MKL and cheap (torch's process-wide default flips with it, which only threads that
-  never set their own count read).
+- one adapter's delta (a whole batch's, or a prefill segment's) runs on one intra-op thread
+  whatever the forward's count (the grouped `bmm`s keep the forward's threads, which split the
+  groups between them): for a rank-8 matmul the fork/join barrier of two threads costs more
+  than the math, and much more when a sibling thread is descheduled on a shared CPU.
+  `torch.set_num_threads` is thread-local for OpenMP and MKL and cheap (torch's process-wide
+  default flips with it, which only threads that never set their own count read).
 """
 
 from __future__ import annotations
