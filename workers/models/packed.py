@@ -2,10 +2,11 @@
 
 `F.linear` hands each call to MKL's sgemm, which repacks the weight's panels on every call: at
 a decode step's few rows that repacking costs as much as the arithmetic. oneDNN can pack a
-weight once and reuse it, which at 24-64 rows ran SmolLM2's projections 5-40% faster and its
-49,152-entry LM head 1.4-2.2x faster (`loadtests.peers`' serving case; figures in
-docs/performance.md, "Inside the CPU engine"). Results differ from `F.linear`'s in the last
-float32 bits only (another summation order), as any other batch shape's would.
+weight once and reuse it, which at 24-64 rows ran SmolLM2's projections 5-31% faster (but its
+narrow k/v ones 30% slower at 24 rows, 5% faster at 64) and its 49,152-entry LM head 1.4-1.9x
+faster (figures in docs/performance.md, "Inside the CPU engine"). Results differ from
+`F.linear`'s in the last float32 bits only (another summation order), as any other batch
+shape's would.
 
 The CPU engine only runs forwards, so each packed base weight *replaces* its original; a head
 tied to the input embedding keeps the embedding and adds its packed copy (SmolLM2-135M: 113
