@@ -16,6 +16,7 @@ from tests.support.float64 import llama_in_input_precision
 from workers.artifacts.store import ArtifactStore, adapter_config
 from workers.models.base import LoraSpec, load_base_model
 from workers.reference.trainer import PolicyTrainer
+from workers.training.checkpoint import Checkpoint
 from workers.training.grpo import StepResult, TrainGroup
 from workers.training.multitrainer import MultiPolicyTrainer
 
@@ -207,3 +208,12 @@ def test_mixed_sampling_uses_each_rows_own_policy(tiny_model_dir: Path) -> None:
             lp = torch.log_softmax(logits / 0.8, -1).gather(-1, ids[0, len(p):, None])[:, 0]
             torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), lp,
                                        rtol=1e-9, atol=1e-9)
+
+
+def test_checkpoint_of_other_parameter_shapes_is_refused_before_anything_changes() -> None:
+    params = [torch.nn.Parameter(torch.zeros(2, 3))]
+    optimizer = torch.optim.AdamW(params)
+    ckpt = Checkpoint({"shapes": [[3, 2]], "param_groups": []}, {}, {})
+    with pytest.raises(PoisonEventError, match="other parameter shapes"):
+        ckpt.restore_optimizer(optimizer, params)
+    assert optimizer.state_dict()["state"] == {}

@@ -32,8 +32,12 @@ from torch import nn
 def packable(model: nn.Module) -> bool:
     """Whether `model` is float32 on a CPU whose torch has oneDNN (its head tells)."""
     head = _head(model)
-    return (torch.backends.mkldnn.is_available() and head is not None
-            and head.weight.device.type == "cpu" and head.weight.dtype == torch.float32)
+    return head is not None and _packs(head.weight)
+
+
+def _packs(weight: torch.Tensor) -> bool:
+    return (torch.backends.mkldnn.is_available() and weight.device.type == "cpu"
+            and weight.dtype == torch.float32)
 
 
 class PackedLinear(nn.Module):
@@ -100,7 +104,4 @@ def using_head(model: nn.Module, head: nn.Module | None) -> Iterator[None]:
 def pack_linear(linear: nn.Linear) -> nn.Module:
     """The packed stand-in of a frozen float32 CPU linear, or the linear itself otherwise."""
     w = linear.weight
-    if (not torch.backends.mkldnn.is_available() or w.device.type != "cpu"
-            or w.dtype != torch.float32 or w.requires_grad):
-        return linear
-    return PackedLinear(linear)
+    return PackedLinear(linear) if _packs(w) and not w.requires_grad else linear

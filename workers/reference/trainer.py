@@ -234,5 +234,5 @@ class PolicyTrainer:
             raise PoisonEventError(f"checkpoint in {directory} has other adapter keys")
         self._set_weights(policy, ckpt.adapter)
         policy.optimizer = self._new_optimizer(policy.params)
-        ckpt.restore_optimizer(policy.optimizer, len(policy.params))
+        ckpt.restore_optimizer(policy.optimizer, policy.params)
         policy.steps = ckpt.step

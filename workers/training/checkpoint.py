@@ -60,13 +60,19 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.meta["step"])
 
-    def restore_optimizer(self, optimizer: torch.optim.Optimizer, n_params: int) -> None:
-        """Load the saved AdamW moments into a fresh optimizer over the same parameters."""
+    def restore_optimizer(self, optimizer: torch.optim.Optimizer,
+                          params: list[torch.nn.Parameter]) -> None:
+        """Load the saved AdamW moments into a fresh optimizer over `params`, refusing
+        parameters of other shapes than the saved ones (a checkpoint without shapes is older
+        and taken as is)."""
+        shapes = self.meta.get("shapes")
+        if shapes is not None and shapes != [list(p.shape) for p in params]:
+            raise PoisonEventError("checkpoint has other parameter shapes than this policy")
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, tensor in self.moments.items():
             index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = tensor
-        groups = [{**g, "betas": tuple(g["betas"]), "params": list(range(n_params))}
+        groups = [{**g, "betas": tuple(g["betas"]), "params": list(range(len(params)))}
                   for g in self.meta["param_groups"]]
         optimizer.load_state_dict({"state": state, "param_groups": groups})
 

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import wraps
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -221,11 +222,10 @@ class MultiPolicyTrainer:
         shape = (batch.ids.shape[0], batch.ids.shape[1] - 1)
         ref = self._ref_logps(packed, shape, any(
             needs_reference(it.policy.training, it.parts) for it in items))
-        bounds, start = [], 0
-        for it in items:
-            bounds.append((start, start + it.batch.ids.shape[0]))
-            start = bounds[-1][1]
-        recompute = self._checkpoint(packed.tokens)
+        ends = list(accumulate(it.batch.ids.shape[0] for it in items))
+        bounds = zip([0, *ends[:-1]], ends, strict=True)
+        limit = self.checkpoint_above_tokens
+        recompute = self.gradient_checkpointing or (limit is not None and packed.tokens > limit)
         self.base.train(recompute)  # dropout is 0: train mode only checkpoints
         out: dict[str, tuple[float, float, float] | None] = {}
         try:
@@ -254,10 +254,6 @@ class MultiPolicyTrainer:
                 torch.tensor(0.0)
             out[it.policy_id] = (done[0], done[1], float(norm)) if torch.isfinite(norm) else None
         return out
-
-    def _checkpoint(self, tokens: int) -> bool:
-        limit = self.checkpoint_above_tokens
-        return self.gradient_checkpointing or (limit is not None and tokens > limit)
 
     @staticmethod
     def _clear(items: list[_Item]) -> None:
@@ -380,10 +376,9 @@ class MultiPolicyTrainer:
     @_locked
     def save_checkpoint(self, policy_id: str, directory: Path) -> None:
         """Adapter + AdamW moments as safetensors, hyper-params + step as JSON (no pickle)."""
-        policy = self._require(policy_id)
+        policy, adapter = self._require(policy_id), self.adapter_state(policy_id)
         ckpt_io.save(directory, policy_id=policy_id, step=policy.steps, lora=policy.training.lora,
-                     adapter=self.adapter_state(policy_id), optimizer=policy.optimizer,
-                     keys=list(self.adapter_state(policy_id)),
+                     adapter=adapter, optimizer=policy.optimizer, keys=list(adapter),
                      shapes=[list(p.shape) for p in policy.params])
 
     @_locked
@@ -391,12 +386,10 @@ class MultiPolicyTrainer:
         """Resume exactly where save_checkpoint left off (weights, moments, step)."""
         ckpt = ckpt_io.load(directory, self.training_of(policy_id).lora)
         policy = self._policy(policy_id)
-        shapes = ckpt.meta.get("shapes")
-        if shapes is not None and shapes != [list(p.shape) for p in policy.params]:
-            raise PoisonEventError(f"checkpoint in {directory} has other parameter shapes")
+        optimizer = self._new_optimizer(policy.params, policy.training.lr)
+        ckpt.restore_optimizer(optimizer, policy.params)  # checks shapes before any change
         self._set_weights(policy, ckpt.adapter)
-        policy.optimizer = self._new_optimizer(policy.params, policy.training.lr)
-        ckpt.restore_optimizer(policy.optimizer, len(policy.params))
+        policy.optimizer = optimizer
         policy.steps = ckpt.step
 
 
