@@ -4,7 +4,7 @@ All keys start with `Settings.redis_prefix`, so tenants and tests never collide.
 
 | key | type | written by |
 |---|---|---|
-| `seen:<stage>:<event>` | string (TTL) | the stage runner: an input was handled |
+| `seen:<stage>:<event>` | string (TTL) | the stage runner: an input was handled (not bulk) |
 | `heldout:<policy>` | hash | the rollout stage: held-out prompts by event id |
 | `scores:<policy>` | hash | the evaluate stage: held-out scores by revision and prompt set |
 | `policy:<policy>` | hash | the update stage (checkpoint step), the runner (in-flight counters) |
@@ -24,6 +24,8 @@ All keys start with `Settings.redis_prefix`, so tenants and tests never collide.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from infra.settings import Settings
 
 
@@ -36,6 +38,11 @@ class RedisKeys:
     # -- the pipeline ------------------------------------------------------------------------
     def seen(self, stage: str, event_id: str) -> str:
         return self._key("seen", stage, event_id)
+
+    def seen_many(self, stage: str, event_ids: Iterable[str]) -> list[str]:
+        """`seen` for a batch: the prefix is built once (the ingest path builds a key an event)."""
+        prefix = self._key("seen", stage, "")
+        return [prefix + e for e in event_ids]
 
     def heldout(self, policy_id: str) -> str:
         return self._key("heldout", policy_id)

@@ -1,6 +1,6 @@
 """The stage runner: the one Faust agent body every stage shares.
 
-A batch off the stream goes, top to bottom: decode → drop seen → admit → bulk → form units →
+A batch off the stream goes, top to bottom: decode → admit → bulk → drop seen → form units →
 call the stage → send → mark. What differs between stages is said by the stage
 (`workers.pipeline.stage.Stage`: its unit policy, admission, in-flight ledger, delivery); this
 module never asks which stage it runs.
@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import faust
 from pydantic import BaseModel
@@ -51,10 +51,10 @@ RETRY_DELAYS_S = (0.5, 1.0, 2.0)
 EXIT_UNHANDLED = 75  # EX_TEMPFAIL: a supervisor restarts the worker
 
 
-@dataclass(frozen=True)
-class Received:
+class Received(NamedTuple):
     """A raw record as it came off Kafka, with where it came from (for dead letters) and, for
-    a re-sent record, where it was first read (its id derives from that, `schemas/ids.py`)."""
+    a re-sent record, where it was first read (its id derives from that, `schemas/ids.py`).
+    A named tuple: one is made per event, at under half a frozen dataclass's cost."""
 
     raw: bytes | None
     topic: str | None = None
@@ -77,6 +77,8 @@ class Received:
 
 
 Decoded = tuple[Received, Event]
+Refused = tuple[Received, Event, PoisonEventError]
+"""An event its policy may not enter now, with the reason (paused, unregistered)."""
 Failed = dict[str, BaseException]
 """Why each event of a unit failed, by event id."""
 
@@ -122,12 +124,19 @@ class StageRunner:
             os._exit(EXIT_UNHANDLED)
 
     async def _process(self, items: list[Received]) -> list[BaseModel]:
-        fresh = await self._fresh(items)
-        self.admission.start_batch(list(dict.fromkeys(e.policy_id for _, e in fresh)))
+        decoded = await self._decode(items)
+        self.admission.start_batch(list(dict.fromkeys(e.policy_id for _, e in decoded)))
         sent: list[BaseModel] = []
+        fresh: list[Decoded] = []
         try:
-            rest = await self._bulk(await self._admit(fresh))
-            async for unit in self.stage.units.units(self.ctx, rest):
+            admitted, refused = self._split(decoded)
+            rest = await self._bulk(admitted)
+            seen = self._seen([*rest, *((item, event) for item, event, _ in refused)])
+            await self._refuse([r for r in refused if r[1].event_id not in seen])
+            fresh = [d for d in rest if d[1].event_id not in seen]
+            for item, event in fresh:
+                self.ctx.note_source(event.event_id, item.topic, item.partition, item.offset)
+            async for unit in self.stage.units.units(self.ctx, fresh):
                 sent += await self._handle(unit)
                 await self.outbox.flush_if_due()
             await self.outbox.flush()
@@ -136,10 +145,10 @@ class StageRunner:
             self.ctx.forget_sources(e.event_id for _, e in fresh)
         return sent
 
-    async def _fresh(self, items: list[Received]) -> list[Decoded]:
-        """Decode (dead-lettering what does not decode), drop events handled before and copies
-        of one event within the batch (a producer that crashed after sending, before marking,
-        sends it again: without this it would be trained twice under one id)."""
+    async def _decode(self, items: list[Received]) -> list[Decoded]:
+        """Decode (dead-lettering what does not decode) and drop copies of one event within
+        the batch (a producer that crashed after sending, before marking, sends it again:
+        without this it would be trained twice under one id)."""
         decoded: dict[str, Decoded] = {}
         copies = 0
         for item in items:
@@ -150,35 +159,54 @@ class StageRunner:
                 continue
             copies += event.event_id in decoded
             decoded.setdefault(event.event_id, (item, event))
-        seen = self.ctx.state.seen_many(self.stage.name, list(decoded))
-        fresh = [d for d, was_seen in zip(decoded.values(), seen, strict=True) if not was_seen]
-        self._count("duplicate", copies + len(decoded) - len(fresh))
-        for item, event in fresh:
-            self.ctx.note_source(event.event_id, item.topic, item.partition, item.offset)
-        return fresh
+        self._count("duplicate", copies)
+        return list(decoded.values())
+
+    def _seen(self, unit: list[Decoded]) -> set[str]:
+        """The ids handled before (one read for the batch). Asked after the bulk path, which
+        writes no marks, and before refusals are dead-lettered, so an event handled before its
+        policy was paused is dropped as a copy rather than dead-lettered."""
+        ids = [e.event_id for _, e in unit]
+        seen = {i for i, was in zip(ids, self.ctx.state.seen_many(self.stage.name, ids),
+                                    strict=True) if was}
+        self._count("duplicate", len(seen))
+        return seen
 
     async def _admit(self, unit: list[Decoded]) -> list[Decoded]:
         """Dead-letter the events of refused policies; return the rest, in order."""
+        admitted, refused = self._split(unit)
+        await self._refuse(refused)
+        return admitted
+
+    def _split(self, unit: list[Decoded]) -> tuple[list[Decoded], list[Refused]]:
+        """The admitted events and the refused ones with their policy's reason, in order."""
         refusals = self.admission.refusals(list(dict.fromkeys(e.policy_id for _, e in unit)))
-        admitted, refused = [], []
+        admitted: list[Decoded] = []
+        refused: list[Refused] = []
         for item, event in unit:
             error = refusals[event.policy_id]
             if error is None:
                 admitted.append((item, event))
-                continue
+            else:
+                refused.append((item, event, error))
+        return admitted, refused
+
+    async def _refuse(self, refused: list[Refused]) -> None:
+        """Dead-letter refused events; free their in-flight slots."""
+        for item, event, error in refused:
             await self._dead_letter(item, error, event.policy_id)
-            refused.append(event)
-        self.stage.slots.refused(self.ctx, refused)
-        return admitted
+        if refused:
+            self.stage.slots.refused(self.ctx, [event for _, event, _ in refused])
 
     async def _bulk(self, admitted: list[Decoded]) -> list[Decoded]:
-        """Give the batch to the stage's bulk path first; return what it left."""
+        """Give the batch to the stage's bulk path first; return what it left. What it took is
+        not marked seen: its writes are keyed by event id, so a redelivery repeats them to no
+        effect, and a mark would only add a Redis write and a week-long key per event."""
         if self.stage.bulk is None or not admitted:
             return admitted
-        handled = set(self.stage.bulk(self.ctx, [e for _, e in admitted]))
-        if handled:
-            self.outbox.mark(sorted(handled), now=False)
-            self._count("ok", len(handled))
+        handled = set(self.stage.bulk(self.ctx, [e for _, e in admitted],
+                                      [item.raw for item, _ in admitted]))
+        self._count("ok", len(handled))
         return [d for d in admitted if d[1].event_id not in handled]
 
     async def _handle(self, unit: list[Decoded]) -> list[BaseModel]:

@@ -16,6 +16,7 @@ from infra.settings import Settings
 from schemas import DeadLetter, InteractionLogged, RolloutGenerated, RolloutRewarded, decode_event
 from schemas.codec import encode_event
 from schemas.events import Completion
+from schemas.ids import record_id
 from tests.support.stages import in_process_stage
 
 AgentUnderTest = tuple[AgentT, ChannelT, ChannelT]
@@ -98,9 +99,10 @@ async def test_redelivered_event_is_processed_once(reward_agent: AgentUnderTest)
 
 async def test_held_out_batch_is_stored_in_bulk_and_only_once(settings: Settings) -> None:
     """The rollout stage's bulk path (the ingest hot path): a batch of held-out prompts is
-    stored with one seen-check and one mark for the batch, yet still dead-letters what it
-    must (bad bytes, an unknown reward function, a paused policy), drops in-batch copies, and
-    a redelivered batch changes nothing."""
+    stored with one seen-check for the batch and no seen-marks (the store is keyed by event id),
+    yet still dead-letters what it must (bad bytes, an unknown reward function, a paused
+    policy), drops in-batch copies and what was handled before, and a redelivered batch
+    changes nothing."""
     from streams.runner.runner import Received
     from workers.pipeline import guards
 
@@ -113,22 +115,30 @@ async def test_held_out_batch_is_stored_in_bulk_and_only_once(settings: Settings
 
     good = [held("alice", i) for i in range(3)] + [held("bob", 9)]
     refused = [held("alice", 7, task="no-such-reward"), held("frozen", 8)]
+    # handled before its policy was paused: a copy to drop, not a refusal to dead-letter
+    handled = InteractionLogged(policy_id="frozen", prompt="trained?", task="length")
+    runner.ctx.state.mark_seen_many("rollout", [handled.event_id])
     raws = [encode_event(e) for e in good] + [encode_event(good[0]), b"{nope"] + [
-        encode_event(e) for e in refused]
+        encode_event(e) for e in [*refused, handled]]
+    # no event_id on the wire: the id derives from the record's coordinates, and the record,
+    # stored as it came, reads back under that id
+    raws.append(b'{"policy_id":"bob","prompt":"anonymous?","task":"length","split":"eval"}')
     batch = [Received(raw, "interactions", 0, i) for i, raw in enumerate(raws)]
     async with agent.test_context():
         assert await runner.process_many(batch) == []
         letters = [decode_event(DeadLetter, (await dlq.get(timeout=10)).value) for _ in range(3)]
-        assert await runner.process_many(batch) == []  # redelivered: all seen, or bad again
+        assert await runner.process_many(batch) == []  # redelivered: stored again, or bad again
         again = [decode_event(DeadLetter, (await dlq.get(timeout=10)).value) for _ in range(3)]
+        assert dlq.empty()  # nothing for the copy handled before the pause
     state = runner.ctx.state
     assert sorted(h.event_id for h in state.heldout("alice")) == sorted(
         e.event_id for e in good[:3])
-    assert [h.event_id for h in state.heldout("bob")] == [good[3].event_id]
+    assert sorted(h.event_id for h in state.heldout("bob")) == sorted(
+        [good[3].event_id, record_id("interactions", 0, len(raws) - 1)])
+    assert "anonymous?" in [h.prompt for h in state.heldout("bob")]
     assert state.heldout("frozen") == []
     assert sorted(d.offset or 0 for d in letters) == [5, 6, 7]
     assert "unknown reward function" in next(d.error for d in letters if d.offset == 6)
     assert "policy paused" in next(d.error for d in letters if d.offset == 7)
     assert sorted(d.offset or 0 for d in again) == [5, 6, 7]  # refused events are never marked
-    assert all(state.seen_many("rollout", [e.event_id for e in good]))
-    assert not any(state.seen_many("rollout", [e.event_id for e in refused]))
+    assert not any(state.seen_many("rollout", [e.event_id for e in good + refused]))

@@ -58,7 +58,7 @@ def test_redis_flushed_and_rebuilt_from_the_catalog(settings: Settings, run: Set
     train = InteractionLogged(policy_id="p", prompt="train?")
     produce_raw(settings, "interactions", [(b"p", encode_event(e)) for e in [*held, train]]
                 + [(b"p", b"{not json")])
-    rollout.store_heldout(ctx, held)  # what the rollout stage did with them
+    rollout.store_heldout(ctx, held, [encode_event(e) for e in held])  # as the stage does
     r1, r2 = export_step(ctx, "p", 2), export_step(ctx, "p", 4)
     assert len(promote_guarded(ctx, evaluate_with(ctx, r1, {0: 0.1, 1: 0.5}))) == 1
     before = _snapshot(ctx)

@@ -32,18 +32,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def store_heldout(ctx: StageContext, interactions: list[InteractionLogged]) -> list[str]:
+def store_heldout(ctx: StageContext, interactions: list[InteractionLogged],
+                  records: list[bytes | None]) -> list[str]:
     """The bulk path: store a batch's held-out prompts in one Redis round trip.
 
     Held-out prompts are only stored, never sampled, so they need none of the per-event
-    machinery (throttle, engine, outputs); at ingest rates that machinery is the cost. Returns
-    the ids handled; anything else (training prompts, an unknown reward function) takes the
-    per-event path, which samples or dead-letters it.
+    machinery (throttle, engine, outputs); at ingest rates that machinery is the cost. The
+    store is a hash field per event id, so storing a redelivered prompt again is harmless (the
+    runner writes no seen-mark for these); each is stored as its record came off Kafka.
+    Returns the ids handled; anything else (training
+    prompts, an unknown reward function) takes the per-event path, which samples or
+    dead-letters it.
     """
-    held = storable_heldout(interactions, ctx)
-    if held:
-        ctx.state.add_heldout_many(held)
-    return [i.event_id for i in held]
+    held = {i.event_id for i in storable_heldout(interactions, ctx)}
+    kept = [(i, r) for i, r in zip(interactions, records, strict=True) if i.event_id in held]
+    if kept:
+        ctx.state.add_heldout_many([i for i, _ in kept], [r for _, r in kept])
+    return [i.event_id for i, _ in kept]
 
 
 def storable_heldout(interactions: list[InteractionLogged],

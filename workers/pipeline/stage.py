@@ -73,8 +73,11 @@ class Stage(Generic[E]):
     units: UnitPolicy = ONE_BY_ONE
     admission: Admission = field(default_factory=Admission)
     slots: SlotLedger = NO_SLOTS
-    bulk: Callable[[StageContext, list[Any]], Iterable[str]] | None = None
-    """Takes a whole batch first and returns the ids it handled completely (no outputs)."""
+    bulk: Callable[[StageContext, list[Any], list[bytes | None]], Iterable[str]] | None = None
+    """Takes a whole batch first (the events, and their records' bytes as they came off
+    Kafka) and returns the ids it handled completely (no outputs). Its writes must be keyed
+    by event id (doing one twice changes nothing): the runner does not mark what it took as
+    seen, so a redelivery goes through it again."""
     delivery: Delivery = Delivery.PER_UNIT
     on_loop: bool = False
     observe: Callable[[StageContext, list[BaseModel]], Any] | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+import orjson
 import redis
 
 from infra.settings import Settings
@@ -44,6 +45,10 @@ for i, key in ipairs(KEYS) do out[i] = redis.call('HGET', key, ARGV[1]) end
 return out
 """
 """One field of many hashes in one command (a missing one is nil): HMGET reads one hash."""
+
+
+def _text(value: bytes | str) -> str:
+    return value if isinstance(value, str) else value.decode()
 
 
 MIN_SPLIT = 4
@@ -96,26 +101,32 @@ class PolicyState:
         """`seen` for a whole batch in one command (the stream's hot path)."""
         if not event_ids:
             return []
-        return [v is not None for v in self.r.mget([self.keys.seen(stage, e) for e in event_ids])]
+        return [v is not None for v in self.r.mget(self.keys.seen_many(stage, event_ids))]
 
     def mark_seen_many(self, stage: str, event_ids: list[str]) -> None:
         """`mark_seen` for a whole batch in one command."""
         if event_ids:
-            self._mark_many(keys=[self.keys.seen(stage, e) for e in event_ids],
-                            args=[SEEN_TTL_S])
+            self._mark_many(keys=self.keys.seen_many(stage, event_ids), args=[SEEN_TTL_S])
 
     # -- held-out prompts ----------------------------------------------------------------
     def add_heldout(self, interaction: InteractionLogged) -> None:
         self.add_heldout_many([interaction])
 
-    def add_heldout_many(self, interactions: list[InteractionLogged]) -> None:
-        """Store held-out prompts in one round trip: one HSET per policy, keyed by event id."""
-        by_policy: dict[str, dict[str, str]] = {}
-        for i in interactions:
-            by_policy.setdefault(i.policy_id, {})[i.event_id] = i.model_dump_json()
+    def add_heldout_many(self, interactions: Sequence[InteractionLogged],
+                         records: Sequence[bytes | None] | None = None) -> None:
+        """Store held-out prompts in one round trip: one HSET per policy, keyed by event id.
+        `records`, when given, are the events' bytes as they came off Kafka (validated when
+        decoded) and are stored as they are: encoding each event again cost more than the rest
+        of the store. The field is the id, so a record that left its id to its Kafka
+        coordinates reads back with that id (`heldout`)."""
+        by_policy: dict[str, dict[str, str | bytes]] = {}
+        for n, i in enumerate(interactions):
+            record = records[n] if records is not None else None
+            by_policy.setdefault(i.policy_id, {})[i.event_id] = (
+                record if record is not None else i.model_dump_json())
         if not by_policy:
             return
-        args: list[str | int] = []
+        args: list[str | bytes | int] = []
         for fields in by_policy.values():
             args.append(len(fields))
             for pair in fields.items():
@@ -130,8 +141,10 @@ class PolicyState:
                                     args=["reason"]))
 
     def heldout(self, policy_id: str) -> list[InteractionLogged]:
+        """The policy's held-out prompts in id order, each with the id it is stored under."""
         raw = self.r.hgetall(self.keys.heldout(policy_id))
-        return [InteractionLogged.model_validate_json(v) for _, v in sorted(raw.items())]
+        return [InteractionLogged.model_validate({**orjson.loads(v), "event_id": _text(k)})
+                for k, v in sorted(raw.items())]
 
     # -- evaluation scores ---------------------------------------------------------------
     def cached_score(self, policy_id: str, key: str) -> float | None:
