@@ -9,6 +9,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from workers.models.base import LoraSpec
+from workers.training import packedpass
 from workers.training.grpo import TrainGroup, make_batch
 from workers.training.multipass import concat
 from workers.training.multitrainer import MultiPolicyTrainer
@@ -43,14 +44,19 @@ def _rms_norm_in_input_dtype(self: LlamaRMSNorm, hidden: torch.Tensor) -> torch.
     return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
 
 
-@pytest.mark.parametrize("keep_head", [True, False])
-def test_packed_logps_and_grads_equal_the_row_layout(tiny_model_dir: Path, keep_head: bool,
+@pytest.mark.parametrize("head", ["fused", "autograd, kept", "autograd, recomputed"])
+def test_packed_logps_and_grads_equal_the_row_layout(tiny_model_dir: Path, head: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """float64 throughout: HF's RMSNorm computes in float32, which would round a shared
-    prompt's summed gradient once instead of each row's separately (~1e-7 apart)."""
+    prompt's summed gradient once instead of each row's separately (~1e-7 apart). The frozen
+    head's fused log-probs (`HeadLogp`) and autograd's, kept or recomputed, all match."""
     monkeypatch.setattr(LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
+    if head != "fused":
+        monkeypatch.setattr(packedpass, "frozen_head", lambda _: False)
+    keep_head = head != "autograd, recomputed"
     trainer = MultiPolicyTrainer(tiny_model_dir, LoraSpec(), dtype=torch.float64,
                                  temperature=0.7)
+    assert packedpass.frozen_head(trainer.base.get_output_embeddings()) == (head == "fused")
     gen = torch.Generator().manual_seed(0)
     batches, slots = [], []
     for policy, prompts in {"a": [[1, 2, 3], [4]], "b": [[1, 2, 3]]}.items():
@@ -84,3 +90,23 @@ def test_packed_logps_and_grads_equal_the_row_layout(tiny_model_dir: Path, keep_
     torch.testing.assert_close(got, rows, rtol=0, atol=1e-12)
     for g, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_head_log_probs_and_gradient_match_autograd(temperature: float) -> None:
+    gen = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(8, 50, dtype=torch.float64).requires_grad_(False)
+    h = torch.randn(5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 50, (5,), generator=gen)
+    g = torch.randn(5, generator=gen, dtype=torch.float64)
+    want = torch.log_softmax(head(h) / temperature, -1).gather(-1, t[:, None]).squeeze(-1)
+    (want_dh,) = torch.autograd.grad((want * g).sum(), [h])
+    got = packedpass.HeadLogp.apply(h, head.weight, head.bias, t, temperature, torch.float64,
+                                    True)
+    (saved,) = got.grad_fn.saved_tensors
+    assert saved.shape == (5, 8)  # one hidden-wide vector a token, not a vocab-wide one
+    (got_dh,) = torch.autograd.grad((got * g).sum(), [h])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_dh, want_dh, rtol=1e-10, atol=1e-12)
+    assert packedpass.frozen_head(head) and not packedpass.frozen_head(
+        torch.nn.Linear(8, 50))  # a trained head takes autograd's path
