@@ -40,9 +40,8 @@ def store_heldout(ctx: StageContext, interactions: list[InteractionLogged],
     machinery (throttle, engine, outputs); at ingest rates that machinery is the cost. The
     store is a hash field per event id, so storing a redelivered prompt again is harmless (the
     runner writes no seen-mark for these); each is stored as its record came off Kafka.
-    Returns the ids handled; anything else (training
-    prompts, an unknown reward function) takes the per-event path, which samples or
-    dead-letters it.
+    Returns the ids handled; anything else (training prompts, an unknown reward function)
+    takes the per-event path, which samples or dead-letters it.
     """
     held = {i.event_id for i in storable_heldout(interactions, ctx)}
     kept = [(i, r) for i, r in zip(interactions, records, strict=True) if i.event_id in held]
