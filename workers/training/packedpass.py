@@ -35,9 +35,9 @@ class HeadLogp(torch.autograd.Function):
 
     A token's log-prob depends on its own hidden state alone, so its gradient is one vector,
     (W[t] - softmax W) / T, computed here from the logits already at hand and kept in place of
-    the vocab-wide log-softmax autograd would keep: 576 floats a completion token instead of
-    49,152 for SmolLM2, a third of what a pass holds, and backward makes no vocab-wide
-    temporaries. The FLOPs are those of forward + backward through the head.
+    the vocab-wide log-softmax autograd would keep (576 floats a completion token instead of
+    49,152 for SmolLM2), and backward makes no vocab-wide temporaries. The FLOPs are those of
+    forward + backward through the head.
     """
 
     @staticmethod
