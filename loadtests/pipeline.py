@@ -18,7 +18,7 @@ and on a fresh checkout that start-up alone cost a fifth of the throughput when 
 `events_per_s` = N / (first send → the group has consumed everything: the commit at lag 0,
 or, when the drain's earlier commits give its rate, the moment that rate empties the last lag
 (`drained_at`; commits come once a second));
-`max_lag` = the largest lag sampled; `drain_s` = last send → lag 0; `produce_per_s` = how fast
+`max_lag` = the largest lag sampled; `drain_s` = last send → that end; `produce_per_s` = how fast
 the producer queued them (the load generator's own ceiling).
 
 Side by side in the same run, the same N events go through a bare Faust agent on the same app
