@@ -44,13 +44,13 @@ class HeadLogp(torch.autograd.Function):
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor, temperature: float, out_dtype: torch.dtype,
                 want_grad: bool) -> torch.Tensor:
-        logits = F.linear(h, weight, bias).to(out_dtype)
+        logits = F.linear(h, weight, bias).to(out_dtype)  # a new tensor: changed in place
         if temperature != 1.0:
-            logits = logits / temperature
-        lse = torch.logsumexp(logits, dim=-1)
-        logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+            logits.div_(temperature)
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
         if want_grad:
-            probs = logits.sub_(lse[:, None]).exp_().to(weight.dtype)
+            probs = logp_all.exp_().to(weight.dtype)
             grad = (weight[targets] - probs @ weight).to(out_dtype)
             ctx.save_for_backward(grad / temperature if temperature != 1.0 else grad)
         ctx.h_dtype = h.dtype
