@@ -28,7 +28,9 @@ two phases alternate `--repeats` times (3): the stage's median run is reported b
 floor's median, with every run's rate and each pair's ratio (`runs_ratio_to_floor`); one pair
 alone moves by several percent, as the producer, the broker, Redis and the worker share the
 machine and committed offsets advance once a second. `worker_cpu_us_per_event` is the worker
-process's CPU time over the measured window, per event (Linux `/proc`). Each phase runs in its
+process's CPU time over the measured window, per event (Linux `/proc`); `redis_used_mb` is
+Redis's memory when the run began (a big dataset's snapshots tax the stage's phases only). Each
+phase runs in its
 own namespace (topic, group and Redis prefixes), removed afterwards. Progress on stderr; the
 last stdout line is one JSON object.
 """
@@ -67,6 +69,8 @@ def _lag(settings: Settings, group: str) -> int | None:
 
 
 POLICIES = 64
+REDIS_WARN_MB = 100.0
+"""Above this, Redis's own snapshots are a measurable share of a stage phase's CPU."""
 
 
 def _produce(settings: Settings, n: int, done: dict[str, float], tag: str = "") -> None:
@@ -172,6 +176,11 @@ def cleanup(settings: Settings) -> None:
         r.delete(*keys[i:i + 5000])
 
 
+def _redis_used_mb() -> float:
+    info = redis.Redis.from_url(Settings().redis_url).info("memory")
+    return float(info["used_memory"]) / 2**20
+
+
 def _cpu_s(pid: int) -> float:
     """CPU seconds (user + system) a process has used so far, from /proc (0.0 elsewhere)."""
     try:
@@ -244,13 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.bare_worker:
         bare_worker()
         return 0
+    redis_mb = _redis_used_mb()
+    if redis_mb > REDIS_WARN_MB:
+        log(f"warning: Redis holds {redis_mb:.0f} MB; its snapshots (save 60 10000) fork and "
+            "write all of it after the stage's writes, which only the stage's phases pay")
     floors, stages = [], []
     for i in range(args.repeats):  # alternating, so a drift of the machine hits both sides
         floors.append(_phase(args.events, args.partitions, args.timeout, bare=True))
         log(f"floor {i + 1}/{args.repeats}: {floors[-1]}")
         stages.append(_phase(args.events, args.partitions, args.timeout, bare=False))
         log(f"stage {i + 1}/{args.repeats}: {stages[-1]}")
-    print(orjson.dumps(summarise(floors, stages)).decode())
+    print(orjson.dumps({**summarise(floors, stages), "redis_used_mb": round(redis_mb, 1)}
+                       ).decode())
     return 0
 
 
