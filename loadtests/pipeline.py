@@ -29,10 +29,9 @@ floor's median, with every run's rate and each pair's ratio (`runs_ratio_to_floo
 alone moves by several percent, as the producer, the broker, Redis and the worker share the
 machine and committed offsets advance once a second. `worker_cpu_us_per_event` is the worker
 process's CPU time over the measured window, per event (Linux `/proc`); `redis_used_mb` is
-Redis's memory when the run began (a big dataset's snapshots tax the stage's phases only). Each
-phase runs in its
-own namespace (topic, group and Redis prefixes), removed afterwards. Progress on stderr; the
-last stdout line is one JSON object.
+Redis's memory when the run began (a big dataset's snapshots tax the stage's phases only).
+Each phase runs in its own namespace (topic, group and Redis prefixes), removed afterwards.
+Progress on stderr; the last stdout line is one JSON object.
 """
 
 from __future__ import annotations
