@@ -97,7 +97,7 @@ async def test_redelivered_event_is_processed_once(reward_agent: AgentUnderTest)
     assert sink.empty()
 
 
-async def test_held_out_batch_is_stored_in_bulk_and_only_once(settings: Settings) -> None:
+async def test_held_out_batch_is_stored_in_bulk_idempotently(settings: Settings) -> None:
     """The rollout stage's bulk path (the ingest hot path): a batch of held-out prompts is
     stored with one seen-check for the batch and no seen-marks (the store is keyed by event id),
     yet still dead-letters what it must (bad bytes, an unknown reward function, a paused
