@@ -150,10 +150,10 @@ class StageRunner:
         the batch (a producer that crashed after sending, before marking, sends it again:
         without this it would be trained twice under one id)."""
         decoded: dict[str, Decoded] = {}
-        copies = 0
+        copies, model = 0, self.stage.event
         for item in items:
             try:
-                event = decode_event(self.stage.event, item.raw, item.origin)
+                event = decode_event(model, item.raw, item.origin)
             except PoisonEventError as exc:
                 await self._dead_letter(item, exc, None)
                 continue
