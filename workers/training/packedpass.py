@@ -21,7 +21,8 @@ from workers.training.sharedprefix import Packed
 
 HEAD_CHUNK = 256
 """Completion positions per LM-head chunk: a [chunk, vocab] logits is the most the head holds at
-once beyond what backward keeps (each chunk's log-softmax, unless the pass recomputes)."""
+once (a frozen head's `HeadLogp` keeps none of it; a head that trains keeps each chunk's
+log-softmax for backward, unless the pass recomputes)."""
 
 
 def frozen_head(head: Any) -> bool:
