@@ -131,7 +131,7 @@ class StageRunner:
         try:
             admitted, refused = self._split(decoded)
             rest = await self._bulk(admitted)
-            seen = self._seen([*rest, *((item, event) for item, event, _ in refused)])
+            seen = self._seen([e.event_id for _, e in rest] + [e.event_id for _, e, _ in refused])
             await self._refuse([r for r in refused if r[1].event_id not in seen])
             fresh = [d for d in rest if d[1].event_id not in seen]
             for item, event in fresh:
@@ -162,11 +162,10 @@ class StageRunner:
         self._count("duplicate", copies)
         return list(decoded.values())
 
-    def _seen(self, unit: list[Decoded]) -> set[str]:
-        """The ids handled before (one read for the batch). Asked after the bulk path, which
-        writes no marks, and before refusals are dead-lettered, so an event handled before its
-        policy was paused is dropped as a copy rather than dead-lettered."""
-        ids = [e.event_id for _, e in unit]
+    def _seen(self, ids: list[str]) -> set[str]:
+        """Which of `ids` were handled before (one read for the batch). Asked after the bulk
+        path, which writes no marks, and before refusals are dead-lettered, so an event handled
+        before its policy was paused is dropped as a copy rather than dead-lettered."""
         seen = {i for i, was in zip(ids, self.ctx.state.seen_many(self.stage.name, ids),
                                     strict=True) if was}
         self._count("duplicate", len(seen))
